@@ -1,0 +1,38 @@
+"""Shared fixtures: real data from ../shared/data, and a loopback-only local Ray."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep Ray on loopback, without token auth or usage reporting (see STACK_NOTES.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("EXVAE_DATA_DIR")
+    return Path(env) if env else (REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if not (path / "mnist").is_dir():
+        pytest.fail(f"real data not found at {path}: set EXVAE_DATA_DIR to the shared/data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, bound to 127.0.0.1, 2 CPUs."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
