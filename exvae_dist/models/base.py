@@ -1,0 +1,48 @@
+"""The interface every architecture implements, so priors and objectives need not know which.
+
+An architecture has a TOP latent z (z for the VAE, z2 for the hierarchical models) on which
+the prior (Gaussian, VampPrior or exemplar) sits; everything below the top latent (p(z1|z2)
+and the decoder) belongs to the architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LatentTerms:
+    """Per-sample terms of one or more posterior samples; every tensor is [S, B] but z_top [S, B, d].
+
+    log_px:     log p(x | latents)
+    log_q:      log q(all latents | x)
+    log_p_cond: log p(lower latents | z_top) (0 for a one-layer VAE)
+    z_top:      the sampled top latent, where the prior is evaluated
+    """
+
+    log_px: torch.Tensor
+    log_q: torch.Tensor
+    log_p_cond: torch.Tensor
+    z_top: torch.Tensor
+
+
+class LatentVariableModel(nn.Module):
+    """Base class: an encoder to the top latent, and the sampled terms of the ELBO."""
+
+    top_dim: int
+
+    def encode_top(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, D] in [0, 1] -> mean, logvar of q(z_top | x), each [B, top_dim]."""
+        raise NotImplementedError
+
+    def terms(self, x: torch.Tensor, n_samples: int = 1,
+              top: tuple[torch.Tensor, torch.Tensor] | None = None) -> LatentTerms:
+        """Samples n_samples posterior draws per image; `top` reuses an encode_top(x) result."""
+        raise NotImplementedError
+
+    def decode_top(self, z_top: torch.Tensor) -> torch.Tensor:
+        """z_top: [B, top_dim] -> pixel probabilities [B, D] (lower latents at their means)."""
+        raise NotImplementedError

@@ -1,0 +1,123 @@
+"""Priors over the top latent: standard Gaussian, VampPrior, and the exemplar (Parzen) prior.
+
+Pure torch. The exemplar prior's density is
+
+    log p(z) = logsumexp_{c kept} log Normal(z; centre_c, exp(log_var) I) - log(#kept)
+
+computed in blocks of centres with a running logsumexp so memory stays O(B * chunk), and from
+squared distances (never from exp of a density) so far-away centres cannot underflow it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .models.layers import LOG_2PI, diag_normal_log_prob, standard_normal_log_prob
+
+DEFAULT_CHUNK = 8192
+
+
+def squared_distances(z: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """||z_b - c_j||^2: z [B, d], centres [C, d] -> [B, C], clamped at 0 against round-off."""
+    d2 = torch.addmm((z * z).sum(1, keepdim=True), z, centres.t(), alpha=-2.0)
+    d2 = d2 + (centres * centres).sum(1)[None, :]
+    return d2.clamp_min_(0.0) if not d2.requires_grad else d2.clamp_min(0.0)
+
+
+def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Tensor,
+                      exclude: Optional[torch.Tensor] = None,
+                      log_norm: Optional[torch.Tensor] = None,
+                      chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Parzen-window log-density of each z under isotropic Gaussians at the kept centres.
+
+    z:        [B, d]
+    centres:  [C, d]
+    log_var:  scalar tensor, the shared log-variance lambda (s^2 = exp(lambda))
+    exclude:  optional bool [B, C]; True leaves centre c out of row b's mixture (leave-one-out)
+    log_norm: optional [B] (or scalar) log of the normalizer to use instead of log(#kept);
+              RAT passes log|S minus {i}| so the truncated mixture is a lower bound
+    returns:  [B]; -inf for a row with no kept centre
+    """
+    if z.dim() != 2 or centres.dim() != 2 or z.shape[1] != centres.shape[1]:
+        raise ValueError(f"z must be [B, d] and centres [C, d] with the same d; got "
+                         f"{tuple(z.shape)} and {tuple(centres.shape)}")
+    if exclude is not None and exclude.shape != (z.shape[0], centres.shape[0]):
+        raise ValueError(f"exclude must be [B, C] = {(z.shape[0], centres.shape[0])}, "
+                         f"got {tuple(exclude.shape)}")
+    log_var = torch.as_tensor(log_var, dtype=z.dtype, device=z.device).reshape(())
+    d = z.shape[1]
+    inv_var = torch.exp(-log_var)
+    parts = []
+    for start in range(0, centres.shape[0], chunk):
+        block = centres[start:start + chunk]
+        logits = -0.5 * squared_distances(z, block) * inv_var
+        if exclude is not None:
+            logits = logits.masked_fill(exclude[:, start:start + chunk], float("-inf"))
+        parts.append(torch.logsumexp(logits, dim=1))
+    lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, 1), dim=1)
+    if log_norm is None:
+        kept = centres.shape[0] - (exclude.sum(1) if exclude is not None else 0)
+        log_norm = torch.log(torch.as_tensor(kept, dtype=z.dtype, device=z.device).clamp_min(1))
+    log_norm = torch.as_tensor(log_norm, dtype=z.dtype, device=z.device)
+    return lse - log_norm - 0.5 * d * (LOG_2PI + log_var)
+
+
+def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:
+    """Uniform mixture of diagonal Gaussians (the VampPrior): z [B, d], means/logvars [K, d] -> [B]."""
+    log_comp = diag_normal_log_prob(z[:, None, :], means[None], logvars[None])  # [B, K]
+    return torch.logsumexp(log_comp, dim=1) - math.log(means.shape[0])
+
+
+class GaussianPrior(nn.Module):
+    kind = "gaussian"
+
+    def log_prob(self, z: torch.Tensor, **_) -> torch.Tensor:
+        return standard_normal_log_prob(z)
+
+
+class VampPrior(nn.Module):
+    """Mixture of the posterior at K learned pseudo-inputs (Tomczak & Welling)."""
+
+    kind = "vampprior"
+
+    def __init__(self, n_pseudo: int, x_dim: int):
+        super().__init__()
+        # The reference initialises pseudo-inputs near 0.05 and keeps them in [0, 1].
+        self.pseudo_raw = nn.Parameter(0.05 + 0.01 * torch.randn(n_pseudo, x_dim))
+
+    def pseudo_inputs(self) -> torch.Tensor:
+        return torch.nn.functional.hardtanh(self.pseudo_raw, 0.0, 1.0)
+
+    def log_prob(self, z: torch.Tensor, encode_top: Callable, **_) -> torch.Tensor:
+        means, logvars = encode_top(self.pseudo_inputs())
+        return mixture_log_prob(z, means, logvars)
+
+
+class ExemplarPrior(nn.Module):
+    """Holds the one learned log-variance lambda; the centres come from the batch's exemplars."""
+
+    kind = "exemplar"
+
+    def __init__(self, init_log_var: float = 0.0):
+        super().__init__()
+        self.log_var = nn.Parameter(torch.tensor(float(init_log_var)))
+
+    def log_prob(self, z: torch.Tensor, centres: torch.Tensor,
+                 exclude: Optional[torch.Tensor] = None, log_norm: Optional[torch.Tensor] = None,
+                 chunk: int = DEFAULT_CHUNK, **_) -> torch.Tensor:
+        return exemplar_log_prob(z, centres, self.log_var, exclude, log_norm, chunk)
+
+
+def build_prior(cfg, x_dim: int) -> nn.Module:
+    """cfg: config.PriorConfig -> the prior module."""
+    if cfg.kind == "gaussian":
+        return GaussianPrior()
+    if cfg.kind == "vampprior":
+        return VampPrior(cfg.n_pseudo, x_dim)
+    if cfg.kind == "exemplar":
+        return ExemplarPrior(cfg.init_log_var)
+    raise ValueError(f"prior.kind={cfg.kind!r} is not one of gaussian, vampprior, exemplar")

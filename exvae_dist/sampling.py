@@ -1,0 +1,75 @@
+"""Drawing images from a trained model, and saving them as grids (PNG via matplotlib)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .objective import VAEWithPrior
+
+
+@torch.no_grad()
+def sample_top(model: VAEWithPrior, n: int, centres: Optional[torch.Tensor] = None,
+               exemplar_ids: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """n draws of the top latent from the prior: [n, d].
+
+    Exemplar prior: pick exemplar ids uniformly (or use `exemplar_ids`, [n]) and add
+    Normal(0, exp(lambda) I) noise around their means `centres` [N, d].
+    """
+    d = model.net.top_dim
+    eps = torch.randn(n, d, generator=generator)
+    if model.prior_kind == "gaussian":
+        return eps
+    if model.prior_kind == "vampprior":
+        mean, logvar = model.net.encode_top(model.prior.pseudo_inputs())
+        pick = torch.randint(0, mean.shape[0], (n,), generator=generator)
+        return mean[pick] + torch.exp(0.5 * logvar[pick]) * eps
+    if centres is None:
+        raise ValueError("sampling from the exemplar prior needs the exemplar means (centres)")
+    if exemplar_ids is None:
+        exemplar_ids = torch.randint(0, centres.shape[0], (n,), generator=generator)
+    return centres[exemplar_ids] + torch.exp(0.5 * model.prior.log_var) * eps
+
+
+@torch.no_grad()
+def sample_images(model: VAEWithPrior, n: int, centres: Optional[torch.Tensor] = None,
+                  exemplar_ids: Optional[torch.Tensor] = None,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pixel means of p(x|z) for n prior draws: [n, D] in [0, 1]."""
+    return model.net.decode_top(sample_top(model, n, centres, exemplar_ids, generator))
+
+
+def save_grid(images, path: str | os.PathLike, image_shape=(1, 28, 28), nrow: int = 10,
+              title: Optional[str] = None) -> Path:
+    """images: [n, D] in [0, 1] -> a PNG grid with nrow images per row, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images)
+    c, h, w = image_shape
+    n = images.shape[0]
+    rows = int(np.ceil(n / nrow))
+    canvas = np.ones((rows * (h + 2), nrow * (w + 2)), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[r * (h + 2) + 1: r * (h + 2) + 1 + h, col * (w + 2) + 1: col * (w + 2) + 1 + w] = \
+            images[i].reshape(c, h, w)[0]
+    fig = plt.figure(figsize=(nrow * 0.6, rows * 0.6 + (0.4 if title else 0)), dpi=100)
+    plt.imshow(canvas, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    plt.axis("off")
+    if title:
+        plt.title(title, fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, bbox_inches="tight", pad_inches=0.05)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,186 @@
+"""One training step, shared by the one-process trainer and the Ray Train workers.
+
+    batch ids -> images -> [RAT: encode batch (no grad) -> search -> candidates]
+              -> ONE forward of VAEWithPrior over batch + exemplars -> backward -> step
+
+The neighbour search sits behind the small `NeighbourSearch` interface: `TorchExactSearch`
+here (an in-memory latent cache), the FAISS index service in the distributed trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+
+from .objective import VAEWithPrior, encode_means
+from .priors import squared_distances
+from .retrieval.candidates import assemble_candidates, draw_coins, query_depth
+
+
+class NeighbourSearch(Protocol):
+    """Nearest cached exemplar means of each query, over ALL N exemplars."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        """queries: [B, d] float32 -> (ids [B, k] int64 nearest first, index version)."""
+
+
+class TorchExactSearch:
+    """Exact kNN over an in-memory latent cache: the core's neighbour search (no FAISS, no Ray)."""
+
+    def __init__(self, block: int = 65536):
+        self.latents: Optional[torch.Tensor] = None
+        self.version = -1
+        self.block = block
+
+    def update(self, latents: torch.Tensor) -> int:
+        """Replaces the cache with latents [N, d]; returns the new version number."""
+        self.latents = latents.detach().float().contiguous()
+        self.version += 1
+        return self.version
+
+    @torch.no_grad()
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        if self.latents is None:
+            raise RuntimeError("search before the exemplar cache was filled: call update() first")
+        q = torch.as_tensor(queries, dtype=torch.float32)
+        if q.dim() != 2 or q.shape[1] != self.latents.shape[1]:
+            raise ValueError(f"queries must be [B, {self.latents.shape[1]}], got {tuple(q.shape)}")
+        k = min(k, self.latents.shape[0])
+        best_d, best_i = None, None
+        for start in range(0, self.latents.shape[0], self.block):
+            d2 = squared_distances(q, self.latents[start:start + self.block])
+            kb = min(k, d2.shape[1])
+            d, i = torch.topk(d2, kb, dim=1, largest=False, sorted=True)
+            i = i + start
+            if best_d is None:
+                best_d, best_i = d, i
+            else:
+                cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+                best_d, pos = torch.topk(cat_d, k, dim=1, largest=False, sorted=True)
+                best_i = torch.gather(cat_i, 1, pos)
+        return best_i.numpy().astype(np.int64), self.version
+
+
+@dataclass
+class PriorBatch:
+    """The prior's components for one minibatch (see VAEWithPrior.forward)."""
+
+    exemplars: Optional[torch.Tensor] = None  # [C, D] images re-encoded with gradients
+    exclude: Optional[torch.Tensor] = None  # [B, C] bool, leave-one-out
+    log_norm: Optional[torch.Tensor] = None  # [B] normalizer; None = number kept
+    n_candidates: int = 0
+    n_short: int = 0  # rows with fewer than k retrieved survivors (RAT)
+    index_version: int = -1
+
+
+class PriorSampler:
+    """Chooses each minibatch's exemplars: the exact M-subset, or RAT's retrieved union.
+
+    train_images: [N, D] float tensor of the exemplars as the prior encodes them (grey levels
+    for dynamically binarized data, as the reference code does).
+    """
+
+    def __init__(self, prior_cfg, train_images: torch.Tensor,
+                 search: Optional[NeighbourSearch] = None, seed: int = 0):
+        self.cfg = prior_cfg
+        self.images = train_images
+        self.n = train_images.shape[0]
+        self.m = min(self.n, prior_cfg.subsample or max(1, self.n // 2))
+        self.search = search
+        self.rng = np.random.default_rng(seed)
+        if prior_cfg.kind == "exemplar" and prior_cfg.rat and search is None:
+            raise ValueError("RAT needs a neighbour search (TorchExactSearch or the index service)")
+
+    def __call__(self, model: VAEWithPrior, batch_ids: np.ndarray, x: torch.Tensor) -> PriorBatch:
+        if self.cfg.kind != "exemplar":
+            return PriorBatch()
+        batch_ids = np.asarray(batch_ids, dtype=np.int64)
+        if self.cfg.rat:
+            return self._retrieved(model, batch_ids, x)
+        return self._exact_subset(batch_ids, x)
+
+    def _exact_subset(self, batch_ids: np.ndarray, x: torch.Tensor) -> PriorBatch:
+        subset = np.sort(self.rng.choice(self.n, size=self.m, replace=False))
+        exclude = torch.from_numpy(subset[None, :] == batch_ids[:, None]).to(x.device)
+        return PriorBatch(exemplars=self.images[torch.from_numpy(subset)].to(x.device),
+                          exclude=exclude, n_candidates=len(subset))
+
+    def _retrieved(self, model: VAEWithPrior, batch_ids: np.ndarray, x: torch.Tensor) -> PriorBatch:
+        with torch.no_grad():
+            queries = model.net.encode_top(x)[0].float().cpu().numpy()
+        coins = draw_coins(self.n, self.m, self.rng)
+        depth = query_depth(self.cfg.k, self.n, self.m, self.cfg.safety)
+        ids, version = self.search.search(queries, depth)
+        cand = assemble_candidates(ids, batch_ids, coins, self.cfg.k)
+        exclude = torch.from_numpy(cand.exclude).to(x.device)
+        log_norm = (torch.from_numpy(cand.log_norm).to(x.device, x.dtype)
+                    if self.cfg.normalizer == "subset" else None)
+        return PriorBatch(exemplars=self.images[torch.from_numpy(cand.ids)].to(x.device),
+                          exclude=exclude, log_norm=log_norm, n_candidates=len(cand.ids),
+                          n_short=cand.n_short, index_version=version)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+def normalize_gradients(params) -> None:
+    """Divides each parameter's gradient by its L2 norm (the reference AdamNormGrad)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        torch._foreach_add_(norms, 1e-7)
+        torch._foreach_div_(grads, norms)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               prior: PriorBatch, beta: float, normalize_grads: bool = True) -> dict:
+    """One optimizer step; `model` is a VAEWithPrior or its DDP wrapper. Returns float metrics."""
+    optimizer.zero_grad(set_to_none=True)
+    out = model(x, beta, exemplars=prior.exemplars, exclude=prior.exclude, log_norm=prior.log_norm)
+    if not torch.isfinite(out.loss):
+        raise FloatingPointError(
+            f"non-finite loss {out.loss.item()} (beta={beta}); lower train.lr or check the data "
+            "(all-zero images, NaNs)")
+    out.loss.backward()
+    if normalize_grads:
+        normalize_gradients(model.parameters())
+    optimizer.step()
+    return {"loss": out.loss.item(), "log_px": out.log_px.mean().item(),
+            "kl": out.kl.mean().item(), "candidates": prior.n_candidates,
+            "short_rows": prior.n_short, "index_version": prior.index_version}
+
+
+@torch.no_grad()
+def validation_elbo(model: VAEWithPrior, x: torch.Tensor, centres: Optional[torch.Tensor],
+                    batch_size: int = 1000) -> dict:
+    """Mean one-sample ELBO (beta = 1), log p(x|z) and KL over x [N, D].
+
+    Exemplar prior: `centres` = the encoder means of ALL training exemplars (normalizer N, no
+    leave-one-out: validation images are not exemplars).
+    """
+    sums = {"elbo": 0.0, "log_px": 0.0, "kl": 0.0}
+    for start in range(0, x.shape[0], batch_size):
+        out = model(x[start:start + batch_size], 1.0, centres=centres)
+        sums["elbo"] += out.elbo.sum().item()
+        sums["log_px"] += out.log_px.sum().item()
+        sums["kl"] += out.kl.sum().item()
+    return {k: v / max(1, x.shape[0]) for k, v in sums.items()}
+
+
+def exemplar_centres(model: VAEWithPrior, images: torch.Tensor) -> Optional[torch.Tensor]:
+    """Encoder means of all exemplars (no gradients) when the prior needs them, else None."""
+    if model.prior_kind != "exemplar":
+        return None
+    return encode_means(model.net, images)
+
+
+def log_var_value(model: VAEWithPrior) -> float:
+    """The exemplar prior's learned log-variance lambda, or NaN for other priors."""
+    return model.prior.log_var.item() if model.prior_kind == "exemplar" else math.nan
