@@ -48,6 +48,12 @@ def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Ten
     if exclude is not None and exclude.shape != (z.shape[0], centres.shape[0]):
         raise ValueError(f"exclude must be [B, C] = {(z.shape[0], centres.shape[0])}, "
                          f"got {tuple(exclude.shape)}")
+    if log_norm is not None and torch.as_tensor(log_norm).shape not in ((), (z.shape[0],)):
+        # a [B, 1] normalizer would silently broadcast the result to [B, B]
+        raise ValueError(f"log_norm must be a scalar or [B] = [{z.shape[0]}], "
+                         f"got {tuple(torch.as_tensor(log_norm).shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of centres, got {chunk}")
     log_var = torch.as_tensor(log_var, dtype=z.dtype, device=z.device).reshape(())
     d = z.shape[1]
     inv_var = torch.exp(-log_var)
@@ -58,6 +64,8 @@ def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Ten
         if exclude is not None:
             logits = logits.masked_fill(exclude[:, start:start + chunk], float("-inf"))
         parts.append(torch.logsumexp(logits, dim=1))
+    if not parts:  # no centres at all: every row has no kept centre
+        parts.append(z.new_full((z.shape[0],), float("-inf")))
     lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, 1), dim=1)
     if log_norm is None:
         kept = centres.shape[0] - (exclude.sum(1) if exclude is not None else 0)
