@@ -25,6 +25,8 @@ from . import config as config_mod
 from .checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from .data import DataSplits, load_dataset
 from .objective import VAEWithPrior, build_model, kl_beta
+from .sampling import sample_images, save_grid
+from .tracking import make_tracker
 from .step import (PriorSampler, TorchExactSearch, exemplar_centres, log_var_value, train_step,
                    validation_elbo)
 
@@ -134,6 +136,8 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
         log.info("resumed %s at epoch %d, step %d", run, epoch, step)
 
     metrics_log = MetricsLog(run / "metrics.jsonl")
+    tracker = make_tracker(cfg, run)
+    tracker.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
     refresh_every = cfg.prior.refresh_every
     uses_cache = model.prior_kind == "exemplar" and cfg.prior.rat
     summary: dict = {}
@@ -162,6 +166,7 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
                           "log_var": log_var_value(model),
                           "staleness": step - built_at if uses_cache else 0}
                 metrics_log.write(record)
+                tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{m['loss']:.2f}")
         train_seconds = time.perf_counter() - t0
@@ -179,6 +184,10 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
                    "examples_per_second": len(batches) * cfg.train.batch_size / train_seconds,
                    "best_val_elbo": stopper.best, "best_epoch": stopper.best_epoch + 1}
         metrics_log.write(summary)
+        tracker.log_metrics(summary, step)
+        if cfg.tracking.sample_grid:
+            tracker.log_artifact(write_sample_grid(model, centres, run, epoch, splits.image_shape),
+                                 "samples")
         log.info("epoch %d: train loss %.2f, val ELBO %.2f (%.1fs)", epoch,
                  summary["train_loss"], val["elbo"], summary["epoch_seconds"])
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -195,7 +204,19 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
         log.info("early stopping: no validation improvement for %d epochs", stopper.patience)
     summary["stopped_early"] = stopper.should_stop
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracker.log_artifact(run / "config.yaml")
+    if (run / BEST).is_file():
+        tracker.log_artifact(run / BEST, "checkpoints")
+    tracker.end()
     return summary
+
+
+def write_sample_grid(model: VAEWithPrior, centres, run: Path, epoch: int, image_shape) -> Path:
+    """100 prior samples of the current model as run/samples/epoch_XXXX.png."""
+    gen = torch.Generator().manual_seed(epoch)
+    images = sample_images(model, 100, centres, generator=gen)
+    return save_grid(images, run / "samples" / f"epoch_{epoch:04d}.png", image_shape,
+                     title=f"{model.prior_kind} prior, epoch {epoch}")
 
 
 def _progress(items, cfg, desc):
