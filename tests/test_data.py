@@ -166,6 +166,20 @@ def test_verification_is_remembered_in_a_sidecar(data_dir, tmp_path):
         assert remote.name in sidecar and remote.sha256 in sidecar
 
 
+def test_read_only_data_folder_gets_no_sidecar_or_cache(mnist, data_dir, tmp_path):
+    # Loaded above from data_dir; a folder without write bits must stay untouched (even for root).
+    if not ds.writable_dir(data_dir / "mnist"):
+        assert not (data_dir / "mnist" / ".exvae_verified.json").exists()
+    ro = copy_folder(data_dir / "binarized_mnist", tmp_path / "binarized_mnist")
+    ro.chmod(0o555)
+    try:
+        assert not ds.writable_dir(ro)
+        load_dataset(cfg(tmp_path, "binarized_mnist"))
+        assert not (ro / ".exvae_verified.json").exists()
+    finally:
+        ro.chmod(0o755)
+
+
 def test_missing_file_offline_says_where_and_how_to_fix(data_dir, tmp_path):
     folder = copy_folder(data_dir / "mnist", tmp_path / "mnist")
     (folder / "train-labels-idx1-ubyte.gz").unlink()

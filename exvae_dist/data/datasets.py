@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from . import sources
-from .download import Fetch, ensure_file
+from .download import Fetch, ensure_file, writable_dir
 from .readers import (IMAGE_PIXELS, OMNIGLOT_LEVELS, omniglot_to_28, read_binarized_mnist,
                       read_chardata, read_idx, read_omniglot_npz)
 
@@ -249,7 +249,7 @@ def _read_omniglot_cache(cache: Path, stamp: str) -> Optional[dict]:
 def _write_omniglot_cache(cache: Path, stamp: str, arrays: dict) -> None:
     """Temp file + rename, and only where the data folder is writable (a shared read-only
     data set is simply rebuilt in memory each time)."""
-    if not os.access(cache.parent, os.W_OK):
+    if not writable_dir(cache.parent):
         log.info("%s is read-only: the 28x28 Omniglot is not cached", cache.parent)
         return
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{secrets.token_hex(4)}")

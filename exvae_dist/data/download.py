@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
@@ -66,9 +67,24 @@ def _read_sidecar(folder: Path) -> dict:
         return {}
 
 
+def writable_dir(folder: Path) -> bool:
+    """True if we may add files to `folder`.
+
+    Both the access check and the mode bits must allow it: root passes os.access on
+    any folder, but a folder whose mode has no write bit (a shared, read-only data set)
+    is meant to stay untouched.
+    """
+    try:
+        mode = Path(folder).stat().st_mode
+    except OSError:
+        return False
+    has_write_bit = bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    return has_write_bit and os.access(folder, os.W_OK)
+
+
 def _write_sidecar(folder: Path, name: str, key: tuple[str, int, int], digest: str) -> None:
     """Best effort: a read-only folder (a shared data set) simply gets no sidecar."""
-    if not os.access(folder, os.W_OK):
+    if not writable_dir(folder):
         return
     entries = _read_sidecar(folder)
     entries[name] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
