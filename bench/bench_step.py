@@ -23,10 +23,31 @@ from exvae_dist.step import PriorSampler, TorchExactSearch, exemplar_centres, tr
 from exvae_dist.trainer import batch_images, make_optimizer
 
 
-def time_steps(cfg, splits, steps: int, warmup: int = 3) -> tuple[float, dict]:
+def pretrained_net_state(cfg, splits, steps: int) -> dict:
+    """A RAT model trained for `steps` steps, so neighbour sets look like a real run's (a
+    fresh encoder maps everything close together and retrieves far fewer unique exemplars)."""
     torch.manual_seed(0)
     train_x = torch.from_numpy(splits.train_x)
     model = build_model(cfg, splits.image_shape)
+    opt = make_optimizer(model, cfg)
+    search = TorchExactSearch()
+    sampler = PriorSampler(cfg.prior, train_x, search, seed=1)
+    rng = np.random.default_rng(1)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        if i % 100 == 0:
+            search.update(exemplar_centres(model, train_x))
+        ids = rng.choice(train_x.shape[0], cfg.train.batch_size, replace=False)
+        x = batch_images(train_x, ids, True, gen)
+        train_step(model, opt, x, sampler(model, ids, x), min(1.0, i / steps))
+    return model.net.state_dict()
+
+
+def time_steps(cfg, splits, steps: int, net_state: dict, warmup: int = 3) -> tuple[float, dict]:
+    torch.manual_seed(0)
+    train_x = torch.from_numpy(splits.train_x)
+    model = build_model(cfg, splits.image_shape)
+    model.net.load_state_dict(net_state)
     opt = make_optimizer(model, cfg)
     search = TorchExactSearch()
     sampler = PriorSampler(cfg.prior, train_x, search, seed=1)
@@ -51,21 +72,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--exact-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pretrain-steps", type=int, default=500)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = config_mod.load(None, [], env=os.environ)
     splits = load_dataset(base.data)
+    net_state = pretrained_net_state(base, splits, args.pretrain_steps)
     rows = []
     for label, overrides, steps in [
         ("gaussian prior", ["prior.kind=gaussian"], args.steps),
         ("exact exemplar prior (M=25,000)", ["prior.kind=exemplar", "prior.rat=false"], args.exact_steps),
         ("RAT (k=10)", ["prior.kind=exemplar", "prior.rat=true"], args.steps),
+        ("RAT (k=10), bf16 exemplar encoding", ["prior.kind=exemplar", "prior.rat=true",
+                                                 "train.exemplar_precision=bfloat16"], args.steps),
     ]:
         cfg = config_mod.load(None, overrides, env=os.environ)
-        seconds, extra = time_steps(cfg, splits, steps)
+        seconds, extra = time_steps(cfg, splits, steps, net_state)
         rows.append((label, seconds, extra["candidates"]))
     base_s = rows[0][1]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 100, MNIST 50,000")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 100, MNIST 50,000, "
+          f"weights after {args.pretrain_steps} RAT steps")
     print(f"| step | ms per step | x Gaussian | exemplars encoded |")
     print(f"|---|---|---|---|")
     for label, s, c in rows:

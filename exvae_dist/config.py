@@ -91,6 +91,9 @@ class TrainConfig:
     log_every: int = 50  # steps between metric logs
     max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke runs, benchmarks)
     progress: bool = True  # progress bars
+    # Precision of the exemplars' re-encoding with gradients (the cost of a RAT step):
+    # float32 | bfloat16. Posterior, decoder and all log-densities stay in float32.
+    exemplar_precision: str = "float32"
 
 
 @dataclass
@@ -111,10 +114,12 @@ class IndexConfig:
     kind: str = "auto"  # auto | flat | ivfpq
     auto_exact_below: int = 200_000  # kind=auto: exact flat index below this many exemplars
     nlist: Optional[int] = None  # IVF lists (None = about 4 * sqrt(N))
-    pq_m: int = 8  # PQ sub-quantizers (d must divide by it)
+    # pq_m / nprobe / refine_factor: measured on clustered d=40 latents (bench/README.md,
+    # "Index service"): recall@10 ~0.98 at N=1e6; PQ8 with x4 re-ranking only reached ~0.90.
+    pq_m: int = 10  # PQ sub-quantizers (d must divide by it)
     pq_bits: int = 8
-    nprobe: int = 32
-    refine_factor: int = 4  # exact re-ranking of k * refine_factor candidates (0 = off)
+    nprobe: int = 64
+    refine_factor: int = 10  # exact re-ranking of k * refine_factor candidates (0 = off)
     shards: int = 1
     use_gpu: bool = False
     train_size: int = 100_000  # vectors used to train the coarse quantizer and PQ
@@ -167,6 +172,7 @@ CHOICES = {
     "prior.kind": ("gaussian", "vampprior", "exemplar"),
     "prior.normalizer": ("subset", "union"),
     "train.device": ("cpu", "cuda"),
+    "train.exemplar_precision": ("float32", "bfloat16"),
     "index.kind": ("auto", "flat", "ivfpq"),
 }
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from .objective import VAEWithPrior, encode_means
-from .priors import squared_distances
 from .retrieval.candidates import assemble_candidates, draw_coins, query_depth
 
 
@@ -29,16 +28,19 @@ class NeighbourSearch(Protocol):
 
 
 class TorchExactSearch:
-    """Exact kNN over an in-memory latent cache: the core's neighbour search (no FAISS, no Ray)."""
+    """Exact kNN over an in-memory latent cache in torch: the core's neighbour search (no FAISS,
+    no Ray). Ranks by ||c||^2 / 2 - q.c (the squared distance less a per-query constant), in
+    blocks of exemplars so memory stays bounded."""
 
     def __init__(self, block: int = 65536):
+        self.block = block
         self.latents: Optional[torch.Tensor] = None
         self.version = -1
-        self.block = block
 
     def update(self, latents: torch.Tensor) -> int:
         """Replaces the cache with latents [N, d]; returns the new version number."""
         self.latents = latents.detach().float().contiguous()
+        self._half_sq = 0.5 * (self.latents * self.latents).sum(1)
         self.version += 1
         return self.version
 
@@ -52,9 +54,9 @@ class TorchExactSearch:
         k = min(k, self.latents.shape[0])
         best_d, best_i = None, None
         for start in range(0, self.latents.shape[0], self.block):
-            d2 = squared_distances(q, self.latents[start:start + self.block])
-            kb = min(k, d2.shape[1])
-            d, i = torch.topk(d2, kb, dim=1, largest=False, sorted=True)
+            block = slice(start, start + self.block)
+            scores = torch.addmm(self._half_sq[None, block], q, self.latents[block].t(), alpha=-1.0)
+            d, i = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=False, sorted=True)
             i = i + start
             if best_d is None:
                 best_d, best_i = d, i

@@ -1,0 +1,83 @@
+"""The shared training step: neighbour search, prior sampling, precision options."""
+
+import numpy as np
+import pytest
+import torch
+
+from exvae_dist import config as config_mod
+from exvae_dist.objective import build_model
+from exvae_dist.step import PriorSampler, TorchExactSearch, normalize_gradients
+
+
+def test_torch_exact_search_equals_brute_force_knn():
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(3000, 8)).astype(np.float32)
+    queries = rng.normal(size=(17, 8)).astype(np.float32)
+    search = TorchExactSearch(block=700)  # several blocks, last one partial
+    assert search.update(torch.from_numpy(latents)) == 0
+    ids, version = search.search(queries, 25)
+    d2 = ((queries[:, None, :].astype(np.float64) - latents[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(ids, np.argsort(d2, axis=1, kind="stable")[:, :25])
+    assert version == 0 and search.update(torch.from_numpy(latents)) == 1
+
+
+def test_search_errors_are_clear():
+    search = TorchExactSearch()
+    with pytest.raises(RuntimeError, match="update"):
+        search.search(np.zeros((2, 4), np.float32), 3)
+    search.update(torch.zeros(10, 4))
+    with pytest.raises(ValueError, match=r"\[B, 4\]"):
+        search.search(np.zeros((2, 5), np.float32), 3)
+
+
+def _model_and_data(*overrides):
+    cfg = config_mod.load(None, ["train.batch_size=8", *overrides], env={})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    images = torch.rand(400, 784)
+    return cfg, model, images
+
+
+def test_exact_subset_sampler_excludes_self_and_has_m_exemplars():
+    cfg, model, images = _model_and_data("prior.rat=false", "prior.subsample=150")
+    sampler = PriorSampler(cfg.prior, images, seed=3)
+    ids = np.arange(0, 400, 50)
+    prior = sampler(model, ids, images[ids])
+    assert prior.exemplars.shape == (150, 784) and prior.exclude.shape == (8, 150)
+    # every excluded pair is the batch element itself, and each element appears at most once
+    assert prior.exclude.sum(1).max() <= 1
+
+
+def test_rat_sampler_never_offers_an_element_itself():
+    cfg, model, images = _model_and_data("prior.k=5")
+    search = TorchExactSearch()
+    search.update(model.net.encode_top(images)[0].detach())
+    sampler = PriorSampler(cfg.prior, images, search, seed=1)
+    ids = np.arange(8)
+    prior = sampler(model, ids, images[ids])
+    chosen = np.nonzero(~prior.exclude.numpy())
+    assert prior.n_short == 0 and prior.n_candidates <= 8 * 5
+    # the union holds each element's own row only where another element retrieved it, masked
+    for b in range(8):
+        cand_rows = [i for i in range(prior.exemplars.shape[0])
+                     if torch.equal(prior.exemplars[i], images[b])]
+        assert all(prior.exclude[b, i] for i in cand_rows)
+    assert len(chosen[0]) > 0
+
+
+def test_bfloat16_exemplar_encoding_stays_close_to_float32():
+    cfg, model, images = _model_and_data()
+    x = torch.bernoulli(images[:8])
+    torch.manual_seed(1)
+    full = model(x, 1.0, exemplars=images[100:300]).loss
+    model.exemplar_dtype = torch.bfloat16
+    torch.manual_seed(1)
+    low = model(x, 1.0, exemplars=images[100:300]).loss
+    assert abs(full.item() - low.item()) < 0.01 * abs(full.item())
+
+
+def test_normalized_gradients_have_unit_norm():
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    p.grad = torch.randn(5, 3) * 40
+    normalize_gradients([p])
+    assert torch.linalg.norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)
