@@ -14,8 +14,9 @@ Layer sizes are those of the paper's convHVAE (2 levels), for 28x28 images:
 "Same" padding throughout, so stride-2 layers give ceil(H/2); the feature width 6 x H/4 x W/4
 follows the image shape. The full-resolution decoder convs dominate the cost (about 0.2 GFLOP
 per image, about 1 s per training step of 100 images on 2 idle CPU cores; `decoder_channels`
-below 64 trades fidelity to the paper for speed); `decode_chunk` bounds how many images one decoder call holds in memory, which
-matters for importance sampling with hundreds of samples per image. x arrives flat [..., D]
+below 64 trades fidelity to the paper for speed). `decode_chunk` bounds how many images one
+decoder call holds in memory, which matters for importance sampling with hundreds of samples
+per image. x arrives flat [..., D]
 and is reshaped to image_shape here; leading sample axes are flattened for the convolutions.
 """
 
