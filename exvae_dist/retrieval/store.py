@@ -1,0 +1,313 @@
+"""The exemplar store: exemplar images and versioned latent tables in one Zarr v3 group.
+
+Layout of a store at `path`:
+
+    path/                     Zarr group; attrs: format, n, latent_dim, chunk_rows, image_shape
+      images                  uint8 [N, ...], chunked by `chunk_rows` rows
+      latents/v000001         float32 [N, d], chunked by `chunk_rows` rows; attrs["complete"]
+      latents/v000002         ...
+
+A latent version is visible to readers only once it is complete: every chunk written and
+attrs["complete"] set by one coordinator (`mark_complete`, which checks the chunks first).
+Writers in several processes each own whole chunks (`row_range(w, W)` hands writer w its
+chunk-aligned rows): Zarr loses data when two processes write parts of the same chunk or
+shard. Metadata (version creation, completion marks, pruning) is written by one coordinator
+only; LocalStore writes each metadata document atomically (temp file + rename).
+
+An incomplete or unreadable version is skipped with a warning that says why, never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+log = logging.getLogger(__name__)
+
+FORMAT = "exvae-exemplar-store/1"
+DEFAULT_CHUNK_ROWS = 8192
+
+
+class StoreError(ValueError):
+    """A store or latent version that cannot be used as asked; the message says why."""
+
+
+def _version_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def chunk_aligned_range(worker: int, n_workers: int, n: int, chunk_rows: int) -> tuple[int, int]:
+    """Rows [start, stop) of writer `worker` of `n_workers`, on chunk boundaries.
+
+    Whole chunks are dealt out as evenly as possible; the last chunk may be short (it ends
+    at N). A writer can get an empty range when there are fewer chunks than writers.
+    """
+    if not 0 <= worker < n_workers:
+        raise ValueError(f"writer {worker} out of range for {n_workers} writers")
+    n_chunks = -(-n // chunk_rows)
+    first = (n_chunks * worker) // n_workers
+    last = (n_chunks * (worker + 1)) // n_workers
+    return min(first * chunk_rows, n), min(last * chunk_rows, n)
+
+
+class ExemplarStore:
+    """Exemplar images and versioned latent tables on disk.
+
+    Open an existing store with `ExemplarStore(path)`; make one with
+    `ExemplarStore.create(path, images, latent_dim)`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not (self.path / "zarr.json").is_file():
+            raise FileNotFoundError(
+                f"no exemplar store at {self.path}: create it with "
+                f"ExemplarStore.create({str(self.path)!r}, images, latent_dim) "
+                f"(or fix index.store_path)")
+        self._root = zarr.open_group(str(self.path), mode="r+")
+        self._warned: set[tuple[int, str]] = set()
+        attrs = dict(self._root.attrs)
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.path} is a Zarr group but not an exemplar store "
+                             f"(format={attrs.get('format')!r}, expected {FORMAT!r})")
+        self.n: int = int(attrs["n"])
+        self.latent_dim: int = int(attrs["latent_dim"])
+        self.chunk_rows: int = int(attrs["chunk_rows"])
+        self.image_shape: tuple[int, ...] = tuple(attrs["image_shape"])
+        images = self._root["images"]
+        if images.shape != (self.n, *self.image_shape) or images.dtype != np.uint8:
+            raise StoreError(f"{self.path}/images is {images.shape} {images.dtype}, expected "
+                             f"{(self.n, *self.image_shape)} uint8: the store is damaged; "
+                             f"re-create it with ExemplarStore.create")
+
+    # -- creation --------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, images: np.ndarray, latent_dim: int,
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False) -> "ExemplarStore":
+        """Writes `images` (uint8 [N, ...]) into a new store at `path` and opens it.
+
+        Refuses to replace an existing store unless overwrite=True.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim < 2 or images.shape[0] == 0:
+            raise StoreError(f"images must be a non-empty uint8 array [N, ...], got "
+                             f"{images.shape} {images.dtype} (convert with .astype(np.uint8))")
+        if latent_dim <= 0 or chunk_rows <= 0:
+            raise StoreError(f"latent_dim ({latent_dim}) and chunk_rows ({chunk_rows}) "
+                             f"must be positive")
+        path = Path(path).expanduser()
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists: open it with ExemplarStore(path) "
+                                  f"or pass overwrite=True to replace it")
+        root = zarr.open_group(str(path), mode="w")
+        arr = root.create_array(
+            "images", shape=images.shape, dtype=np.uint8,
+            chunks=(chunk_rows, *images.shape[1:]),
+            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+        arr[...] = images
+        root.create_group("latents")
+        # the format attributes go last: a store is only recognised once its images exist
+        root.attrs.update({"format": FORMAT, "n": int(images.shape[0]),
+                           "latent_dim": int(latent_dim), "chunk_rows": int(chunk_rows),
+                           "image_shape": list(images.shape[1:])})
+        return cls(path)
+
+    # -- images ----------------------------------------------------------------------------
+
+    def images(self, rows: Optional[np.ndarray | slice] = None) -> np.ndarray:
+        """uint8 [len(rows), ...] exemplar images (all N when rows is None)."""
+        arr = self._root["images"]
+        if rows is None:
+            return arr[...]
+        if isinstance(rows, slice):
+            return arr[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError(f"exemplar rows must be in 0..{self.n - 1}")
+        # Zarr orthogonal indexing wants sorted unique rows; undo the sort afterwards.
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        return arr.get_orthogonal_selection((uniq,))[inverse]
+
+    # -- writing a latent version ----------------------------------------------------------
+
+    def row_range(self, worker: int, n_workers: int) -> tuple[int, int]:
+        """Chunk-aligned rows [start, stop) that writer `worker` of `n_workers` owns."""
+        return chunk_aligned_range(worker, n_workers, self.n, self.chunk_rows)
+
+    def begin_version(self, version: int) -> None:
+        """Creates latent table `version` (coordinator only, before any writer starts).
+
+        An existing incomplete table of that version (a crashed refresh) is reused; a
+        complete one is immutable and refused.
+        """
+        if version <= 0:
+            raise StoreError(f"versions are positive integers, got {version}")
+        name = _version_name(version)
+        group = self._root["latents"]
+        if name in group:
+            arr = group[name]
+            if arr.attrs.get("complete"):
+                raise StoreError(f"latent version {version} in {self.path} is already complete; "
+                                 f"versions are immutable, write version {version + 1} instead")
+            if arr.shape == (self.n, self.latent_dim) and arr.dtype == np.float32:
+                return
+            del group[name]
+        # NaN fill: a chunk nobody wrote reads as NaN, never as plausible zeros.
+        group.create_array(name, shape=(self.n, self.latent_dim), dtype=np.float32,
+                           chunks=(self.chunk_rows, self.latent_dim), fill_value=np.nan,
+                           compressors=None, config={"write_empty_chunks": True},
+                           attributes={"complete": False, "version": int(version)})
+
+    def write_rows(self, version: int, start: int, latents: np.ndarray) -> None:
+        """Writes latents [R, d] into rows [start, start + R) of version `version`.
+
+        The range must cover whole chunks (start and end on multiples of chunk_rows, or
+        end == N), so that concurrent writers never share a chunk; use `row_range`.
+        """
+        latents = np.asarray(latents)
+        stop = start + latents.shape[0] if latents.ndim else start
+        if latents.ndim != 2 or latents.shape[1] != self.latent_dim:
+            raise StoreError(f"latents must be [R, {self.latent_dim}], got {latents.shape}")
+        if start < 0 or stop > self.n:
+            raise StoreError(f"rows [{start}, {stop}) outside 0..{self.n}")
+        if start % self.chunk_rows or (stop % self.chunk_rows and stop != self.n):
+            raise StoreError(
+                f"rows [{start}, {stop}) are not chunk-aligned (chunk_rows={self.chunk_rows}): "
+                f"two writers sharing a chunk lose data; take ranges from store.row_range(w, W)")
+        if not np.isfinite(latents).all():
+            raise StoreError(f"latents for rows [{start}, {stop}) contain NaN or inf")
+        arr = self._version_array(version)
+        if arr.attrs.get("complete"):
+            raise StoreError(f"latent version {version} is complete and immutable")
+        arr[start:stop] = latents.astype(np.float32, copy=False)
+
+    def mark_complete(self, version: int, keep: Optional[int] = None) -> None:
+        """Makes `version` visible (coordinator only, after every writer finished).
+
+        Checks that every chunk was written first. With `keep`, prunes to the newest
+        `keep` complete versions afterwards.
+        """
+        arr = self._version_array(version)
+        problem = self._check(arr, require_complete=False)
+        if problem:
+            raise StoreError(f"cannot mark latent version {version} complete: {problem}")
+        arr.attrs.update({"complete": True, "completed_at": time.time()})
+        log.info("latent version %d of %s complete", version, self.path)
+        if keep is not None:
+            self.prune(keep)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def versions(self) -> list[int]:
+        """Every latent version present, complete or not, ascending."""
+        out = []
+        for name in self._root["latents"].array_keys():
+            if name.startswith("v") and name[1:].isdigit():
+                out.append(int(name[1:]))
+        return sorted(out)
+
+    def complete_versions(self) -> list[int]:
+        """Versions that are complete and valid, ascending; others are skipped with a warning."""
+        return [v for v in self.versions() if self._usable(v)]
+
+    def latest_complete(self) -> Optional[int]:
+        """The newest complete, valid version, or None."""
+        for v in reversed(self.versions()):
+            if self._usable(v):
+                return v
+        return None
+
+    def read_latents(self, version: int) -> np.ndarray:
+        """float32 [N, d]: the latent table of a complete version (StoreError otherwise)."""
+        arr = self._version_array(version)
+        problem = self._check(arr, require_complete=True)
+        if problem:
+            raise StoreError(f"latent version {version} of {self.path} is unusable: {problem}")
+        try:
+            table = arr[...]
+        except Exception as err:  # a damaged chunk file: report it as the store's problem
+            raise StoreError(f"latent version {version} of {self.path} is corrupt: "
+                             f"reading it failed with {type(err).__name__}: {err}") from err
+        if not np.isfinite(table).all():
+            raise StoreError(f"latent version {version} of {self.path} is corrupt: "
+                             f"it holds NaN/inf (unwritten rows?)")
+        return table
+
+    def read_newest(self) -> Optional[tuple[int, np.ndarray]]:
+        """(version, latents [N, d]) of the newest version that reads back whole, or None.
+
+        A version that is marked complete but fails to read is skipped with a warning and
+        the next older one is tried.
+        """
+        for v in reversed(self.versions()):
+            if not self._usable(v):
+                continue
+            try:
+                return v, self.read_latents(v)
+            except StoreError as err:
+                log.warning("skipping %s", err)
+        return None
+
+    def prune(self, keep: int) -> list[int]:
+        """Deletes all but the newest `keep` complete versions; returns the deleted ones.
+
+        Incomplete versions older than the newest complete one are abandoned refreshes and
+        go too; newer incomplete ones may be in progress and stay.
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        complete = self.complete_versions()
+        if not complete:
+            return []
+        keep_set = set(complete[-keep:])
+        newest = complete[-1]
+        doomed = [v for v in self.versions() if v not in keep_set and v < newest]
+        group = self._root["latents"]
+        for v in doomed:
+            del group[_version_name(v)]
+        if doomed:
+            log.info("pruned latent versions %s of %s", doomed, self.path)
+        return doomed
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _version_array(self, version: int) -> zarr.Array:
+        name = _version_name(version)
+        group = self._root["latents"]
+        if name not in group:
+            raise StoreError(f"latent version {version} does not exist in {self.path} "
+                             f"(versions: {self.versions()}); call begin_version({version}) first")
+        return group[name]
+
+    def _check(self, arr: zarr.Array, require_complete: bool) -> Optional[str]:
+        """None if the table is usable, else what is wrong with it."""
+        if arr.shape != (self.n, self.latent_dim) or arr.dtype != np.float32:
+            return (f"shape {arr.shape} {arr.dtype}, expected ({self.n}, {self.latent_dim}) "
+                    f"float32")
+        if require_complete and not arr.attrs.get("complete"):
+            return "not marked complete (a refresh still writing, or one that crashed)"
+        written, total = arr.nchunks_initialized, arr.nchunks
+        if written != total:
+            return f"only {written} of {total} chunks written"
+        return None
+
+    def _usable(self, version: int) -> bool:
+        try:
+            arr = self._version_array(version)
+            problem = self._check(arr, require_complete=True)
+        except Exception as err:  # unreadable metadata counts as corrupt
+            problem = f"metadata unreadable ({type(err).__name__}: {err})"
+        if problem:
+            # once per (version, problem): pollers ask often while a refresh is writing
+            if (version, problem) not in self._warned:
+                self._warned.add((version, problem))
+                log.warning("skipping latent version %d of %s: %s", version, self.path, problem)
+            return False
+        return True
