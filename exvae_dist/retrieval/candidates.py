@@ -74,6 +74,9 @@ def assemble_candidates(neighbour_ids: np.ndarray, batch_ids: np.ndarray, coins:
     n = coins.shape[0]
     if neighbour_ids.size and neighbour_ids.max() >= n:
         raise ValueError(f"neighbour id {int(neighbour_ids.max())} out of range for N={n} coins")
+    if batch_ids.size and (batch_ids.min() < 0 or batch_ids.max() >= n):
+        raise ValueError(f"batch ids must be exemplar rows in 0..{n - 1} (one coin per exemplar), "
+                         f"got {int(batch_ids.min())}..{int(batch_ids.max())}")
 
     valid = neighbour_ids >= 0
     safe = np.where(valid, neighbour_ids, 0)
