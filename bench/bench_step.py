@@ -49,7 +49,7 @@ def time_steps(cfg, splits, steps: int, net_state: dict, warmup: int = 3) -> tup
     model = build_model(cfg, splits.image_shape)
     model.net.load_state_dict(net_state)
     opt = make_optimizer(model, cfg)
-    search = TorchExactSearch()
+    search = TorchExactSearch(precision=cfg.prior.search_precision)
     sampler = PriorSampler(cfg.prior, train_x, search, seed=1)
     if cfg.prior.kind == "exemplar" and cfg.prior.rat:
         search.update(exemplar_centres(model, train_x))
@@ -85,6 +85,9 @@ def main() -> None:
         ("RAT (k=10)", ["prior.kind=exemplar", "prior.rat=true"], args.steps),
         ("RAT (k=10), bf16 exemplar encoding", ["prior.kind=exemplar", "prior.rat=true",
                                                  "train.exemplar_precision=bfloat16"], args.steps),
+        ("RAT (k=10), bf16 encoding + bf16 search", ["prior.kind=exemplar", "prior.rat=true",
+                                                      "train.exemplar_precision=bfloat16",
+                                                      "prior.search_precision=bfloat16"], args.steps),
     ]:
         cfg = config_mod.load(None, overrides, env=os.environ)
         seconds, extra = time_steps(cfg, splits, steps, net_state)

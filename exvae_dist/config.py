@@ -71,6 +71,9 @@ class PriorConfig:
     # RAT normalizer: "subset" = log|S \ {i}| (a lower bound of the subsampled prior, the
     # default); "union" = log of the retrieved union size (the reference code's choice).
     normalizer: str = "subset"
+    # In-memory neighbour search of the one-process trainer: float32 (exact) or bfloat16
+    # (bfloat16 first pass, float32 re-ranking of 4k candidates per query).
+    search_precision: str = "float32"
 
 
 @dataclass
@@ -171,6 +174,7 @@ CHOICES = {
     "model.arch": ("vae", "hvae", "convhvae"),
     "prior.kind": ("gaussian", "vampprior", "exemplar"),
     "prior.normalizer": ("subset", "union"),
+    "prior.search_precision": ("float32", "bfloat16"),
     "train.device": ("cpu", "cuda"),
     "train.exemplar_precision": ("float32", "bfloat16"),
     "index.kind": ("auto", "flat", "ivfpq"),

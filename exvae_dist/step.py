@@ -28,12 +28,22 @@ class NeighbourSearch(Protocol):
 
 
 class TorchExactSearch:
-    """Exact kNN over an in-memory latent cache in torch: the core's neighbour search (no FAISS,
-    no Ray). Ranks by ||c||^2 / 2 - q.c (the squared distance less a per-query constant), in
-    blocks of exemplars so memory stays bounded."""
+    """kNN over an in-memory latent cache in torch: the core's neighbour search (no FAISS, no
+    Ray). Ranks by ||c||^2 / 2 - q.c (the squared distance less a per-query constant), in
+    blocks of exemplars so memory stays bounded.
 
-    def __init__(self, block: int = 65536):
+    precision="bfloat16" scores with a bfloat16 matmul (with d=40 a float32 matmul runs far
+    below peak on CPU; AMX bfloat16 is ~8x faster), keeps `prefilter * k` per query and
+    re-ranks those by exact float32 distance: approximate only where a bfloat16 rounding
+    error exceeds the gap to the prefilter's cut-off.
+    """
+
+    def __init__(self, block: int = 65536, precision: str = "float32", prefilter: int = 4):
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
         self.block = block
+        self.precision = precision
+        self.prefilter = prefilter
         self.latents: Optional[torch.Tensor] = None
         self.version = -1
 
@@ -41,8 +51,18 @@ class TorchExactSearch:
         """Replaces the cache with latents [N, d]; returns the new version number."""
         self.latents = latents.detach().float().contiguous()
         self._half_sq = 0.5 * (self.latents * self.latents).sum(1)
+        self._low_t = (self.latents.t().contiguous().bfloat16()
+                       if self.precision == "bfloat16" else None)
         self.version += 1
         return self.version
+
+    def _search_bfloat16(self, q: torch.Tensor, k: int) -> torch.Tensor:
+        scores = self._half_sq[None, :] - (q.bfloat16() @ self._low_t).float()
+        wide = min(self.latents.shape[0], self.prefilter * k)
+        cand = torch.topk(scores, wide, dim=1, largest=False, sorted=False).indices
+        d2 = (q[:, None, :] - self.latents[cand]).pow(2).sum(-1)
+        pos = torch.topk(d2, k, dim=1, largest=False, sorted=True).indices
+        return torch.gather(cand, 1, pos)
 
     @torch.no_grad()
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
@@ -52,6 +72,8 @@ class TorchExactSearch:
         if q.dim() != 2 or q.shape[1] != self.latents.shape[1]:
             raise ValueError(f"queries must be [B, {self.latents.shape[1]}], got {tuple(q.shape)}")
         k = min(k, self.latents.shape[0])
+        if self._low_t is not None:
+            return self._search_bfloat16(q, k).numpy().astype(np.int64), self.version
         best_d, best_i = None, None
         for start in range(0, self.latents.shape[0], self.block):
             block = slice(start, start + self.block)

@@ -119,7 +119,7 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
     # model, optimizer, exemplar machinery
     model = build_model(cfg, splits.image_shape)
     optimizer = make_optimizer(model, cfg)
-    search = TorchExactSearch()
+    search = TorchExactSearch(precision=cfg.prior.search_precision)
     exemplar_images = exemplar_x if exemplar_x is not None else train_x
     sampler = PriorSampler(cfg.prior, exemplar_images, search, seed=cfg.train.seed + 1)
     stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.warmup_epochs)
