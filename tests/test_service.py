@@ -1,0 +1,213 @@
+"""The index holder (pure threads) and the Ray IndexService actor around it."""
+
+import functools
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from exvae_dist.config import IndexConfig
+from exvae_dist.retrieval.index import brute_force_knn
+from exvae_dist.retrieval.service import (IndexHolder, IndexNotReady, start_index_service,
+                                          wait_for_version)
+from exvae_dist.retrieval.store import ExemplarStore, StoreError
+
+N, D, K = 2000, 8, 5
+CFG = IndexConfig(kind="flat", service_threads=1)
+
+
+def base_latents():
+    return np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
+
+
+def latents_of(version):
+    """Version v = base + v * offset: every version has its own answer to the same query."""
+    offset = np.zeros(D, np.float32)
+    offset[0] = 0.37
+    return base_latents() + version * offset
+
+
+QUERIES = np.random.default_rng(1).standard_normal((16, D)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def expected(version):
+    return brute_force_knn(latents_of(version), QUERIES, K)
+
+
+def make_store(path, versions=(1,), chunk_rows=512):
+    images = np.zeros((N, 2, 2), np.uint8)
+    store = ExemplarStore.create(path, images, latent_dim=D, chunk_rows=chunk_rows)
+    for v in versions:
+        publish(store, v)
+    return store
+
+
+def publish(store, version):
+    store.begin_version(version)
+    store.write_rows(version, 0, latents_of(version))
+    store.mark_complete(version)
+
+
+def check_answer(ids, dists, version):
+    """The answer is exactly version `version`'s kNN, and no other version's."""
+    ref_ids, ref_d = expected(version)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(dists, ref_d, rtol=1e-4, atol=1e-4)
+    for other in range(1, 12):
+        if other != version:
+            assert not np.allclose(dists, expected(other)[1], rtol=1e-4, atol=1e-4)
+
+
+# -- IndexHolder, no Ray ---------------------------------------------------------------------
+
+def test_holder_loads_newest_complete_and_never_an_incomplete_one(tmp_path):
+    store = make_store(tmp_path / "s.zarr", versions=(1, 2))
+    store.begin_version(3)
+    store.write_rows(3, 0, latents_of(3)[:512])  # incomplete: never loaded
+    holder = IndexHolder(str(store.path), CFG)
+    assert holder.wait_for_version(2, timeout=30) == 2
+    ids, dists, version = holder.search(QUERIES, K)
+    assert version == 2
+    check_answer(ids, dists, 2)
+    with pytest.raises(StoreError, match="version 3 .* is not complete"):
+        holder.refresh(3)
+    status = holder.status()
+    assert status["n"] == N and status["version"] == 2 and status["queries_served"] == 16
+    assert not status["building"] and status["build_seconds"] > 0
+    holder.close()
+
+
+def test_holder_hammer_every_answer_from_exactly_one_version(tmp_path):
+    store = make_store(tmp_path / "s.zarr", versions=(1,))
+    holder = IndexHolder(str(store.path), CFG)
+    holder.wait_for_version(1, timeout=30)
+    answers, errors, stop = [], [], threading.Event()
+
+    def query_loop():
+        while not stop.is_set():
+            try:
+                answers.append(holder.search(QUERIES, K))
+            except Exception as err:  # surfaced below
+                errors.append(err)
+
+    threads = [threading.Thread(target=query_loop) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for v in range(2, 8):
+        publish(store, v)
+        holder.refresh(v)
+        time.sleep(0.02)
+    holder.wait_for_version(7, timeout=30)
+    time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    holder.close()
+    assert not errors, errors[:3]
+    seen = sorted({v for _, _, v in answers})
+    assert seen[-1] == 7 and len(seen) >= 2, seen
+    for ids, dists, version in answers[::5]:
+        check_answer(ids, dists, version)
+
+
+def test_holder_exclude_ids_drops_own_id(tmp_path):
+    store = make_store(tmp_path / "s.zarr")
+    holder = IndexHolder(str(store.path), CFG)
+    holder.wait_for_version(1, timeout=30)
+    rows = np.array([5, 17, 1999])
+    queries = latents_of(1)[rows]
+    ids, dists, _ = holder.search(queries, K, exclude_ids=rows)
+    ref, _ = brute_force_knn(latents_of(1), queries, K + 1)
+    assert ref[:, 0].tolist() == rows.tolist()  # each query's nearest is itself ...
+    np.testing.assert_array_equal(ids, ref[:, 1:])  # ... and is dropped
+    # a row whose own id is not among the k+1 keeps its first k
+    far = np.full((1, D), 50.0, np.float32)
+    ids2, _, _ = holder.search(far, K, exclude_ids=np.array([0]))
+    np.testing.assert_array_equal(ids2, brute_force_knn(latents_of(1), far, K)[0])
+    holder.close()
+
+
+def test_holder_search_before_any_version_raises_at_once(tmp_path):
+    store = make_store(tmp_path / "s.zarr", versions=())
+    holder = IndexHolder(str(store.path), CFG)
+    start = time.monotonic()
+    with pytest.raises(IndexNotReady, match="no complete latent version"):
+        holder.search(QUERIES, K)
+    assert time.monotonic() - start < 5  # an error, not a hang
+    holder.close()
+
+
+# -- the Ray actor ---------------------------------------------------------------------------
+
+def test_service_serves_and_hammer_across_refreshes(ray_local, tmp_path):
+    ray = ray_local
+    store = make_store(tmp_path / "s.zarr", versions=(1,))
+    handle = start_index_service(str(store.path), CFG)
+    wait_for_version(handle, 1, timeout=60)
+    stop, answers, errors = threading.Event(), [], []
+
+    def query_loop():
+        while not stop.is_set():
+            try:
+                answers.append(ray.get(handle.search.remote(QUERIES, K)))
+            except Exception as err:
+                errors.append(err)
+
+    threads = [threading.Thread(target=query_loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for v in range(2, 6):
+        publish(store, v)
+        assert ray.get(handle.refresh.remote(v)) == v
+        time.sleep(0.05)
+    wait_for_version(handle, 5, timeout=60)
+    time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert {v for _, _, v in answers} >= {1, 5}
+    for ids, dists, version in answers:
+        check_answer(ids, dists, version)
+    status = ray.get(handle.status.remote())
+    assert status["queries_served"] >= 16 * len(answers) and status["version"] == 5
+    ray.kill(handle)
+
+
+def test_service_errors_reach_the_caller_readably(ray_local, tmp_path):
+    ray = ray_local
+    with pytest.raises(FileNotFoundError, match="no exemplar store at .*ExemplarStore.create"):
+        start_index_service(str(tmp_path / "missing.zarr"), CFG)
+    empty = make_store(tmp_path / "empty.zarr", versions=())
+    handle = start_index_service(str(empty.path), CFG)
+    with pytest.raises(IndexNotReady, match="no complete latent version"):
+        ray.get(handle.search.remote(QUERIES, K), timeout=30)
+    publish(empty, 1)
+    ray.get(handle.refresh.remote(1))
+    wait_for_version(handle, 1, timeout=60)
+    with pytest.raises(ValueError, match=r"queries must have shape \[B, 8\].*got \(16, 3\)"):
+        ray.get(handle.search.remote(QUERIES[:, :3], K), timeout=30)
+    with pytest.raises(StoreError, match="version 9 .* is not complete"):
+        ray.get(handle.refresh.remote(9), timeout=30)
+    ray.kill(handle)
+
+
+def test_killed_service_restarts_with_newest_complete_version(ray_local, tmp_path):
+    ray = ray_local
+    store = make_store(tmp_path / "s.zarr", versions=(1,))
+    handle = start_index_service(str(store.path), CFG)
+    wait_for_version(handle, 1, timeout=60)
+    publish(store, 2)
+    publish(store, 3)  # written, never announced to the service
+    store.begin_version(4)  # incomplete: must not be picked up
+    store.write_rows(4, 0, latents_of(4)[:512])
+    assert ray.get(handle.search.remote(QUERIES, K))[2] == 1
+    ray.kill(handle, no_restart=False)
+    status = wait_for_version(handle, 3, timeout=90)
+    assert status["version"] == 3 and status["queries_served"] == 0  # a fresh holder
+    ids, dists, version = ray.get(handle.search.remote(QUERIES, K), timeout=60)
+    assert version == 3
+    check_answer(ids, dists, 3)
+    ray.kill(handle)
