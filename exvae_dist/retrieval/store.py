@@ -20,6 +20,7 @@ An incomplete or unreadable version is skipped with a warning that says why, nev
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -70,7 +71,9 @@ class ExemplarStore:
                 f"no exemplar store at {self.path}: create it with "
                 f"ExemplarStore.create({str(self.path)!r}, images, latent_dim) "
                 f"(or fix index.store_path)")
-        self._root = zarr.open_group(str(self.path), mode="r+")
+        # read-only where we may not write (a shared, published store): readers still work
+        mode = "r+" if os.access(self.path, os.W_OK) else "r"
+        self._root = zarr.open_group(str(self.path), mode=mode)
         self._warned: set[tuple[int, str]] = set()
         attrs = dict(self._root.attrs)
         if attrs.get("format") != FORMAT:
