@@ -82,6 +82,9 @@ def main() -> None:
     for label, overrides, steps in [
         ("gaussian prior", ["prior.kind=gaussian"], args.steps),
         ("exact exemplar prior (M=25,000)", ["prior.kind=exemplar", "prior.rat=false"], args.exact_steps),
+        ("exact exemplar prior (M=25,000), bf16 encoding",
+         ["prior.kind=exemplar", "prior.rat=false", "train.exemplar_precision=bfloat16"],
+         args.exact_steps),
         ("RAT (k=10)", ["prior.kind=exemplar", "prior.rat=true"], args.steps),
         ("RAT (k=10), bf16 exemplar encoding", ["prior.kind=exemplar", "prior.rat=true",
                                                  "train.exemplar_precision=bfloat16"], args.steps),

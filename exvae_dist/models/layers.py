@@ -14,7 +14,9 @@ LOG_2PI = math.log(2.0 * math.pi)
 class GatedDense(nn.Module):
     """h(x) * sigmoid(g(x)): the gated dense layer of the VampPrior / Exemplar VAE MLPs.
 
-    Both halves come from one Linear of twice the width, so a layer is one matmul.
+    Both halves come from one Linear of twice the width, so a layer is one matmul, and F.glu
+    gates them in one kernel whose backward writes one gradient (splitting and multiplying
+    by hand costs a large concatenation in backward: a third of an exact-prior step).
     """
 
     def __init__(self, n_in: int, n_out: int):
@@ -23,8 +25,7 @@ class GatedDense(nn.Module):
         self.linear = nn.Linear(n_in, 2 * n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, g = self.linear(x).split(self.n_out, dim=-1)
-        return h * torch.sigmoid(g)
+        return F.glu(self.linear(x), dim=-1)
 
 
 class GatedConv2d(nn.Module):
@@ -36,8 +37,7 @@ class GatedConv2d(nn.Module):
         self.conv = nn.Conv2d(c_in, 2 * c_out, kernel, stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, g = self.conv(x).split(self.c_out, dim=1)
-        return h * torch.sigmoid(g)
+        return F.glu(self.conv(x), dim=1)
 
 
 class GaussianHead(nn.Module):
