@@ -173,7 +173,9 @@ def describe(index: faiss.Index) -> str:
         return f"{describe(index.base_index)} + exact re-rank x{index.k_factor:g}"
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return f"IVF{ivf.nlist},PQ (nprobe {ivf.nprobe})"
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        codes = f"PQ{pq.M}x{pq.nbits}" if pq is not None else type(ivf).__name__
+        return f"IVF{ivf.nlist},{codes} (nprobe {ivf.nprobe})"
     return type(index).__name__
 
 
