@@ -128,7 +128,8 @@ class IndexConfig:
     train_size: int = 100_000  # vectors used to train the coarse quantizer and PQ
     store_path: Optional[str] = None  # Zarr store (None = <run_dir>/<name>/store.zarr)
     keep_versions: int = 3
-    service_threads: int = 2  # FAISS threads inside the index actor
+    service_threads: int = 2  # FAISS threads inside the index actor, for queries
+    build_threads: int = 1  # FAISS threads of the background rebuild (leave cores to queries)
 
 
 @dataclass

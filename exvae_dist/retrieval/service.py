@@ -196,6 +196,9 @@ class IndexHolder:
             return self._served
 
     def _build_loop(self) -> None:
+        # OpenMP's thread count is per calling thread: fewer build threads leave cores to
+        # the queries (and to training workers) while a new version is built.
+        faiss.omp_set_num_threads(max(1, self.cfg.build_threads))
         while True:
             with self._lock:
                 while self._pending is None and not self._closed:
