@@ -139,6 +139,16 @@ class RayConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS, else start a local Ray
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     report_every: Optional[int] = None  # steps between ray.train.report (None = per epoch)
+    # CPUs each worker reserves; torch in a worker runs this many threads unless
+    # train.threads says otherwise (Ray sets OMP_NUM_THREADS to a worker's CPUs).
+    cpus_per_worker: float = 1.0
+    # Ray Train V2 controller retries (-1 = forever, Ray's default). A run asking for more
+    # workers than the cluster can place waits forever at -1; tests use 0 to fail instead.
+    controller_failure_limit: int = -1
+    keep_checkpoints: int = 2  # Ray Train checkpoints kept on storage (the newest ones)
+    # Index-service calls are retried this many times when the actor died or is restarting
+    # (backoff 0.2 s doubling, capped at 2 s): an index crash costs seconds, not the run.
+    search_retries: int = 10
 
 
 @dataclass
@@ -183,7 +193,8 @@ CHOICES = {
 
 POSITIVE = ("model.z_dim", "model.hidden", "prior.k", "prior.n_pseudo", "train.batch_size",
             "train.epochs", "eval.n_samples", "eval.batch_size", "eval.exemplar_chunk",
-            "ray.num_workers", "index.shards", "train.log_every")
+            "ray.num_workers", "index.shards", "train.log_every", "ray.cpus_per_worker",
+            "ray.keep_checkpoints")
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
