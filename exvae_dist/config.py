@@ -110,6 +110,36 @@ class EvalConfig:
     n_test: Optional[int] = None  # evaluate on the first n test images (None = all)
     knn_ks: list[int] = field(default_factory=lambda: [3, 5, 7, 9, 11, 13, 15])
     validation_samples: int = 1  # samples for the per-epoch validation ELBO
+    # Exact prior: per test image, start from the prior_pool exemplars nearest to its
+    # posterior mean and grow the pool until the skipped exemplars' mass is certified (triangle
+    # inequality) to change log p(z) by at most prior_tolerance nats. prior_pool=0: every
+    # sample against all N (slow; the brute-force path). See evaluation/likelihood.py.
+    prior_pool: int = 1024
+    prior_tolerance: float = 1e-6
+    sample_chunk: int = 500  # importance samples per image drawn at once
+    likelihood: bool = True  # compute the importance-sampled log-likelihood
+    knn: bool = True  # kNN classification error on encoder means (labelled datasets)
+    pictures: bool = True  # samples, exemplar samples, reconstructions, interpolations, t-SNE
+    tsne_points: int = 2000  # test means in the t-SNE map (t-SNE is slow on thousands)
+    checkpoint: str = "best"  # best | latest: which checkpoint of the run to evaluate
+    seed: int = 0  # importance samples, pictures
+
+
+@dataclass
+class AugmentConfig:
+    """Generative data augmentation (METHOD.md section 4): `python -m exvae_dist.augment`."""
+
+    hidden: int = 1024  # MLP 784-H-H-10, ReLU
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 0.1  # SGD momentum 0.9; decays linearly to 1% of this over all steps
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    real_weight: float = 0.4  # loss = real_weight * loss(real) + (1 - real_weight) * loss(gen)
+    # Each real image gets one fresh exemplar-conditioned sample per step: the decoder's
+    # pixel means ("mean") or a Bernoulli draw from them ("bernoulli").
+    generated: str = "mean"
+    seed: int = 0
 
 
 @dataclass
@@ -166,6 +196,7 @@ class ExperimentConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -189,12 +220,17 @@ CHOICES = {
     "train.device": ("cpu", "cuda"),
     "train.exemplar_precision": ("float32", "bfloat16"),
     "index.kind": ("auto", "flat", "ivfpq"),
+    "eval.checkpoint": ("best", "latest"),
+    "augment.generated": ("mean", "bernoulli"),
 }
 
 POSITIVE = ("model.z_dim", "model.hidden", "prior.k", "prior.n_pseudo", "train.batch_size",
             "train.epochs", "eval.n_samples", "eval.batch_size", "eval.exemplar_chunk",
             "ray.num_workers", "index.shards", "train.log_every", "ray.cpus_per_worker",
             "ray.keep_checkpoints")
+# evaluate / augment
+POSITIVE += ("eval.sample_chunk", "eval.tsne_points", "augment.hidden", "augment.epochs",
+             "augment.batch_size")
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
