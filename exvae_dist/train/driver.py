@@ -1,0 +1,168 @@
+"""The driver of a distributed run: Ray connection, exemplar store, index service, TorchTrainer.
+
+    summary = run(cfg)   # trains (or resumes) cfg.run_path() on Ray; returns the last epoch
+
+Ray Train keeps its checkpoints under the run folder (storage_path = the run folder's parent,
+name = cfg.run_name()), so rerunning the same command finds them and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import config as config_mod
+from ..data import DataSplits, load_dataset
+from ..objective import build_model
+from .exemplars import ensure_store, to_bytes
+
+log = logging.getLogger(__name__)
+
+
+def connect(cfg: config_mod.ExperimentConfig) -> bool:
+    """Connects to cfg.ray.address, or starts a local Ray on 127.0.0.1 when there is none.
+
+    Returns True when this call started Ray (the caller may shut it down). An already
+    initialised Ray (a test, a notebook) is used as it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray.address:
+        log.info("connecting to the Ray cluster at %s", cfg.ray.address)
+        ray.init(address=cfg.ray.address)
+        return True
+    log.info("no Ray address given: starting a local Ray on 127.0.0.1")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    return True
+
+
+def index_actor_name(cfg: config_mod.ExperimentConfig) -> str:
+    """The index service's actor name (one service per run)."""
+    return f"exvae-index-{cfg.run_name()}"
+
+
+def store_path(cfg: config_mod.ExperimentConfig) -> Path:
+    """index.store_path, else <run folder>/store.zarr."""
+    if cfg.index.store_path:
+        return Path(cfg.index.store_path).expanduser().resolve()
+    return cfg.run_path() / "store.zarr"
+
+
+def absolute(cfg: config_mod.ExperimentConfig) -> config_mod.ExperimentConfig:
+    """The same config with every path absolute: workers may run in another folder (a job's
+    working dir, another node)."""
+    d = config_mod.to_dict(cfg)
+    d["train"]["run_dir"] = str(cfg.run_path().parent)
+    d["index"]["store_path"] = str(store_path(cfg))
+    if cfg.data.root:
+        d["data"]["root"] = str(Path(cfg.data.root).expanduser().resolve())
+    return config_mod.from_dict(d)
+
+
+def check_resources(cfg: config_mod.ExperimentConfig) -> None:
+    """Warns when the cluster (as it is now) cannot place the workers."""
+    import ray
+
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        log.warning("%d workers x %s CPUs need %s CPUs but the cluster has %s: the run waits "
+                    "for an autoscaler (or forever); lower ray.num_workers or "
+                    "ray.cpus_per_worker", cfg.ray.num_workers, cfg.ray.cpus_per_worker,
+                    need, have)
+    if cfg.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
+        log.warning("ray.use_gpu=true but the cluster has %s GPUs for %d workers",
+                    ray.cluster_resources().get("GPU", 0), cfg.ray.num_workers)
+
+
+def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=None):
+    """The TorchTrainer of a run (gloo on CPU, NCCL on GPU: TorchConfig's default)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .worker import train_loop_per_worker
+
+    run = cfg.run_path()
+    loop_config = {
+        "config": config_mod.to_dict(cfg),
+        "run_path": str(run),
+        "store_path": str(store_path(cfg)),
+        "service": service,
+        # validation images are binary: bytes through the object store, a quarter the size
+        "valid": ray.put(to_bytes(splits.valid_x)),
+        "dynamic": splits.dynamic,
+        "image_shape": list(splits.image_shape),
+    }
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run_name(),
+            storage_path=str(run.parent),  # absolute; the same name resumes its checkpoints
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
+                                         controller_failure_limit=cfg.ray.controller_failure_limit),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+        ),
+    )
+
+
+def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -> dict:
+    """Trains (or resumes) the run cfg.run_path() with Ray Train; returns the final summary.
+
+    Starts the index service for RAT (named index_actor_name(cfg)) and stops it at the end.
+    """
+    import ray
+
+    cfg = absolute(cfg)
+    if cfg.train.batch_size < cfg.ray.num_workers:
+        raise config_mod.ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch, split over "
+            f"ray.num_workers={cfg.ray.num_workers} workers: make it at least as large")
+    started = connect(cfg)
+    run_path = cfg.run_path()
+    run_path.mkdir(parents=True, exist_ok=True)
+    tmp = run_path / "config.yaml.tmp"
+    tmp.write_text(config_mod.to_yaml(cfg))
+    tmp.replace(run_path / "config.yaml")
+
+    splits = splits or load_dataset(cfg.data)
+    latent_dim = build_model(cfg, splits.image_shape).net.top_dim
+    ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
+    check_resources(cfg)
+
+    service = None
+    if cfg.prior.kind == "exemplar" and cfg.prior.rat:
+        from ..retrieval.service import start_index_service
+
+        service = start_index_service(str(store_path(cfg)), cfg.index,
+                                      name=index_actor_name(cfg))
+    try:
+        result = make_trainer(cfg, splits, service).fit()
+    finally:
+        if service is not None:
+            ray.kill(service)
+        if started:
+            ray.shutdown()
+    if result.error is not None:
+        raise result.error
+    summary_file = run_path / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return summary or dict(result.metrics or {})
+
+
+def describe_result(summary: dict) -> str:
+    keys = ("epoch", "step", "train_loss", "val_elbo", "best_val_elbo", "examples_per_second")
+    return json.dumps({k: summary[k] for k in keys if k in summary}, indent=2,
+                      default=lambda v: float(np.asarray(v)))

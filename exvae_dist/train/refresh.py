@@ -1,0 +1,123 @@
+"""The refresh pass: a new version of the exemplar-latent cache, written by every rank.
+
+    rank 0: store.begin_version(v)                  -- barrier --
+    rank r: encode rows store.row_range(r, W) without gradients, store.write_rows(v, ...)
+                                                    -- barrier --
+    rank 0: store.mark_complete(v); service.refresh(v)   (returns at once)
+                                                    -- barrier --
+
+The service then builds the index of v in a background thread and keeps answering from the
+version it serves, so training goes on while it builds. Each rank remembers at which step
+every version was encoded, to log how stale the version in use is.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from ..models import LatentVariableModel
+from ..retrieval.store import ExemplarStore
+from .collectives import Group
+from .exemplars import StoredImages
+
+log = logging.getLogger(__name__)
+
+
+class LatentRefresh:
+    """Writes latent versions of the exemplar cache from all ranks; rank 0 publishes them.
+
+    store:   the run's ExemplarStore (every rank opens the same path)
+    images:  all exemplar images (rows of the store)
+    service: a ServiceSearch (or None when no index is served, e.g. the exact prior)
+    """
+
+    def __init__(self, store: ExemplarStore, images: StoredImages, group: Group,
+                 service=None, keep_versions: int = 3, batch_size: int = 2000,
+                 device: torch.device = torch.device("cpu")):
+        if len(images) != store.n:
+            raise ValueError(f"{len(images)} images for a store of {store.n} exemplars")
+        self.store = store
+        self.images = images
+        self.group = group
+        self.service = service
+        self.keep_versions = keep_versions
+        self.batch_size = batch_size
+        self.device = device
+        self.rows = store.row_range(group.rank, group.world)
+        self.built_at: dict[int, int] = {}  # version -> step whose model encoded it
+        self.latest: Optional[int] = None  # newest version written (and asked of the service)
+        self._next: Optional[int] = None
+
+    def start(self, resume_version: Optional[int] = None, resume_step: int = 0) -> Optional[int]:
+        """Agrees on version numbers across ranks; returns a version to reuse, or None.
+
+        On resume, the checkpoint's version is reused when it is still the newest complete
+        one (it was encoded by the very model state the checkpoint holds); otherwise the
+        caller must publish a fresh one. New versions always go above every existing one,
+        complete or not: complete versions are immutable.
+        """
+        newest, reuse = 0, 0
+        if self.group.rank == 0:
+            versions = self.store.versions()
+            newest = max(versions, default=0)
+            if resume_version is not None and self.store.latest_complete() == resume_version:
+                reuse = resume_version
+        self._next = self.group.broadcast_int(newest) + 1
+        reuse = self.group.broadcast_int(reuse)
+        if not reuse:
+            return None
+        self.built_at[reuse] = resume_step
+        self.latest = reuse
+        if self.group.rank == 0 and self.service is not None:
+            self.service.refresh(reuse)  # a no-op when a restarted service already has it
+        return reuse
+
+    @torch.no_grad()
+    def encode_rows(self, net: LatentVariableModel, start: int, stop: int) -> torch.Tensor:
+        """Encoder means of exemplar rows [start, stop): [stop - start, d] float32 on the CPU."""
+        out = []
+        for a in range(start, stop, self.batch_size):
+            x = self.images[a:min(stop, a + self.batch_size)].to(self.device)
+            out.append(net.encode_top(x)[0].float().cpu())
+        return torch.cat(out) if out else torch.empty(0, net.top_dim)
+
+    def publish(self, net: LatentVariableModel, step: int) -> int:
+        """Encodes this rank's rows with `net` into a new version; every rank returns it.
+
+        When it returns, the version is complete in the store on every rank, and the
+        service has been asked to build it.
+        """
+        if self._next is None:
+            raise RuntimeError("call start() before publish(): ranks must agree on versions")
+        version, self._next = self._next, self._next + 1
+        if self.group.rank == 0:
+            self.store.begin_version(version)
+        self.group.barrier()
+        start, stop = self.rows
+        if stop > start:
+            self.store.write_rows(version, start, self.encode_rows(net, start, stop).numpy())
+        self.group.barrier()
+        if self.group.rank == 0:
+            self.store.mark_complete(version, keep=self.keep_versions)
+            if self.service is not None:
+                self.service.refresh(version)
+        self.group.barrier()
+        self.built_at[version] = step
+        self.latest = version
+        log.debug("rank %d: latent version %d published at step %d", self.group.rank,
+                  version, step)
+        return version
+
+    def centres(self, version: Optional[int] = None) -> torch.Tensor:
+        """All N exemplar means of a complete version (default: the newest written): [N, d]."""
+        version = self.latest if version is None else version
+        if version is None:
+            raise RuntimeError("no latent version written yet")
+        return torch.from_numpy(self.store.read_latents(version))
+
+    def staleness(self, version: int, step: int) -> int:
+        """Steps since `version` was encoded (0 for an unknown version, e.g. -1)."""
+        return step - self.built_at.get(version, step)
