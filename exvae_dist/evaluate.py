@@ -1,0 +1,249 @@
+"""`python -m exvae_dist.evaluate <run dir | MLflow run id> [key=value ...]`
+
+Evaluates a trained run on its test set (METHOD.md section 4) and writes everything into
+`<run dir>/eval/` (summary.json + PNGs), also logged to the run's MLflow run:
+
+- test log-likelihood by importance sampling (eval.n_samples, 5000 by default) with the exact
+  exemplar prior over all N training exemplars, or with eval.prior_neighbours=k the
+  nearest-neighbour-truncated prior, a LOWER BOUND (every output says which);
+- test ELBO (one sample), its reconstruction and KL terms, and the active latent units
+  (Burda et al.: Cov_x(E_q[z_u]) > 0.01, top latent);
+- kNN classification error on encoder means (reference = train + validation) for labelled data;
+- pictures: random samples, exemplar-conditioned samples, reconstructions, latent
+  interpolations between two exemplars, a t-SNE map of test means coloured by label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from .data import DataSplits, binarize_once, load_dataset
+from .evaluation import knn, pictures
+from .evaluation.likelihood import describe_prior, estimate_log_likelihood
+from .evaluation.runs import TrainedRun, load_run, write_json
+from .objective import encode_means
+from .step import exemplar_centres, validation_elbo
+from .tracking import open_run_tracker
+
+log = logging.getLogger(__name__)
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016
+
+
+def _bar(items, desc: str, total: Optional[int] = None):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
+
+
+def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, list]:
+    """means: [n, d] encoder means over a data set -> (#units whose variance over the data
+    exceeds threshold, the per-unit variances)."""
+    var = means.double().var(dim=0, unbiased=True)
+    return int((var > threshold).sum().item()), [round(v, 6) for v in var.tolist()]
+
+
+def log_likelihood(trained: TrainedRun, x: torch.Tensor, centres: Optional[torch.Tensor]) -> dict:
+    """Importance-sampled test log-likelihood of x [n, D], batched, with a progress bar."""
+    e = trained.cfg.eval
+    model = trained.model
+    n_exemplars = 0 if centres is None else centres.shape[0]
+    torch.manual_seed(e.seed)
+    values, pools, max_error = [], [], 0.0
+    t0 = time.perf_counter()
+    bar = _bar(range(0, x.shape[0], e.batch_size), "log-likelihood",
+               total=math.ceil(x.shape[0] / e.batch_size))
+    for start in bar:
+        res = estimate_log_likelihood(model, x[start:start + e.batch_size], e.n_samples, centres,
+                                  e.prior_neighbours, e.prior_pool, e.prior_tolerance,
+                                  e.sample_chunk, e.exemplar_chunk)
+        values.append(res.log_px.double())
+        pools += res.pools
+        max_error = max(max_error, res.max_error)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(mean=f"{torch.cat(values).mean().item():.2f}")
+    seconds = time.perf_counter() - t0
+    v = torch.cat(values)
+    truncated = (model.prior_kind == "exemplar" and e.prior_neighbours is not None
+                 and e.prior_neighbours < n_exemplars)
+    out = {
+        "value": v.mean().item(),
+        "stderr": (v.std().item() / math.sqrt(len(v))) if len(v) > 1 else 0.0,
+        "prior": describe_prior(model.prior_kind, n_exemplars, e.prior_neighbours,
+                                e.prior_tolerance, e.prior_pool),
+        "is_lower_bound": truncated,
+        "n_images": len(v),
+        "n_samples": e.n_samples,
+        "seconds": seconds,
+        "images_per_second": len(v) / seconds,
+    }
+    if model.prior_kind == "exemplar":
+        out["neighbours"] = e.prior_neighbours
+        out["certified_max_error_nats"] = max_error
+        out["pool_size_median"] = float(np.median(pools)) if pools else 0.0
+        out["pool_size_max"] = int(max(pools)) if pools else 0
+    return out
+
+
+def make_pictures(trained: TrainedRun, splits: DataSplits, centres: Optional[torch.Tensor],
+                  test_x: torch.Tensor, test_means: torch.Tensor, out: Path) -> dict:
+    """Every picture of the evaluation; returns {name: path}."""
+    e, model, shape = trained.cfg.eval, trained.model, trained.image_shape
+    train_x = torch.from_numpy(splits.train_x)
+    gen = torch.Generator().manual_seed(e.seed)
+    files = {"samples": pictures.random_samples(model, centres, out / "samples.png", shape,
+                                                seed=e.seed)}
+    if model.prior_kind == "exemplar":
+        ids = torch.randperm(train_x.shape[0], generator=gen)[:10]
+        files["exemplar_samples"] = pictures.exemplar_samples(
+            model, centres, train_x, ids, out / "exemplar_samples.png", shape, seed=e.seed)
+    files["reconstructions"] = pictures.reconstructions(model, test_x[:50],
+                                                        out / "reconstructions.png", shape)
+    pairs = torch.randperm(train_x.shape[0], generator=gen)[:10].reshape(5, 2)
+    files["interpolations"] = pictures.interpolations(model, train_x, pairs,
+                                                      out / "interpolations.png", shape)
+    n = min(e.tsne_points, test_means.shape[0])
+    labels = splits.test_y[:n] if splits.test_y is not None else None
+    files["tsne"] = pictures.tsne_map(test_means[:n].numpy(), labels, out / "tsne.png",
+                                      seed=e.seed, title=f"t-SNE of {n} test encoder means")
+    return {k: str(v) for k, v in files.items()}
+
+
+def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
+    """Runs every evaluation the config asks for; writes <run>/eval/summary.json and PNGs,
+    logs them to the run's MLflow run and returns the summary."""
+    cfg, model = trained.cfg, trained.model
+    e = cfg.eval
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    splits = splits or load_dataset(cfg.data)
+    out = trained.path / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    train_x = torch.from_numpy(splits.train_x)
+    test_x = torch.from_numpy(splits.test_x)
+    if e.n_test is not None:
+        test_x = test_x[:e.n_test]
+    t_start = time.perf_counter()
+    centres = exemplar_centres(model, train_x)  # grey-level exemplars, as in training
+    summary: dict = {
+        "run": str(trained.path), "checkpoint": str(trained.checkpoint), "epoch": trained.epoch,
+        "dataset": splits.name, "dataset_note": splits.note, "arch": cfg.model.arch,
+        "prior_kind": model.prior_kind, "n_exemplars": int(train_x.shape[0]),
+        "n_test": int(test_x.shape[0]),
+    }
+    if model.prior_kind == "exemplar":
+        summary["prior_log_var"] = model.prior.log_var.item()
+
+    torch.manual_seed(e.seed)
+    elbo = validation_elbo(model, test_x, centres)
+    summary["test_elbo"] = elbo["elbo"]
+    summary["test_reconstruction"] = elbo["log_px"]  # E_q log p(x|z), one sample
+    summary["test_kl"] = elbo["kl"]
+    summary["elbo_note"] = ("one posterior sample per image, beta = 1; exemplar prior over all N "
+                            "exemplars, normalizer N")
+    test_means = encode_means(model.net, test_x)
+    summary["active_units"], summary["unit_variances"] = active_units(test_means)
+    summary["active_units_note"] = (f"Cov over the test set of E_q[z_top] > "
+                                    f"{ACTIVE_UNIT_THRESHOLD} (Burda et al.), top latent")
+
+    if e.likelihood:
+        summary["log_likelihood"] = log_likelihood(trained, test_x, centres)
+        ll = summary["log_likelihood"]
+        log.info("test log-likelihood %.3f +- %.3f nats (%s)", ll["value"], ll["stderr"],
+                 ll["prior"])
+
+    if e.knn:
+        if splits.train_y is None or splits.test_y is None:
+            summary["knn_error"] = None
+            summary["knn_note"] = f"{splits.name} has no labels: kNN skipped"
+        else:
+            # training images are grey (dynamic binarization): binarize them once so the
+            # reference vectors come from the same kind of image as the (binary) test set
+            ref_x = (binarize_once(splits.train_x, cfg.data.binarize_seed, 3) if splits.dynamic
+                     else splits.train_x)
+            ref = torch.cat([encode_means(model.net, torch.from_numpy(ref_x)),
+                             encode_means(model.net, torch.from_numpy(splits.valid_x))])
+            ref_y = np.concatenate([splits.train_y, splits.valid_y])
+            errors = knn.knn_errors(ref, torch.from_numpy(ref_y), test_means,
+                                    torch.from_numpy(splits.test_y[:test_x.shape[0]]),
+                                    e.knn_ks, progress="kNN")
+            summary["knn_error"] = {str(k): v for k, v in errors.items()}
+            summary["knn_note"] = ("majority vote on encoder means, reference = train (binarized "
+                                   "once) + validation, Euclidean distance")
+
+    if e.pictures:
+        summary["pictures"] = make_pictures(trained, splits, centres, test_x, test_means, out)
+    summary["seconds"] = time.perf_counter() - t_start
+    path = write_json(out / "summary.json", summary)
+    _log_to_mlflow(trained, summary, path)
+    return summary
+
+
+def _log_to_mlflow(trained: TrainedRun, summary: dict, summary_path: Path) -> None:
+    tracker = open_run_tracker(trained.path)
+    step = int(trained.epoch or 0)
+    metrics = {k: summary[k] for k in ("test_elbo", "test_reconstruction", "test_kl")}
+    metrics["test_active_units"] = summary["active_units"]
+    if "log_likelihood" in summary:
+        key = ("test_log_likelihood_lower_bound" if summary["log_likelihood"]["is_lower_bound"]
+               else "test_log_likelihood")
+        metrics[key] = summary["log_likelihood"]["value"]
+    for k, v in (summary.get("knn_error") or {}).items():
+        metrics[f"test_knn_error_k{k}"] = v
+    tracker.log_metrics(metrics, step)
+    tracker.log_artifact(summary_path, "eval")
+    for p in (summary.get("pictures") or {}).values():
+        tracker.log_artifact(p, "eval")
+    tracker.end()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m exvae_dist.evaluate",
+        description="Evaluate a trained run: test log-likelihood (importance sampling, exact or "
+                    "nearest-neighbour-truncated exemplar prior), ELBO / reconstruction / KL, "
+                    "active units, kNN error, pictures. Writes <run dir>/eval/ and logs to the "
+                    "run's MLflow run.",
+        epilog="Evaluation keys (override with key=value; any training key works too):\n"
+               + "\n".join(line for line in config_mod.describe().splitlines()
+                           if line.strip().startswith(("eval", "data.root", "train.threads"))),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
+                                    "MLflow run id recorded under train.run_dir")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value, e.g. eval.n_samples=1000 eval.prior_neighbours=100")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        trained = load_run(args.run, args.overrides)
+    except config_mod.ConfigError as err:
+        parser.error(str(err))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = evaluate(trained)
+    brief = {k: summary[k] for k in ("test_elbo", "test_reconstruction", "test_kl",
+                                     "active_units") if k in summary}
+    if "log_likelihood" in summary:
+        brief["log_likelihood"] = {k: summary["log_likelihood"][k]
+                                   for k in ("value", "stderr", "prior", "n_samples")}
+    brief["knn_error"] = summary.get("knn_error")
+    brief["written_to"] = str(trained.path / "eval")
+    import json
+
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
