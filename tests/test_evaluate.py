@@ -138,7 +138,7 @@ def trained_run(tmp_path_factory, data_dir):
 
     root = tmp_path_factory.mktemp("runs")
     cfg = config_mod.load("smoke", [f"train.run_dir={root}", "train.epochs=1",
-                                    "train.max_steps_per_epoch=5", "train.progress=false",
+                                    "train.max_steps_per_epoch=5", "train.progress=false", "train.threads=1",
                                     "data.n_train=500", "data.n_valid=100", "data.n_test=60",
                                     "tracking.sample_grid=false"],
                           env={"EXVAE_DATA_DIR": str(data_dir)})
