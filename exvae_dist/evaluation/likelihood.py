@@ -9,8 +9,9 @@ exemplars are provably irrelevant: with rho_s = |z_s - mu| and r the distance fr
 nearest exemplar OUTSIDE a pool of the P exemplars nearest to mu, every outside exemplar is
 at least (r - rho_s) from z_s (triangle inequality). Hence per sample
 
-    exact (all N):  the outside mass is at most (N - P) exp(-(r - rho_s)^2 / (2 s^2)); the pool
-                    grows (x4) until that bound adds at most `tol` nats to log p(z_s), so the
+    exact (all N):  the outside mass is at most sum_n exp(-(r_n - rho_s)+^2 / (2 s^2)), r_n the
+                    distance of exemplar n from mu (bounded in bins of doubling length); the
+                    pool grows until that bound adds at most `tol` nats to log p(z_s), so the
                     result is the exact-prior estimate to within `tol` (reported as max_error);
     k nearest:      the pool's k nearest to z_s are the true k nearest whenever the k-th pool
                     distance is <= r - rho_s; the pool grows until that holds for every sample,
@@ -62,6 +63,27 @@ def _outside_radius(d2_sorted: torch.Tensor, pool: int, slack: float) -> float:
     return math.sqrt(max(0.0, d2_sorted[pool].item() - slack))
 
 
+def _outside_tails(d2_sorted: torch.Tensor, size: int, slack: float, rho: torch.Tensor,
+                   inv_var: torch.Tensor, bins: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper bounds on the log of the mixture mass outside the pool, per sample and tail.
+
+    The exemplars ranked size.. are cut into at most `bins` bins of equal length; every
+    exemplar of a bin is at least r_b (the distance of the bin's first exemplar) from mu, so at least
+    (r_b - rho_s)+ from sample s. tails[s, t] bounds log sum over all exemplars from bin t on.
+    Returns (bin start ranks [T], tails [S, T]).
+    """
+    n = d2_sorted.shape[0]
+    length = max(16, -(-(n - size) // bins))
+    starts_t = torch.arange(size, n, length)
+    counts = torch.diff(torch.cat([starts_t, torch.tensor([n])])).to(rho.dtype)
+    radius = torch.sqrt((d2_sorted[starts_t] - slack).clamp_min(0.0))  # [T]
+    gap = (radius[None, :] - rho[:, None]).clamp_min(0.0)  # [S, T]
+    log_bins = torch.log(counts)[None, :] - 0.5 * gap.pow(2) * inv_var
+    # tails: logsumexp over bins t..T-1 (reverse cumulative)
+    tails = torch.logcumsumexp(log_bins.flip(1), dim=1).flip(1)
+    return starts_t, tails
+
+
 def _pool_logits(z: torch.Tensor, pool_centres: torch.Tensor, inv_var: torch.Tensor,
                  k: Optional[int], chunk: int) -> torch.Tensor:
     """z: [S, d], pool_centres: [P, d] -> logsumexp over the pool [S] (k=None), or the k
@@ -109,13 +131,17 @@ def pooled_exemplar_log_prior(z: torch.Tensor, mu: torch.Tensor, centres: torch.
             lse = best
             if size >= n:
                 return lse + const, size, 0.0
-            log_out = math.log(n - size) - 0.5 * gap.pow(2) * inv_var
-            err = torch.nn.functional.softplus(log_out - lse).max().item()
-            if err <= tol:
-                return lse + const, size, err
-            # radius at which the bound would pass, given this pool's (smaller) sums
-            excess = (math.log(n) - lse - math.log(tol)).clamp_min(0.0)
-            needed = rho + torch.sqrt(2.0 * excess / inv_var)
+            starts, tails = _outside_tails(d2_sorted, size, slack, rho, inv_var)  # [T], [S, T]
+            # the mass left out beyond each bin start, relative to the pool's sum: [S, T]
+            excess = torch.nn.functional.softplus(tails - lse[:, None]).amax(0)
+            if excess[0].item() <= tol:
+                return lse + const, size, excess[0].item()
+            # the first bin start whose tail passes: growing the pool to it can only make the
+            # pool's sum larger, so it is a safe (never too small) next size
+            ok = torch.nonzero(excess <= tol)
+            reach = starts[ok[0, 0]].item() if len(ok) else n
+            size = min(n, max(2 * size, reach))
+            continue
         else:
             # k-th nearest pool distance vs the distance every outside exemplar keeps
             kth = torch.sqrt((-2.0 * best[:, -1] / inv_var).clamp_min(0.0))
