@@ -255,11 +255,14 @@ def test_ray_job_submit_against_a_local_head(tmp_path, data_dir):
         summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
         assert summary["epoch"] == 1 and summary["step"] == 10
     finally:
+        # a graceful `ray start --block` shutdown takes ~30 s here; after 5 s kill the
+        # group (the head's workers then exit on their own when their raylet is gone)
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(30)
+            head.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
         shutil.rmtree(temp, ignore_errors=True)
 
 
