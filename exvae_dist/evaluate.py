@@ -149,8 +149,8 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
     summary["test_elbo"] = elbo["elbo"]
     summary["test_reconstruction"] = elbo["log_px"]  # E_q log p(x|z), one sample
     summary["test_kl"] = elbo["kl"]
-    summary["elbo_note"] = ("one posterior sample per image, beta = 1; exemplar prior over all N "
-                            "exemplars, normalizer N")
+    summary["elbo_note"] = "one posterior sample per image, beta = 1" + (
+        "; exemplar prior over all N exemplars, normalizer N" if centres is not None else "")
     test_means = encode_means(model.net, test_x)
     summary["active_units"], summary["unit_variances"] = active_units(test_means)
     summary["active_units_note"] = (f"Cov over the test set of E_q[z_top] > "
