@@ -38,7 +38,7 @@ def connect(cfg: config_mod.ExperimentConfig) -> bool:
         ray.init(address=cfg.ray.address)
         return True
     log.info("no Ray address given: starting a local Ray on 127.0.0.1")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
     return True
 
 
@@ -125,12 +125,17 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     """
     import ray
 
-    cfg = absolute(cfg)
     if cfg.train.batch_size < cfg.ray.num_workers:
         raise config_mod.ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch, split over "
             f"ray.num_workers={cfg.ray.num_workers} workers: make it at least as large")
     started = connect(cfg)
+    if (not Path(cfg.train.run_dir).expanduser().is_absolute()
+            and ray.get_runtime_context().runtime_env.get("working_dir")):
+        log.warning("train.run_dir=%s is relative and this driver runs in a job's uploaded "
+                    "working dir, so the run goes to %s, a temporary copy; pass an absolute "
+                    "train.run_dir to keep it", cfg.train.run_dir, cfg.run_path())
+    cfg = absolute(cfg)
     run_path = cfg.run_path()
     run_path.mkdir(parents=True, exist_ok=True)
     tmp = run_path / "config.yaml.tmp"

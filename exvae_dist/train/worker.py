@@ -346,6 +346,8 @@ def _finish(cfg, worker: Worker, run: Path, tracker: NullTracker, summary: dict)
     if worker.stopper.should_stop:
         log.info("early stopping: no validation improvement for %d epochs",
                  worker.stopper.patience)
+    if not summary and (run / "summary.json").is_file():  # rerun of a finished run
+        summary = json.loads((run / "summary.json").read_text())
     summary = {**summary, "stopped_early": worker.stopper.should_stop}
     tmp = run / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
