@@ -287,3 +287,22 @@ def test_help_lists_the_config_keys():
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0
     assert "ray.num_workers=1" in out.stdout and "--no-ray" in out.stdout
+
+
+@pytest.mark.parametrize("prior", ["gaussian", "vampprior"])
+def test_ddp_worker_steps_with_the_other_priors(tmp_path, data_dir, prior):
+    """Two DDP steps (DDP fails at the second one if a parameter got no gradient)."""
+    import torch.distributed as dist
+
+    cfg = smoke(data_dir, tmp_path, "data.n_train=300", f"prior.kind={prior}",
+                "prior.n_pseudo=20")
+    splits = load_dataset(cfg.data)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        images = StoredImages(np.rint(splits.train_x * 255).astype(np.uint8))
+        worker = Worker(cfg, images, splits.dynamic, splits.image_shape, None, Group.current())
+        losses = [worker.step(np.arange(i * 100, (i + 1) * 100), beta=1.0)["loss"]
+                  for i in range(2)]
+    finally:
+        dist.destroy_process_group()
+    assert all(np.isfinite(losses))
