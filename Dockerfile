@@ -11,9 +11,7 @@
 # downloaded with checksums). Runs land in /app/runs: mount it to keep them.
 FROM python:3.11-slim
 
-# cpu,test (default) | gpu,test (faiss-gpu). The test extra also names faiss-cpu, and both
-# wheels provide the one `faiss` module, so a GPU build removes faiss-cpu afterwards and
-# reinstalls faiss-gpu's files (see the RUN step).
+# cpu,test (default) | gpu,test (faiss-gpu instead of faiss-cpu: both provide `faiss`).
 ARG EXTRAS=cpu,test
 ARG TORCH_VERSION=2.13.0
 # Where torch comes from: PyPI's Linux wheels are CUDA builds (several GB); the CPU index
@@ -42,11 +40,7 @@ COPY docs docs
 RUN python -m venv .venv \
     && .venv/bin/pip install -q --upgrade pip \
     && .venv/bin/pip install -q "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
-    && EXVAE_EXTRAS="${EXTRAS}" TORCH_VERSION="${TORCH_VERSION}" bash scripts/setup.sh \
-    && if echo "${EXTRAS}" | grep -q gpu && .venv/bin/pip show -q faiss-cpu 2>/dev/null; then \
-         .venv/bin/pip uninstall -q -y faiss-cpu \
-         && .venv/bin/pip install -q --force-reinstall --no-deps "faiss-gpu>=1.9,<1.16"; \
-       fi
+    && EXVAE_EXTRAS="${EXTRAS}" TORCH_VERSION="${TORCH_VERSION}" bash scripts/setup.sh
 
 # Ray's dashboard / job server (8265), GCS (6379), client server (10001) when this image is a
 # cluster node (cluster/ray-cluster.yaml, cluster/rayjob.yaml).
