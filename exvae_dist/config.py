@@ -103,7 +103,7 @@ class TrainConfig:
 class EvalConfig:
     n_samples: int = 5000  # importance samples S per test image
     batch_size: int = 10  # test images per importance-sampling batch
-    exemplar_chunk: int = 8192  # exemplars per block of the running logsumexp
+    exemplar_chunk: int = 2048  # exemplars per block of the running logsumexp
     # None = exact prior over all N exemplars; an int = that many nearest exemplars per
     # sample (a lower bound on log p(x), labelled as such in every output).
     prior_neighbours: Optional[int] = None

@@ -18,7 +18,7 @@ from torch import nn
 
 from .models.layers import LOG_2PI, diag_normal_log_prob, standard_normal_log_prob
 
-DEFAULT_CHUNK = 8192
+DEFAULT_CHUNK = 2048  # [B, chunk] blocks that stay in cache (measured: 2048 beat 8192 by 1.5x)
 
 
 def squared_distances(z: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -26,6 +26,25 @@ def squared_distances(z: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     d2 = torch.addmm((z * z).sum(1, keepdim=True), z, centres.t(), alpha=-2.0)
     d2 = d2 + (centres * centres).sum(1)[None, :]
     return d2.clamp_min_(0.0) if not d2.requires_grad else d2.clamp_min(0.0)
+
+
+def fast_logsumexp(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """torch.logsumexp over `dim`, skipping terms below exp(-80) (float32) / exp(-700) (float64)
+    relative to the row's largest.
+
+    CPU exp kernels take a slow path for arguments far below zero: on a trained model most
+    exemplars are far from a sample, and plain logsumexp spent ~15x longer in exp than the
+    same work with such arguments clamped. Skipped terms change the result by less than
+    (number of terms) * 1.8e-35 relative (float32). Rows that are all -inf stay -inf.
+    """
+    floor = -80.0 if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else -700.0
+    top = x.detach().amax(dim, keepdim=True)
+    empty = torch.isinf(top) & (top < 0)
+    top = top.masked_fill(empty, 0.0)
+    shifted = x - top
+    keep = shifted > floor
+    total = (shifted.clamp_min(floor).exp() * keep).sum(dim)
+    return (total.log() + top.squeeze(dim)).masked_fill(empty.squeeze(dim), float("-inf"))
 
 
 def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Tensor,
@@ -57,13 +76,18 @@ def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Ten
     log_var = torch.as_tensor(log_var, dtype=z.dtype, device=z.device).reshape(())
     d = z.shape[1]
     inv_var = torch.exp(-log_var)
+    # -|z - c|^2 / 2s^2 = (z.c - |c|^2 / 2) / s^2 - |z|^2 / 2s^2: the last term is constant per
+    # row and leaves the logsumexp, so each block is ONE addmm and one logsumexp over
+    # [B, chunk] (the expanded form made ~6 passes over it: this is memory-bound work).
+    z_scaled = z * inv_var
     parts = []
     for start in range(0, centres.shape[0], chunk):
         block = centres[start:start + chunk]
-        logits = -0.5 * squared_distances(z, block) * inv_var
+        bias = (-0.5 * inv_var) * (block * block).sum(1)
+        logits = torch.addmm(bias[None, :], z_scaled, block.t())
         if exclude is not None:
             logits = logits.masked_fill(exclude[:, start:start + chunk], float("-inf"))
-        parts.append(torch.logsumexp(logits, dim=1))
+        parts.append(fast_logsumexp(logits, dim=1))
     if not parts:  # no centres at all: every row has no kept centre
         parts.append(z.new_full((z.shape[0],), float("-inf")))
     lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, 1), dim=1)
@@ -71,7 +95,7 @@ def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Ten
         kept = centres.shape[0] - (exclude.sum(1) if exclude is not None else 0)
         log_norm = torch.log(torch.as_tensor(kept, dtype=z.dtype, device=z.device).clamp_min(1))
     log_norm = torch.as_tensor(log_norm, dtype=z.dtype, device=z.device)
-    return lse - log_norm - 0.5 * d * (LOG_2PI + log_var)
+    return lse - (0.5 * inv_var) * (z * z).sum(1) - log_norm - 0.5 * d * (LOG_2PI + log_var)
 
 
 def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
 @torch.no_grad()
 def validation_elbo(model: VAEWithPrior, x: torch.Tensor, centres: Optional[torch.Tensor],
-                    batch_size: int = 1000) -> dict:
+                    batch_size: int = 250) -> dict:
     """Mean one-sample ELBO (beta = 1), log p(x|z) and KL over x [N, D].
 
     Exemplar prior: `centres` = the encoder means of ALL training exemplars (normalizer N, no

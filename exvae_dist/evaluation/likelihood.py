@@ -32,7 +32,7 @@ import torch
 
 from ..models.layers import LOG_2PI
 from ..objective import VAEWithPrior, importance_log_likelihood
-from ..priors import DEFAULT_CHUNK, squared_distances
+from ..priors import DEFAULT_CHUNK, fast_logsumexp, squared_distances
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _pool_logits(z: torch.Tensor, pool_centres: torch.Tensor, inv_var: torch.Ten
     for start in range(0, pool_centres.shape[0], chunk):
         logits = squared_distances(z, pool_centres[start:start + chunk]).mul_(-0.5 * inv_var)
         if k is None:
-            part = torch.logsumexp(logits, dim=1)
+            part = fast_logsumexp(logits, dim=1)
             best = part if best is None else torch.logaddexp(best, part)
         else:
             part = torch.topk(logits, min(k, logits.shape[1]), dim=1).values
