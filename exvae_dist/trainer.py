@@ -98,6 +98,27 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def rewind(self, step: int) -> int:
+        """Drops the records after `step` (written by an attempt that died after the
+        checkpoint a resumed run restarts from: those steps are trained again, and would
+        otherwise appear twice). Returns how many records were dropped."""
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the crash
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        if len(keep) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+        return len(lines) - len(keep)
+
 
 def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
         on_epoch: Optional[Callable[[dict, VAEWithPrior, Optional[torch.Tensor]], None]] = None) -> dict:
@@ -141,6 +162,7 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
         log.info("resumed %s at epoch %d, step %d", run, epoch, step)
 
     metrics_log = MetricsLog(run / "metrics.jsonl")
+    metrics_log.rewind(step)
     tracker = make_tracker(cfg, run)
     tracker.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
     refresh_every = cfg.prior.refresh_every

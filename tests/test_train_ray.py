@@ -207,6 +207,63 @@ def test_two_workers_train_survive_index_crash_and_resume(tmp_path, data_dir, ra
     assert len(client.get_metric_history(info["run_id"], "val_elbo")) == 3
 
 
+# ------------------------------------------- a worker dies mid-epoch: restart from the checkpoint
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs one Ray Train worker process once metrics.jsonl shows a step of `epoch`."""
+
+    def __init__(self, metrics: Path, epoch: int):
+        super().__init__(daemon=True)
+        self.metrics, self.epoch = metrics, epoch
+        self.killed_at = None  # the last logged step when the worker was killed
+        self.stop = threading.Event()
+
+    def run(self):
+        import psutil
+
+        while not self.stop.is_set():
+            steps = []
+            if self.metrics.is_file():
+                for line in self.metrics.read_text().splitlines():
+                    try:
+                        steps.append(json.loads(line))
+                    except json.JSONDecodeError:  # a line being written
+                        pass
+            steps = [r for r in steps if "loss" in r and r["epoch"] == self.epoch]
+            if steps:
+                workers = [p for p in psutil.process_iter(["cmdline"])
+                           if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                if workers:
+                    workers[-1].send_signal(signal.SIGKILL)
+                    self.killed_at = steps[-1]["step"]
+                    return
+            time.sleep(0.05)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, data_dir, ray_local):
+    from exvae_dist.train.driver import run
+
+    cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=200", "ray.num_workers=2",
+                "ray.max_failures=1", "train.log_every=1", "index.kind=flat",
+                "prior.refresh_every=3")
+    killer = WorkerKiller(cfg.run_path() / "metrics.jsonl", epoch=1)
+    killer.start()
+    try:
+        summary = run(cfg)
+    finally:
+        killer.stop.set()
+        killer.join(30)
+
+    assert killer.killed_at is not None and 10 < killer.killed_at < 20, killer.killed_at
+    # the run finished both epochs; epoch 2 was trained again from the epoch-1 checkpoint,
+    # and the dead attempt's records were dropped, so every step appears exactly once
+    assert summary["epoch"] == 2 and summary["step"] == 20
+    recs = records(cfg.run_path())
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 21))
+    assert [r["epoch"] for r in recs if "val_elbo" in r] == [1, 2]
+    assert np.isfinite(summary["val_elbo"])
+
+
 # --------------------------------------------------- (d) `ray job submit` to a loopback head
 
 def free_port():

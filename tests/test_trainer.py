@@ -7,7 +7,7 @@ import torch
 
 from exvae_dist import config as config_mod
 from exvae_dist.checkpoint import find_checkpoint, load_checkpoint
-from exvae_dist.trainer import EarlyStopping, fit
+from exvae_dist.trainer import EarlyStopping, MetricsLog, fit
 
 
 @pytest.fixture
@@ -90,3 +90,18 @@ def test_early_stopping_ignores_warmup_epochs():
         stop.update(epoch, value)
     # epochs 0-2 are warm-up: only epochs 3 and 4 count as bad
     assert stop.best_epoch == 0 and stop.bad_epochs == 2 and stop.should_stop
+
+
+def test_metrics_log_rewind_drops_records_of_a_dead_attempt(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3, 4):
+        log.write({"step": step, "loss": float(step)})
+    log.write({"step": 4, "epoch": 1, "val_elbo": -100.0})  # the epoch record: same step
+    log.write({"step": 5, "loss": 5.0})
+    with open(log.path, "a") as f:
+        f.write('{"step": 6, "lo')  # cut short by the crash
+    assert log.rewind(4) == 2
+    rows = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4]
+    assert log.rewind(4) == 0
+    assert MetricsLog(tmp_path / "absent.jsonl").rewind(0) == 0

@@ -206,6 +206,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     tracker = make_tracker(cfg, run, group.rank)
     metrics_log = MetricsLog(run / "metrics.jsonl") if group.rank == 0 else None
+    if metrics_log is not None:
+        dropped = metrics_log.rewind(worker.step_count)
+        if dropped:
+            log.info("dropped %d metrics records after step %d (an attempt that did not reach "
+                     "its next checkpoint)", dropped, worker.step_count)
     if group.rank == 0:
         tracker.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
         tracker.set_tags({"trainer": "ray", "num_workers": group.world})
