@@ -23,6 +23,7 @@ import time
 import torch
 
 from exvae_dist.data import load_dataset
+from exvae_dist.evaluate import chunk_sizes
 from exvae_dist.evaluation.likelihood import estimate_log_likelihood
 from exvae_dist.evaluation.runs import load_run
 from exvae_dist.models.layers import LOG_2PI
@@ -85,13 +86,15 @@ def main() -> None:
     print(f"N = {centres.shape[0]}, S = {args.samples}, torch threads {torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
 
+    sample_chunk, exemplar_chunk = chunk_sizes(e, x.device)
+
     def ours(images, k=None, seed=0):
         torch.manual_seed(seed)
         vals, pools, err = [], [], 0.0
         for s in range(0, images.shape[0], args.batch):
             r = estimate_log_likelihood(model, images[s:s + args.batch], args.samples, centres, k,
-                                        e.prior_pool, e.prior_tolerance, e.sample_chunk,
-                                        e.exemplar_chunk)
+                                        e.prior_pool, e.prior_tolerance, sample_chunk,
+                                        exemplar_chunk)
             vals.append(r.log_px)
             pools += r.pools
             err = max(err, r.max_error)

@@ -103,7 +103,9 @@ class TrainConfig:
 class EvalConfig:
     n_samples: int = 5000  # importance samples S per test image
     batch_size: int = 10  # test images per importance-sampling batch
-    exemplar_chunk: int = 2048  # exemplars per block of the running logsumexp
+    # exemplars per block of the running logsumexp; null: 2048 on CPU (cache-sized blocks),
+    # 16384 on a GPU (fewer, larger kernels)
+    exemplar_chunk: Optional[int] = None
     # None = exact prior over all N exemplars; an int = that many nearest exemplars per
     # sample (a lower bound on log p(x), labelled as such in every output).
     prior_neighbours: Optional[int] = None
@@ -116,7 +118,8 @@ class EvalConfig:
     # sample against all N (slow; the brute-force path). See evaluation/likelihood.py.
     prior_pool: int = 1024
     prior_tolerance: float = 1e-6
-    sample_chunk: int = 500  # importance samples per image drawn at once
+    # importance samples per image drawn at once; null: 500 on CPU, 5000 on a GPU
+    sample_chunk: Optional[int] = None
     likelihood: bool = True  # compute the importance-sampled log-likelihood
     knn: bool = True  # kNN classification error on encoder means (labelled datasets)
     pictures: bool = True  # samples, exemplar samples, reconstructions, interpolations, t-SNE
@@ -240,7 +243,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     for key in POSITIVE:
-        if _get(cfg, key) <= 0:
+        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_get(cfg, key)}")
     if cfg.prior.safety < 1.0:
         raise ConfigError(f"prior.safety must be >= 1 (got {cfg.prior.safety})")

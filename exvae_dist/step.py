@@ -68,12 +68,12 @@ class TorchExactSearch:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         if self.latents is None:
             raise RuntimeError("search before the exemplar cache was filled: call update() first")
-        q = torch.as_tensor(queries, dtype=torch.float32)
+        q = torch.as_tensor(queries, dtype=torch.float32).to(self.latents.device)
         if q.dim() != 2 or q.shape[1] != self.latents.shape[1]:
             raise ValueError(f"queries must be [B, {self.latents.shape[1]}], got {tuple(q.shape)}")
         k = min(k, self.latents.shape[0])
         if self._low_t is not None:
-            return self._search_bfloat16(q, k).numpy().astype(np.int64), self.version
+            return self._search_bfloat16(q, k).cpu().numpy().astype(np.int64), self.version
         best_d, best_i = None, None
         for start in range(0, self.latents.shape[0], self.block):
             block = slice(start, start + self.block)
@@ -86,7 +86,7 @@ class TorchExactSearch:
                 cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
                 best_d, pos = torch.topk(cat_d, k, dim=1, largest=False, sorted=True)
                 best_i = torch.gather(cat_i, 1, pos)
-        return best_i.numpy().astype(np.int64), self.version
+        return best_i.cpu().numpy().astype(np.int64), self.version
 
 
 @dataclass

@@ -8,6 +8,7 @@ validation -> early stopping -> checkpoint]. The Ray Train workers reuse `train_
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -60,6 +61,30 @@ class EarlyStopping:
 def set_threads(cfg) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+
+
+def resolve_device(name: str) -> torch.device:
+    """train.device as a torch.device; a clear error when CUDA was asked for and is missing."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise config_mod.ConfigError(
+            f"train.device={name} but this torch ({torch.__version__}) sees no CUDA device: "
+            "install a CUDA build of torch on a GPU machine, or set train.device=cpu")
+    return device
+
+
+def rng_state(device: torch.device) -> dict:
+    """torch's random streams that a step draws from (CPU, and the GPU's when training there)."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -124,6 +149,7 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
         on_epoch: Optional[Callable[[dict, VAEWithPrior, Optional[torch.Tensor]], None]] = None) -> dict:
     """Trains (or resumes) the run cfg.run_path(); returns the final summary dict."""
     set_threads(cfg)
+    device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     run = cfg.run_path()
     run.mkdir(parents=True, exist_ok=True)
@@ -131,21 +157,22 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
 
     # data
     splits = splits or load_dataset(cfg.data)
-    train_x = torch.from_numpy(splits.train_x)
-    valid_x = torch.from_numpy(splits.valid_x)
+    # the whole training set lives on the training device (MNIST: 157 MB in float32)
+    train_x = torch.from_numpy(splits.train_x).to(device)
+    valid_x = torch.from_numpy(splits.valid_x).to(device)
     n = train_x.shape[0]
     # exemplars are encoded from grey levels, as the reference code does (METHOD.md 4)
     exemplar_x = train_x if cfg.data.exemplars_grey or not splits.dynamic else None
 
     # model, optimizer, exemplar machinery
-    model = build_model(cfg, splits.image_shape)
+    model = build_model(cfg, splits.image_shape).to(device)
     optimizer = make_optimizer(model, cfg)
     search = TorchExactSearch(precision=cfg.prior.search_precision)
     exemplar_images = exemplar_x if exemplar_x is not None else train_x
     sampler = PriorSampler(cfg.prior, exemplar_images, search, seed=cfg.train.seed + 1)
     stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.warmup_epochs)
     batch_rng = np.random.default_rng(cfg.train.seed)
-    binarize = torch.Generator().manual_seed(cfg.train.seed + 2)
+    binarize = torch.Generator(device=device).manual_seed(cfg.train.seed + 2)
     epoch, step = 0, 0
 
     # resume
@@ -156,7 +183,7 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
         sampler.load_state_dict(state["sampler"])
         batch_rng.bit_generator.state = state["batch_rng"]
         binarize.set_state(state["binarize_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_state(state, device)
         stopper = EarlyStopping(**state["early_stopping"])
         epoch, step = state["epoch"], state["step"]
         log.info("resumed %s at epoch %d, step %d", run, epoch, step)
@@ -219,7 +246,7 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
                  summary["train_loss"], val["elbo"], summary["epoch_seconds"])
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "sampler": sampler.state_dict(), "batch_rng": batch_rng.bit_generator.state,
-                 "binarize_rng": binarize.get_state(), "torch_rng": torch.get_rng_state(),
+                 "binarize_rng": binarize.get_state(), **rng_state(device),
                  "early_stopping": asdict(stopper), "epoch": epoch, "step": step,
                  "config": config_mod.to_dict(cfg), "image_shape": tuple(splits.image_shape)}
         if improved:
@@ -239,7 +266,11 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
 
 
 def write_sample_grid(model: VAEWithPrior, centres, run: Path, epoch: int, image_shape) -> Path:
-    """100 prior samples of the current model as run/samples/epoch_XXXX.png."""
+    """100 prior samples of the current model as run/samples/epoch_XXXX.png (drawn on the CPU,
+    so a grid is the same whatever device trained the model)."""
+    if next(model.parameters()).device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+        centres = None if centres is None else centres.cpu()
     gen = torch.Generator().manual_seed(epoch)
     images = sample_images(model, 100, centres, generator=gen)
     return save_grid(images, run / "samples" / f"epoch_{epoch:04d}.png", image_shape,

@@ -105,3 +105,9 @@ def test_metrics_log_rewind_drops_records_of_a_dead_attempt(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4]
     assert log.rewind(4) == 0
     assert MetricsLog(tmp_path / "absent.jsonl").rewind(0) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, smoke_cfg):
+    with pytest.raises(config_mod.ConfigError, match="train.device=cuda.*no CUDA"):
+        fit(smoke_cfg(tmp_path, "train.device=cuda", "tracking.enabled=false"))

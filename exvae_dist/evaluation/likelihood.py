@@ -74,8 +74,8 @@ def _outside_tails(d2_sorted: torch.Tensor, size: int, slack: float, rho: torch.
     """
     n = d2_sorted.shape[0]
     length = max(16, -(-(n - size) // bins))
-    starts_t = torch.arange(size, n, length)
-    counts = torch.diff(torch.cat([starts_t, torch.tensor([n])])).to(rho.dtype)
+    starts_t = torch.arange(size, n, length, device=d2_sorted.device)
+    counts = torch.diff(torch.cat([starts_t, starts_t.new_tensor([n])])).to(rho.dtype)
     radius = torch.sqrt((d2_sorted[starts_t] - slack).clamp_min(0.0))  # [T]
     gap = (radius[None, :] - rho[:, None]).clamp_min(0.0)  # [S, T]
     log_bins = torch.log(counts)[None, :] - 0.5 * gap.pow(2) * inv_var
@@ -115,7 +115,7 @@ def pooled_exemplar_log_prior(z: torch.Tensor, mu: torch.Tensor, centres: torch.
     Returns (log_p [S], pool size used, certified max error in nats of the exact mode).
     """
     n, d = centres.shape
-    log_var = torch.as_tensor(log_var, dtype=z.dtype).reshape(())
+    log_var = torch.as_tensor(log_var, dtype=z.dtype, device=z.device).reshape(())
     inv_var = torch.exp(-log_var)
     const = -math.log(n) - 0.5 * d * (LOG_2PI + log_var.item())
     k = None if neighbours is None else min(int(neighbours), n)

@@ -12,7 +12,6 @@ whatever the number of workers.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import shutil
@@ -33,7 +32,7 @@ from ..retrieval.store import ExemplarStore
 from ..step import PriorSampler, log_var_value, train_step, validation_elbo
 from ..tracking import NullTracker, make_tracker
 from ..trainer import (EarlyStopping, MetricsLog, batch_images, epoch_batches, make_optimizer,
-                       write_sample_grid)
+                       rng_state, set_rng_state, write_sample_grid)
 from .collectives import Group
 from .exemplars import StoredImages, from_bytes
 from .refresh import LatentRefresh
@@ -120,7 +119,7 @@ class Worker:
         return {"rank": self.group.rank, "world": self.group.world,
                 "sampler": self.sampler.state_dict(),
                 "batch_rng": self.batch_rng.bit_generator.state,
-                "binarize_rng": self.binarize.get_state(), "torch_rng": torch.get_rng_state()}
+                "binarize_rng": self.binarize.get_state(), **rng_state(self.device)}
 
     def shared_state(self, store_version: Optional[int], built_step: int) -> dict:
         """Rank 0's state in the one-process trainer's checkpoint format (so `evaluate` and
@@ -145,7 +144,7 @@ class Worker:
             self.sampler.load_state_dict(state["sampler"])
             self.batch_rng.bit_generator.state = state["batch_rng"]
             self.binarize.set_state(state["binarize_rng"])
-            torch.set_rng_state(state["torch_rng"])
+            set_rng_state(state, self.device)
         else:  # more workers than when the checkpoint was written: fresh streams
             log.warning("rank %d: no random state in %s (the run had %s workers); this "
                         "rank starts fresh random streams", self.group.rank, folder,
@@ -312,9 +311,8 @@ def _epoch(cfg, worker: Worker, refresh: Optional[LatentRefresh], uses_index: bo
         metrics_log.write(summary)
         tracker.log_metrics(summary, worker.step_count)
         if cfg.tracking.sample_grid:
-            model = worker.model if worker.device.type == "cpu" else copy.deepcopy(worker.model).cpu()
-            grid = write_sample_grid(model, None if centres is None else centres.cpu(), run,
-                                     worker.epoch, worker.image_shape)
+            grid = write_sample_grid(worker.model, centres, run, worker.epoch,
+                                     worker.image_shape)
             tracker.log_artifact(grid, "samples")
         log.info("epoch %d: train loss %.2f, val ELBO %.2f (%.1fs, %d workers)", worker.epoch,
                  summary["train_loss"], val["elbo"], summary["epoch_seconds"], group.world)
