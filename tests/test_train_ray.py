@@ -41,6 +41,18 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_while(killer: threading.Thread, cfg) -> dict:
+    """driver.run(cfg) with `killer` (a thread with a `stop` event) watching it."""
+    from exvae_dist.train.driver import run
+
+    killer.start()
+    try:
+        return run(cfg)
+    finally:
+        killer.stop.set()
+        killer.join(30)
+
+
 # ---------------------------------------------------------------- (a) the step is the same step
 
 def test_one_worker_ddp_step_equals_one_process_step(tmp_path, data_dir, ray_local):
@@ -154,12 +166,7 @@ def test_two_workers_train_survive_index_crash_and_resume(tmp_path, data_dir, ra
             "prior.refresh_every=4", "train.log_every=1", "index.kind=flat")
     cfg = smoke(data_dir, tmp_path, *args)
     killer = IndexKiller(index_actor_name(cfg), after_version=3)
-    killer.start()
-    try:
-        summary = run(cfg)
-    finally:
-        killer.stop.set()
-        killer.join(30)
+    summary = run_while(killer, cfg)
 
     run_path = cfg.run_path()
     recs = records(run_path)
@@ -241,18 +248,11 @@ class WorkerKiller(threading.Thread):
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, data_dir, ray_local):
-    from exvae_dist.train.driver import run
-
     cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=200", "ray.num_workers=2",
                 "ray.max_failures=1", "train.log_every=1", "index.kind=flat",
                 "prior.refresh_every=3")
     killer = WorkerKiller(cfg.run_path() / "metrics.jsonl", epoch=1)
-    killer.start()
-    try:
-        summary = run(cfg)
-    finally:
-        killer.stop.set()
-        killer.join(30)
+    summary = run_while(killer, cfg)
 
     assert killer.killed_at is not None and 10 < killer.killed_at < 20, killer.killed_at
     # the run finished both epochs; epoch 2 was trained again from the epoch-1 checkpoint,
@@ -289,8 +289,10 @@ def test_ray_job_submit_against_a_local_head(tmp_path, data_dir):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)  # its own process group: stopped below by id, nothing else
     try:
+        # hidden folders (.venv, .git, local caches) are not needed by the job, and Ray refuses
+        # uploads over 100 MB; Ray honours .gitignore but not .git/info/exclude
         runtime_env = {"env_vars": {"EXVAE_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled"},
-                       "excludes": [".venv", ".git", "runs", "bench/out", "mlruns", "*.zarr",
+                       "excludes": [".*", "runs", "bench/out", "mlruns", "*.zarr",
                                     "*.db"]}
         cmd = [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
