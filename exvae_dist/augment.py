@@ -39,6 +39,7 @@ from .data.readers import read_idx
 from .evaluation.runs import TrainedRun, load_run, write_json
 from .objective import VAEWithPrior, encode_means
 from .tracking import open_run_tracker
+from .trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Generator:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         mu = self.means[ids]
         scale = self.scale if self.model.prior_kind == "exemplar" else torch.exp(0.5 * self.logvars[ids])
-        z = mu + scale * torch.randn(mu.shape, generator=self.gen)
+        z = mu + scale * torch.randn(mu.shape, generator=self.gen, device=mu.device)
         pixels = self.model.net.decode_top(z)
         return torch.bernoulli(pixels, generator=self.gen) if self.how == "bernoulli" else pixels
 
@@ -102,7 +103,8 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     """Trains the MLP (augment config `acfg`); generate=None: real images only. The seed fixes
     initialization and batch order, so both variants start and walk alike."""
     torch.manual_seed(acfg.seed)
-    clf = make_classifier(train_x.shape[1], acfg.hidden)
+    # initialized on the CPU, then moved: the same initial weights on every device
+    clf = make_classifier(train_x.shape[1], acfg.hidden).to(train_x.device)
     opt = torch.optim.SGD(clf.parameters(), lr=acfg.lr, momentum=acfg.momentum)
     steps_per_epoch = train_x.shape[0] // acfg.batch_size
     total = steps_per_epoch * acfg.epochs
@@ -145,13 +147,15 @@ def augment(trained: TrainedRun) -> dict:
                          f"classes); this run was trained on {cfg.data.name}")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)  # generation and both classifiers run there
+    trained.model.to(device)
     splits = load_dataset(cfg.data)
-    train_x = torch.from_numpy(splits.train_x)
-    train_y = torch.from_numpy(splits.train_y)
+    train_x = torch.from_numpy(splits.train_x).to(device)
+    train_y = torch.from_numpy(splits.train_y).to(device)
     tx, ty = grey_test_set(cfg)
-    test_x, test_y = torch.from_numpy(tx), torch.from_numpy(ty)
+    test_x, test_y = torch.from_numpy(tx).to(device), torch.from_numpy(ty).to(device)
     generate = Generator(trained.model, train_x, a.generated,
-                         torch.Generator().manual_seed(a.seed + 1))
+                         torch.Generator(device=device).manual_seed(a.seed + 1))
     progress = cfg.train.progress
     real = train_classifier(train_x, train_y, test_x, test_y, a, None, "real only", progress)
     log.info("real only: test error %.2f%%", 100 * real["test_error"])
@@ -192,7 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         epilog="Augmentation keys (override with key=value):\n"
                + "\n".join(line for line in config_mod.describe().splitlines()
                            if line.strip().startswith(("augment", "data.root", "train.threads",
-                                                       "train.progress", "eval.checkpoint"))),
+                                                       "train.progress", "train.device",
+                                                       "eval.checkpoint"))),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
                                     "MLflow run id recorded under train.run_dir")

@@ -151,3 +151,24 @@ def test_likelihood_estimate_on_cuda_matches_cpu_all_exemplars():
     full = estimate_log_likelihood(model, x, 300, centres, pool=0)
     torch.testing.assert_close(pooled.log_px, full.log_px, rtol=0, atol=1e-3)
     assert pooled.max_error <= 1e-6
+
+
+def test_augment_on_cuda_matches_cpu(tmp_path, data_dir):
+    """The same short augmentation run on both devices: the real-only classifier starts from
+    the same weights and walks the same batches, so its errors agree up to float round-off
+    (a handful of the 10,000 test images); the augmented one sees other generated noise."""
+    from exvae_dist.augment import augment
+    from exvae_dist.evaluation.runs import load_run
+    from exvae_dist.trainer import fit
+
+    env = {"EXVAE_DATA_DIR": str(data_dir)}
+    cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.epochs=1",
+                                    "train.progress=false", "data.n_train=1000",
+                                    "data.n_valid=100", "tracking.enabled=false"], env=env)
+    fit(cfg)
+    keys = ["augment.hidden=64", "augment.epochs=2", "train.progress=false"]
+    out = {d: augment(load_run(str(cfg.run_path()), keys + [f"train.device={d}"], env=env))
+           for d in ("cuda", "cpu")}
+    assert abs(out["cuda"]["test_error_real_only"] - out["cpu"]["test_error_real_only"]) < 0.005
+    assert abs(out["cuda"]["test_error_augmented"] - out["cpu"]["test_error_augmented"]) < 0.05
+    assert 0.0 < out["cuda"]["test_error_augmented"] < 0.9  # better than chance (10 classes)
