@@ -18,7 +18,6 @@ Writes <run dir>/augment/summary.json and logs the errors to the run's MLflow ru
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -30,13 +29,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import config as config_mod
 from .data import load_dataset
 from .data import sources
 from .data.datasets import IMAGE_PIXELS, data_root
 from .data.download import ensure_file
 from .data.readers import read_idx
-from .evaluation.runs import TrainedRun, load_run, write_json
+from .evaluation.runs import TrainedRun, run_command, write_json
 from .objective import VAEWithPrior, encode_means
 from .tracking import open_run_tracker
 from .trainer import resolve_device
@@ -188,29 +186,15 @@ def augment(trained: TrainedRun) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m exvae_dist.augment",
-        description="Generative data augmentation: test error of the same MLP classifier "
-                    "trained on real images only and with one fresh exemplar-conditioned "
-                    "sample per real image and step. Writes <run dir>/augment/summary.json.",
-        epilog="Augmentation keys (override with key=value):\n"
-               + "\n".join(line for line in config_mod.describe().splitlines()
-                           if line.strip().startswith(("augment", "data.root", "train.threads",
-                                                       "train.progress", "train.device",
-                                                       "eval.checkpoint"))),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
-                                    "MLflow run id recorded under train.run_dir")
-    parser.add_argument("overrides", nargs="*",
-                        help="key=value, e.g. augment.hidden=1024 augment.epochs=100 augment.seed=0")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        trained = load_run(args.run, args.overrides)
-    except config_mod.ConfigError as err:
-        parser.error(str(err))
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    trained = run_command(
+        "python -m exvae_dist.augment",
+        "Generative data augmentation: test error of the same MLP classifier trained on real "
+        "images only and with one fresh exemplar-conditioned sample per real image and step. "
+        "Writes <run dir>/augment/summary.json.",
+        ("augment", "data.root", "train.threads", "train.progress", "train.device",
+         "eval.checkpoint"),
+        "augment.hidden=1024 augment.epochs=100 augment.seed=0", argv)
+    if trained is None:
         return 2
     try:
         summary = augment(trained)

@@ -15,7 +15,6 @@ Evaluates a trained run on its test set (METHOD.md section 4) and writes everyth
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -26,11 +25,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import config as config_mod
 from .data import DataSplits, binarize_once, load_dataset
 from .evaluation import knn, pictures
 from .evaluation.likelihood import describe_prior, estimate_log_likelihood
-from .evaluation.runs import TrainedRun, load_run, write_json
+from .evaluation.runs import TrainedRun, run_command, write_json
 from .objective import encode_means
 from .priors import DEFAULT_CHUNK
 from .step import exemplar_centres, validation_elbo
@@ -229,29 +227,15 @@ def _log_to_mlflow(trained: TrainedRun, summary: dict, summary_path: Path) -> No
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m exvae_dist.evaluate",
-        description="Evaluate a trained run: test log-likelihood (importance sampling, exact or "
-                    "nearest-neighbour-truncated exemplar prior), ELBO / reconstruction / KL, "
-                    "active units, kNN error, pictures. Writes <run dir>/eval/ and logs to the "
-                    "run's MLflow run.",
-        epilog="Evaluation keys (override with key=value; any training key works too):\n"
-               + "\n".join(line for line in config_mod.describe().splitlines()
-                           if line.strip().startswith(("eval", "data.root", "train.threads",
-                                                       "train.device"))),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
-                                    "MLflow run id recorded under train.run_dir")
-    parser.add_argument("overrides", nargs="*",
-                        help="key=value, e.g. eval.n_samples=1000 eval.prior_neighbours=100")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        trained = load_run(args.run, args.overrides)
-    except config_mod.ConfigError as err:
-        parser.error(str(err))
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    trained = run_command(
+        "python -m exvae_dist.evaluate",
+        "Evaluate a trained run: test log-likelihood (importance sampling, exact or "
+        "nearest-neighbour-truncated exemplar prior), ELBO / reconstruction / KL, active units, "
+        "kNN error, pictures. Writes <run dir>/eval/ and logs to the run's MLflow run. Any "
+        "training key works too.",
+        ("eval", "data.root", "train.threads", "train.device"),
+        "eval.n_samples=1000 eval.prior_neighbours=100", argv)
+    if trained is None:
         return 2
     summary = evaluate(trained)
     brief = {k: summary[k] for k in ("test_elbo", "test_reconstruction", "test_kl",

@@ -5,9 +5,11 @@ Shared by `python -m exvae_dist.evaluate` and `python -m exvae_dist.augment`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -133,3 +135,30 @@ def write_json(path: Path, data: dict) -> Path:
 
 __all__ = ["TrainedRun", "RunNotFoundError", "resolve_run", "load_run", "config_with_overrides",
            "write_json", "BEST", "LATEST"]
+
+
+def run_command(prog: str, description: str, keys: Sequence[str], example: str,
+                argv: Optional[list[str]]) -> Optional[TrainedRun]:
+    """The command line shared by `evaluate` and `augment`: `<run> [key=value ...]`, --help
+    listing the config keys that start with one of `keys`. Returns the loaded run, or None
+    after printing why it could not be loaded (the command then exits with 2); a bad key
+    exits through argparse."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog="Keys (override with key=value):\n"
+               + "\n".join(line for line in config_mod.describe().splitlines()
+                           if line.strip().startswith(tuple(keys))),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
+                                    "MLflow run id recorded under train.run_dir")
+    parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return load_run(args.run, args.overrides)
+    except config_mod.ConfigError as err:
+        parser.error(str(err))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+    return None
