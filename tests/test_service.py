@@ -1,5 +1,6 @@
 """The index holder (pure threads) and the Ray IndexService actor around it."""
 
+import contextlib
 import functools
 import threading
 import time
@@ -79,31 +80,41 @@ def test_holder_loads_newest_complete_and_never_an_incomplete_one(tmp_path):
     holder.close()
 
 
+@contextlib.contextmanager
+def querying(search, threads: int):
+    """Runs `search()` in a loop on `threads` threads for the duration of the block; yields
+    the lists its answers and exceptions are collected in (surfaced by the caller)."""
+    answers, errors, stop = [], [], threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                answers.append(search())
+            except Exception as err:
+                errors.append(err)
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    try:
+        yield answers, errors
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
+
+
 def test_holder_hammer_every_answer_from_exactly_one_version(tmp_path):
     store = make_store(tmp_path / "s.zarr", versions=(1,))
     holder = IndexHolder(str(store.path), CFG)
     holder.wait_for_version(1, timeout=30)
-    answers, errors, stop = [], [], threading.Event()
-
-    def query_loop():
-        while not stop.is_set():
-            try:
-                answers.append(holder.search(QUERIES, K))
-            except Exception as err:  # surfaced below
-                errors.append(err)
-
-    threads = [threading.Thread(target=query_loop) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for v in range(2, 8):
-        publish(store, v)
-        holder.refresh(v)
-        time.sleep(0.02)
-    holder.wait_for_version(7, timeout=30)
-    time.sleep(0.05)
-    stop.set()
-    for t in threads:
-        t.join()
+    with querying(lambda: holder.search(QUERIES, K), threads=3) as (answers, errors):
+        for v in range(2, 8):
+            publish(store, v)
+            holder.refresh(v)
+            time.sleep(0.02)
+        holder.wait_for_version(7, timeout=30)
+        time.sleep(0.05)
     holder.close()
     assert not errors, errors[:3]
     seen = sorted({v for _, _, v in answers})
@@ -146,27 +157,14 @@ def test_service_serves_and_hammer_across_refreshes(ray_local, tmp_path):
     store = make_store(tmp_path / "s.zarr", versions=(1,))
     handle = start_index_service(str(store.path), CFG)
     wait_for_version(handle, 1, timeout=60)
-    stop, answers, errors = threading.Event(), [], []
-
-    def query_loop():
-        while not stop.is_set():
-            try:
-                answers.append(ray.get(handle.search.remote(QUERIES, K)))
-            except Exception as err:
-                errors.append(err)
-
-    threads = [threading.Thread(target=query_loop) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for v in range(2, 6):
-        publish(store, v)
-        assert ray.get(handle.refresh.remote(v)) == v
-        time.sleep(0.05)
-    wait_for_version(handle, 5, timeout=60)
-    time.sleep(0.1)
-    stop.set()
-    for t in threads:
-        t.join()
+    with querying(lambda: ray.get(handle.search.remote(QUERIES, K)), threads=2) as (answers,
+                                                                                  errors):
+        for v in range(2, 6):
+            publish(store, v)
+            assert ray.get(handle.refresh.remote(v)) == v
+            time.sleep(0.05)
+        wait_for_version(handle, 5, timeout=60)
+        time.sleep(0.1)
     assert not errors, errors[:3]
     assert {v for _, _, v in answers} >= {1, 5}
     for ids, dists, version in answers:
