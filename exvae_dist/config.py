@@ -39,7 +39,8 @@ class DataConfig:
     n_test: Optional[int] = None
     # Seed of the one-off binarization of validation and test images.
     binarize_seed: int = 0
-    # Exemplars in the prior are encoded from grey-level images, as the reference code does.
+    # Exemplars in the prior are encoded from grey-level images, as the reference code does
+    # (the only mode implemented: false is refused).
     exemplars_grey: bool = True
 
 
@@ -111,7 +112,7 @@ class EvalConfig:
     prior_neighbours: Optional[int] = None
     n_test: Optional[int] = None  # evaluate on the first n test images (None = all)
     knn_ks: list[int] = field(default_factory=lambda: [3, 5, 7, 9, 11, 13, 15])
-    validation_samples: int = 1  # samples for the per-epoch validation ELBO
+    validation_samples: int = 1  # posterior draws per image in the per-epoch validation ELBO
     # Exact prior: per test image, start from the prior_pool exemplars nearest to its
     # posterior mean and grow the pool until the skipped exemplars' mass is certified (triangle
     # inequality) to change log p(z) by at most prior_tolerance nats. prior_pool=0: every
@@ -251,6 +252,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"prior.subsample must be positive or null, got {cfg.prior.subsample}")
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError("model.logvar_min must be below model.logvar_max")
+    if not cfg.data.exemplars_grey:
+        raise ConfigError("data.exemplars_grey=false (exemplars encoded from binarized images) "
+                          "is not implemented: exemplars are encoded from grey levels, as the "
+                          "reference code does; leave it true")
+    if cfg.eval.validation_samples < 1:
+        raise ConfigError(f"eval.validation_samples must be >= 1, got "
+                          f"{cfg.eval.validation_samples}")
     if cfg.train.warmup_epochs < 0:
         raise ConfigError("train.warmup_epochs must be >= 0")
     return cfg

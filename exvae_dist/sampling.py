@@ -22,7 +22,9 @@ def sample_top(model: VAEWithPrior, n: int, centres: Optional[torch.Tensor] = No
     Normal(0, exp(lambda) I) noise around their means `centres` [N, d].
     """
     d = model.net.top_dim
-    eps = torch.randn(n, d, generator=generator)
+    # drawn on the CPU (where `generator` lives), then moved: the same draws on every device
+    device = next(model.parameters()).device
+    eps = torch.randn(n, d, generator=generator).to(device)
     if model.prior_kind == "gaussian":
         return eps
     if model.prior_kind == "vampprior":

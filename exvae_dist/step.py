@@ -168,34 +168,38 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     """One optimizer step; `model` is a VAEWithPrior or its DDP wrapper. Returns float metrics."""
     optimizer.zero_grad(set_to_none=True)
     out = model(x, beta, exemplars=prior.exemplars, exclude=prior.exclude, log_norm=prior.log_norm)
-    if not torch.isfinite(out.loss):
+    # one device sync per step for the check and the metrics together
+    loss, log_px, kl = torch.stack([out.loss.detach(), out.log_px.detach().mean(),
+                                    out.kl.detach().mean()]).tolist()
+    if not math.isfinite(loss):
         raise FloatingPointError(
-            f"non-finite loss {out.loss.item()} (beta={beta}); lower train.lr or check the data "
+            f"non-finite loss {loss} (beta={beta}); lower train.lr or check the data "
             "(all-zero images, NaNs)")
     out.loss.backward()
     if normalize_grads:
         normalize_gradients(model.parameters())
     optimizer.step()
-    return {"loss": out.loss.item(), "log_px": out.log_px.mean().item(),
-            "kl": out.kl.mean().item(), "candidates": prior.n_candidates,
+    return {"loss": loss, "log_px": log_px, "kl": kl, "candidates": prior.n_candidates,
             "short_rows": prior.n_short, "index_version": prior.index_version}
 
 
 @torch.no_grad()
 def validation_elbo(model: VAEWithPrior, x: torch.Tensor, centres: Optional[torch.Tensor],
-                    batch_size: int = 250) -> dict:
-    """Mean one-sample ELBO (beta = 1), log p(x|z) and KL over x [N, D].
+                    batch_size: int = 250, samples: int = 1) -> dict:
+    """Mean ELBO (beta = 1), log p(x|z) and KL over x [N, D], each averaged over `samples`
+    posterior draws per image (eval.validation_samples in training).
 
     Exemplar prior: `centres` = the encoder means of ALL training exemplars (normalizer N, no
     leave-one-out: validation images are not exemplars).
     """
     sums = {"elbo": 0.0, "log_px": 0.0, "kl": 0.0}
     for start in range(0, x.shape[0], batch_size):
-        out = model(x[start:start + batch_size], 1.0, centres=centres)
-        sums["elbo"] += out.elbo.sum().item()
-        sums["log_px"] += out.log_px.sum().item()
-        sums["kl"] += out.kl.sum().item()
-    return {k: v / max(1, x.shape[0]) for k, v in sums.items()}
+        for _ in range(samples):
+            out = model(x[start:start + batch_size], 1.0, centres=centres)
+            sums["elbo"] += out.elbo.sum().item()
+            sums["log_px"] += out.log_px.sum().item()
+            sums["kl"] += out.kl.sum().item()
+    return {k: v / max(1, x.shape[0] * samples) for k, v in sums.items()}
 
 
 def exemplar_centres(model: VAEWithPrior, images: torch.Tensor) -> Optional[torch.Tensor]:

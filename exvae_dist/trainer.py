@@ -8,7 +8,6 @@ validation -> early stopping -> checkpoint]. The Ray Train workers reuse `train_
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -161,14 +160,14 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
     train_x = torch.from_numpy(splits.train_x).to(device)
     valid_x = torch.from_numpy(splits.valid_x).to(device)
     n = train_x.shape[0]
-    # exemplars are encoded from grey levels, as the reference code does (METHOD.md 4)
-    exemplar_x = train_x if cfg.data.exemplars_grey or not splits.dynamic else None
 
     # model, optimizer, exemplar machinery
     model = build_model(cfg, splits.image_shape).to(device)
     optimizer = make_optimizer(model, cfg)
     search = TorchExactSearch(precision=cfg.prior.search_precision)
-    exemplar_images = exemplar_x if exemplar_x is not None else train_x
+    # exemplars are encoded from grey levels (the training images before binarization), as
+    # the reference code does (METHOD.md 4)
+    exemplar_images = train_x
     sampler = PriorSampler(cfg.prior, exemplar_images, search, seed=cfg.train.seed + 1)
     stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.warmup_epochs)
     batch_rng = np.random.default_rng(cfg.train.seed)
@@ -195,13 +194,16 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
     refresh_every = cfg.prior.refresh_every
     uses_cache = model.prior_kind == "exemplar" and cfg.prior.rat
     summary: dict = {}
+    centres = None  # exemplar means of the current weights, once an epoch has computed them
     while epoch < cfg.train.epochs and not stopper.should_stop:
         t0 = time.perf_counter()
         beta = kl_beta(epoch, cfg.train.warmup_epochs)
         model.train()
         batches = epoch_batches(n, cfg.train.batch_size, batch_rng, cfg.train.max_steps_per_epoch)
         if uses_cache:
-            search.update(exemplar_centres(model, exemplar_images))
+            # the previous epoch's validation centres are these weights' encodings already
+            search.update(centres if centres is not None else
+                          exemplar_centres(model, exemplar_images))
             built_at = step
         sums: dict[str, float] = {}
         bar = _progress(batches, cfg, f"epoch {epoch + 1}/{cfg.train.epochs}")
@@ -227,7 +229,7 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
 
         model.eval()
         centres = exemplar_centres(model, exemplar_images)
-        val = validation_elbo(model, valid_x, centres)
+        val = validation_elbo(model, valid_x, centres, samples=cfg.eval.validation_samples)
         improved = stopper.update(epoch, val["elbo"])
         epoch += 1
         summary = {"epoch": epoch, "step": step, "beta": beta,
@@ -256,8 +258,12 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
             on_epoch(summary, model, centres)
     if stopper.should_stop:
         log.info("early stopping: no validation improvement for %d epochs", stopper.patience)
+    if not summary and (run / "summary.json").is_file():  # rerun of a finished run
+        summary = json.loads((run / "summary.json").read_text())
     summary["stopped_early"] = stopper.should_stop
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    tmp = run / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run / "summary.json")
     tracker.log_artifact(run / "config.yaml")
     if (run / BEST).is_file():
         tracker.log_artifact(run / BEST, "checkpoints")
@@ -266,11 +272,7 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
 
 
 def write_sample_grid(model: VAEWithPrior, centres, run: Path, epoch: int, image_shape) -> Path:
-    """100 prior samples of the current model as run/samples/epoch_XXXX.png (drawn on the CPU,
-    so a grid is the same whatever device trained the model)."""
-    if next(model.parameters()).device.type != "cpu":
-        model = copy.deepcopy(model).cpu()
-        centres = None if centres is None else centres.cpu()
+    """100 prior samples of the current model as run/samples/epoch_XXXX.png."""
     gen = torch.Generator().manual_seed(epoch)
     images = sample_images(model, 100, centres, generator=gen)
     return save_grid(images, run / "samples" / f"epoch_{epoch:04d}.png", image_shape,

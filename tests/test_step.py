@@ -98,3 +98,19 @@ def test_bfloat16_search_recalls_the_exact_neighbours_on_clustered_latents():
     # what it returns is ranked by exact distance
     got = np.take_along_axis(d2.numpy(), ids, 1)
     assert np.all(np.diff(got, axis=1) >= 0)
+
+
+def test_validation_elbo_averages_its_samples():
+    from exvae_dist.step import validation_elbo
+
+    cfg = config_mod.load("smoke", ["prior.kind=gaussian"])
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 28, 28)).eval()
+    x = (torch.rand(30, 784) < 0.3).float()
+    torch.manual_seed(1)
+    four = validation_elbo(model, x, None, batch_size=30, samples=4)
+    torch.manual_seed(1)
+    singles = [validation_elbo(model, x, None, batch_size=30) for _ in range(4)]
+    for key in ("elbo", "log_px", "kl"):
+        assert four[key] == pytest.approx(np.mean([s[key] for s in singles]), rel=1e-6)
+    assert len({round(s["elbo"], 6) for s in singles}) > 1  # the draws really differ

@@ -111,3 +111,19 @@ def test_metrics_log_rewind_drops_records_of_a_dead_attempt(tmp_path):
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, smoke_cfg):
     with pytest.raises(config_mod.ConfigError, match="train.device=cuda.*no CUDA"):
         fit(smoke_cfg(tmp_path, "train.device=cuda", "tracking.enabled=false"))
+
+
+def test_rerun_of_a_finished_run_keeps_its_summary(tmp_path, smoke_cfg):
+    cfg = smoke_cfg(tmp_path, "train.epochs=1", "tracking.enabled=false")
+    first = fit(cfg)
+    again = fit(cfg)  # nothing left to train
+    saved = json.loads((cfg.run_path() / "summary.json").read_text())
+    assert again["val_elbo"] == first["val_elbo"] == saved["val_elbo"]
+    assert saved["epoch"] == 1
+
+
+def test_validation_samples_and_unimplemented_exemplar_mode(tmp_path, smoke_cfg):
+    with pytest.raises(config_mod.ConfigError, match="exemplars_grey=false .* not implemented"):
+        smoke_cfg(tmp_path, "data.exemplars_grey=false")
+    with pytest.raises(config_mod.ConfigError, match="validation_samples must be >= 1"):
+        smoke_cfg(tmp_path, "eval.validation_samples=0")

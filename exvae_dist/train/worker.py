@@ -46,9 +46,10 @@ SHARED_STATE = LATEST  # rank 0's file in a Ray checkpoint: the one-process trai
 def rank_seed(seed: int, rank: int, stream: int) -> int:
     """Seed of random stream `stream` on `rank`.
 
-    Rank 0 keeps the one-process trainer's seed (seed + stream), so a one-worker run draws
-    what `trainer.fit` draws; other ranks get independent streams (their own coins,
-    binarization and reparameterization noise).
+    Rank 0 keeps the one-process trainer's seed (seed + stream), so a one-worker run on the
+    CPU draws what `trainer.fit` draws (on a GPU the two binarize with generators of different
+    devices); other ranks get independent streams (their own coins, binarization and
+    reparameterization noise).
     """
     if rank == 0:
         return seed + stream
@@ -107,7 +108,7 @@ class Worker:
         """Validation ELBO / log p(x|z) / KL means over all ranks; each rank scores valid_x[r::W]."""
         mine = valid_x[self.group.rank::self.group.world].to(self.device)
         c = centres.to(self.device) if centres is not None else None
-        v = validation_elbo(self.model, mine, c)
+        v = validation_elbo(self.model, mine, c, samples=self.cfg.eval.validation_samples)
         n = mine.shape[0]
         elbo, log_px, kl, total = self.group.sum([v["elbo"] * n, v["log_px"] * n, v["kl"] * n, n])
         total = max(total, 1.0)
