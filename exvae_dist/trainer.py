@@ -256,11 +256,17 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
         save_checkpoint(run / LATEST, state)
         if on_epoch is not None:
             on_epoch(summary, model, centres)
+    return finish_run(run, summary, stopper, tracker)
+
+
+def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker) -> dict:
+    """The end of a run, for both trainers: summary.json (atomically; a rerun of a finished run
+    keeps the summary it had), the final config and best checkpoint to the tracker."""
     if stopper.should_stop:
         log.info("early stopping: no validation improvement for %d epochs", stopper.patience)
     if not summary and (run / "summary.json").is_file():  # rerun of a finished run
         summary = json.loads((run / "summary.json").read_text())
-    summary["stopped_early"] = stopper.should_stop
+    summary = {**summary, "stopped_early": stopper.should_stop}
     tmp = run / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(run / "summary.json")

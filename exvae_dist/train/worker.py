@@ -32,7 +32,7 @@ from ..retrieval.store import ExemplarStore
 from ..step import PriorSampler, log_var_value, train_step, validation_elbo
 from ..tracking import NullTracker, make_tracker
 from ..trainer import (EarlyStopping, MetricsLog, batch_images, epoch_batches, make_optimizer,
-                       rng_state, set_rng_state, write_sample_grid)
+                       finish_run, rng_state, set_rng_state, write_sample_grid)
 from .collectives import Group
 from .exemplars import StoredImages, from_bytes
 from .refresh import LatentRefresh
@@ -221,7 +221,7 @@ def train_loop_per_worker(config: dict) -> None:
                              metrics_log, service)
             _checkpoint_and_report(worker, refresh, summary, run, group)
         if group.rank == 0:
-            _finish(cfg, worker, run, tracker, summary)
+            finish_run(run, summary, worker.stopper, tracker)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -342,24 +342,6 @@ def _checkpoint_and_report(worker: Worker, refresh: Optional[LatentRefresh], sum
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _finish(cfg, worker: Worker, run: Path, tracker: NullTracker, summary: dict) -> None:
-    import json
-
-    if worker.stopper.should_stop:
-        log.info("early stopping: no validation improvement for %d epochs",
-                 worker.stopper.patience)
-    if not summary and (run / "summary.json").is_file():  # rerun of a finished run
-        summary = json.loads((run / "summary.json").read_text())
-    summary = {**summary, "stopped_early": worker.stopper.should_stop}
-    tmp = run / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run / "summary.json")
-    tracker.log_artifact(run / "config.yaml")
-    if (run / BEST).is_file():
-        tracker.log_artifact(run / BEST, "checkpoints")
-    tracker.end()
 
 
 def _wait_served(service: ServiceSearch, version: int, timeout: float) -> None:
