@@ -19,8 +19,9 @@ import torch
 from exvae_dist import config as config_mod
 from exvae_dist.data import load_dataset
 from exvae_dist.objective import build_model
-from exvae_dist.step import PriorSampler, TorchExactSearch, exemplar_centres, train_step
-from exvae_dist.trainer import batch_images, make_optimizer
+from exvae_dist.loop import binarize, make_optimizer
+from exvae_dist.retrieval.exact import TorchExactSearch
+from exvae_dist.step import PriorSampler, exemplar_centres, train_step
 
 
 def pretrained_net_state(cfg, splits, steps: int) -> dict:
@@ -33,13 +34,12 @@ def pretrained_net_state(cfg, splits, steps: int) -> dict:
     search = TorchExactSearch()
     sampler = PriorSampler(cfg.prior, train_x, search, seed=1)
     rng = np.random.default_rng(1)
-    gen = torch.Generator().manual_seed(1)
     for i in range(steps):
         if i % 100 == 0:
             search.update(exemplar_centres(model, train_x))
         ids = rng.choice(train_x.shape[0], cfg.train.batch_size, replace=False)
-        x = batch_images(train_x, ids, True, gen)
-        train_step(model, opt, x, sampler(model, ids, x), min(1.0, i / steps))
+        x = binarize(train_x[ids], True, 1, i, 0)
+        train_step(model, opt, x, sampler(model, ids, x, i), min(1.0, i / steps))
     return model.net.state_dict()
 
 
@@ -54,13 +54,12 @@ def time_steps(cfg, splits, steps: int, net_state: dict, warmup: int = 3) -> tup
     if cfg.prior.kind == "exemplar" and cfg.prior.rat:
         search.update(exemplar_centres(model, train_x))
     rng = np.random.default_rng(0)
-    gen = torch.Generator().manual_seed(0)
     times, cands = [], []
     for i in range(warmup + steps):
         ids = rng.choice(train_x.shape[0], cfg.train.batch_size, replace=False)
         t0 = time.perf_counter()
-        x = batch_images(train_x, ids, True, gen)
-        m = train_step(model, opt, x, sampler(model, ids, x), 1.0)
+        x = binarize(train_x[ids], True, 0, i, 0)
+        m = train_step(model, opt, x, sampler(model, ids, x, i), 1.0)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             cands.append(m["candidates"])

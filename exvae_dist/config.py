@@ -13,7 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -39,9 +39,6 @@ class DataConfig:
     n_test: Optional[int] = None
     # Seed of the one-off binarization of validation and test images.
     binarize_seed: int = 0
-    # Exemplars in the prior are encoded from grey-level images, as the reference code does
-    # (the only mode implemented: false is refused).
-    exemplars_grey: bool = True
 
 
 @dataclass
@@ -164,6 +161,10 @@ class IndexConfig:
     keep_versions: int = 3
     service_threads: int = 2  # FAISS threads inside the index actor, for queries
     build_threads: int = 1  # FAISS threads of the background rebuild (leave cores to queries)
+    # Block after every refresh until the service serves the new version: steps then search
+    # exactly the version the one-process trainer would (deterministic runs, exact resume)
+    # instead of whatever the background rebuild has finished, at the cost of the build time.
+    wait_for_refresh: bool = False
 
 
 @dataclass
@@ -172,7 +173,6 @@ class RayConfig:
     use_gpu: bool = False
     address: Optional[str] = None  # None: RAY_ADDRESS, else start a local Ray
     max_failures: int = 2  # worker-group restarts from the last checkpoint
-    report_every: Optional[int] = None  # steps between ray.train.report (None = per epoch)
     # CPUs each worker reserves; torch in a worker runs this many threads unless
     # train.threads says otherwise (Ray sets OMP_NUM_THREADS to a worker's CPUs).
     cpus_per_worker: float = 1.0
@@ -252,10 +252,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"prior.subsample must be positive or null, got {cfg.prior.subsample}")
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError("model.logvar_min must be below model.logvar_max")
-    if not cfg.data.exemplars_grey:
-        raise ConfigError("data.exemplars_grey=false (exemplars encoded from binarized images) "
-                          "is not implemented: exemplars are encoded from grey levels, as the "
-                          "reference code does; leave it true")
     if cfg.eval.validation_samples < 1:
         raise ConfigError(f"eval.validation_samples must be >= 1, got "
                           f"{cfg.eval.validation_samples}")
@@ -284,13 +280,14 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
 
 def load(config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
          env: Optional[dict[str, str]] = None) -> ExperimentConfig:
-    """Defaults <- YAML file <- `key=value` overrides, validated.
+    """Defaults <- YAML file <- environment <- `key=value` overrides, validated.
 
-    `env` (default os.environ) supplies EXVAE_DATA_DIR for data.root and RAY_ADDRESS for
-    ray.address when neither the file nor the overrides set them; entry points call this,
-    library modules never read the environment themselves.
+    `env` is the entry point's environment (cli.py passes os.environ; library code and tests
+    pass a dict or nothing): EXVAE_DATA_DIR sets data.root and RAY_ADDRESS sets ray.address
+    unless an override sets them, and paths from the environment are made absolute here (a
+    Ray job or worker runs in another folder).
     """
-    env = os.environ if env is None else env
+    env = {} if env is None else env
     schema = OmegaConf.structured(ExperimentConfig)
     layers = [schema]
     try:
@@ -308,11 +305,76 @@ def load(config: str | os.PathLike | None = None, overrides: list[str] | tuple[s
         first_line = str(err).splitlines()[0]
         raise ConfigError(f"bad config key {key!r}: {first_line} "
                           f"(see `python -m exvae_dist.train --help` for the keys)") from None
-    if cfg.data.root is None and env.get("EXVAE_DATA_DIR"):
-        cfg.data.root = env["EXVAE_DATA_DIR"]
-    if cfg.ray.address is None and env.get("RAY_ADDRESS"):
-        cfg.ray.address = env["RAY_ADDRESS"]
+    apply_env(cfg, env, set_by=override_keys(overrides))
     return validate(cfg)
+
+
+ENV_KEYS = {"EXVAE_DATA_DIR": "data.root", "RAY_ADDRESS": "ray.address"}
+
+
+def override_keys(overrides: Sequence[str]) -> set[str]:
+    """The dotted keys a list of key=value overrides sets."""
+    return {o.split("=", 1)[0] for o in overrides if "=" in o}
+
+
+def apply_env(cfg: "ExperimentConfig", env: Mapping[str, str], set_by: set[str]) -> None:
+    """The environment's values for ENV_KEYS, except those the command line set."""
+    if env.get("EXVAE_DATA_DIR") and "data.root" not in set_by:
+        cfg.data.root = str(Path(env["EXVAE_DATA_DIR"]).expanduser().resolve())
+    if env.get("RAY_ADDRESS") and "ray.address" not in set_by:
+        cfg.ray.address = env["RAY_ADDRESS"]
+
+
+# keys of earlier versions that saved configs (checkpoints) may still hold
+REMOVED_KEYS = {"data": ("exemplars_grey",), "ray": ("report_every",)}
+
+
+def drop_removed_keys(d: dict) -> dict:
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for section, names in REMOVED_KEYS.items():
+        for name in names:
+            if isinstance(d.get(section), dict):
+                d[section].pop(name, None)
+    return d
+
+
+# keys the one-process trainer has no use for: set to anything but their default, refused
+RAY_ONLY_SECTIONS = ("ray", "index")
+RAY_ONLY_EXEMPT = ("ray.address",)  # filled from RAY_ADDRESS; harmless without Ray
+
+
+def check_trainer_keys(cfg: "ExperimentConfig", trainer: str) -> None:
+    """Every key is honoured or refused by the trainer that receives it (trainer: "ray" or
+    "one-process"); raises ConfigError naming the key and what to do instead."""
+    if trainer == "ray":
+        if cfg.prior.search_precision != "float32":
+            raise ConfigError("prior.search_precision applies to the one-process trainer's "
+                              "in-memory search; the Ray trainer searches the FAISS index "
+                              "(index.kind): leave it float32, or train with --no-ray")
+        if (cfg.train.device == "cuda") != cfg.ray.use_gpu:
+            raise ConfigError(f"train.device={cfg.train.device} with ray.use_gpu="
+                              f"{str(cfg.ray.use_gpu).lower()}: on Ray each worker trains on "
+                              "the GPU Ray gives it; set both train.device=cuda and "
+                              "ray.use_gpu=true, or neither")
+        return
+    defaults = ExperimentConfig()
+    for section in RAY_ONLY_SECTIONS:
+        for f in dataclasses.fields(getattr(defaults, section)):
+            key = f"{section}.{f.name}"
+            if key in RAY_ONLY_EXEMPT:
+                continue
+            if _get(cfg, key) != _get(defaults, key):
+                raise ConfigError(f"{key}={_get(cfg, key)!r} has no effect in the one-process "
+                                  "trainer (it has no Ray workers and no FAISS index): drop "
+                                  "it, or train on Ray (python -m exvae_dist.train)")
+
+
+def write_yaml(path: Path, cfg: "ExperimentConfig") -> Path:
+    """config.yaml of a run, written through a temp name (never half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
@@ -325,7 +387,8 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 def from_dict(d: dict) -> ExperimentConfig:
     """Rebuilds a config saved with to_dict (checkpoints); validated like a loaded one."""
-    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(d))
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
+                             OmegaConf.create(drop_removed_keys(d)))
     return validate(OmegaConf.to_object(merged))
 
 

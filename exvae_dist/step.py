@@ -3,8 +3,11 @@
     batch ids -> images -> [RAT: encode batch (no grad) -> search -> candidates]
               -> ONE forward of VAEWithPrior over batch + exemplars -> backward -> step
 
-The neighbour search sits behind the small `NeighbourSearch` interface: `TorchExactSearch`
-here (an in-memory latent cache), the FAISS index service in the distributed trainer.
+The neighbour search sits behind the small `NeighbourSearch` interface: an in-memory latent
+cache (retrieval/exact.py) in the one-process trainer, the FAISS index service on Ray.
+
+The subsampling coins are a keyed function of (seed, global step): the same on every rank and
+after a resume, with no random state to save (METHOD.md section 3 fixes them per minibatch).
 """
 
 from __future__ import annotations
@@ -27,68 +30,6 @@ class NeighbourSearch(Protocol):
         """queries: [B, d] float32 -> (ids [B, k] int64 nearest first, index version)."""
 
 
-class TorchExactSearch:
-    """kNN over an in-memory latent cache in torch: the core's neighbour search (no FAISS, no
-    Ray). Ranks by ||c||^2 / 2 - q.c (the squared distance less a per-query constant), in
-    blocks of exemplars so memory stays bounded.
-
-    precision="bfloat16" scores with a bfloat16 matmul (with d=40 a float32 matmul runs far
-    below peak on CPU; AMX bfloat16 is ~8x faster), keeps `prefilter * k` per query and
-    re-ranks those by exact float32 distance: approximate only where a bfloat16 rounding
-    error exceeds the gap to the prefilter's cut-off.
-    """
-
-    def __init__(self, block: int = 65536, precision: str = "float32", prefilter: int = 4):
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
-        self.block = block
-        self.precision = precision
-        self.prefilter = prefilter
-        self.latents: Optional[torch.Tensor] = None
-        self.version = -1
-
-    def update(self, latents: torch.Tensor) -> int:
-        """Replaces the cache with latents [N, d]; returns the new version number."""
-        self.latents = latents.detach().float().contiguous()
-        self._half_sq = 0.5 * (self.latents * self.latents).sum(1)
-        self._low_t = (self.latents.t().contiguous().bfloat16()
-                       if self.precision == "bfloat16" else None)
-        self.version += 1
-        return self.version
-
-    def _search_bfloat16(self, q: torch.Tensor, k: int) -> torch.Tensor:
-        scores = self._half_sq[None, :] - (q.bfloat16() @ self._low_t).float()
-        wide = min(self.latents.shape[0], self.prefilter * k)
-        cand = torch.topk(scores, wide, dim=1, largest=False, sorted=False).indices
-        d2 = (q[:, None, :] - self.latents[cand]).pow(2).sum(-1)
-        pos = torch.topk(d2, k, dim=1, largest=False, sorted=True).indices
-        return torch.gather(cand, 1, pos)
-
-    @torch.no_grad()
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-        if self.latents is None:
-            raise RuntimeError("search before the exemplar cache was filled: call update() first")
-        q = torch.as_tensor(queries, dtype=torch.float32).to(self.latents.device)
-        if q.dim() != 2 or q.shape[1] != self.latents.shape[1]:
-            raise ValueError(f"queries must be [B, {self.latents.shape[1]}], got {tuple(q.shape)}")
-        k = min(k, self.latents.shape[0])
-        if self._low_t is not None:
-            return self._search_bfloat16(q, k).cpu().numpy().astype(np.int64), self.version
-        best_d, best_i = None, None
-        for start in range(0, self.latents.shape[0], self.block):
-            block = slice(start, start + self.block)
-            scores = torch.addmm(self._half_sq[None, block], q, self.latents[block].t(), alpha=-1.0)
-            d, i = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=False, sorted=True)
-            i = i + start
-            if best_d is None:
-                best_d, best_i = d, i
-            else:
-                cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
-                best_d, pos = torch.topk(cat_d, k, dim=1, largest=False, sorted=True)
-                best_i = torch.gather(cat_i, 1, pos)
-        return best_i.cpu().numpy().astype(np.int64), self.version
-
-
 @dataclass
 class PriorBatch:
     """The prior's components for one minibatch (see VAEWithPrior.forward)."""
@@ -101,11 +42,20 @@ class PriorBatch:
     index_version: int = -1
 
 
+COINS = 1  # random stream id of the subsampling coins (see loop.stream_seed)
+
+
+def minibatch_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator of global step `step`'s exemplar subset: a function of (seed, step) only."""
+    return np.random.default_rng([seed, COINS, step])
+
+
 class PriorSampler:
     """Chooses each minibatch's exemplars: the exact M-subset, or RAT's retrieved union.
 
-    train_images: [N, D] float tensor of the exemplars as the prior encodes them (grey levels
-    for dynamically binarized data, as the reference code does).
+    train_images: [N, D] float images of the exemplars as the prior encodes them (grey levels
+    for dynamically binarized data, as the reference code does); indexed by exemplar ids.
+    seed: the run's seed; the subset of global step t is drawn from minibatch_rng(seed, t).
     """
 
     def __init__(self, prior_cfg, train_images: torch.Tensor,
@@ -115,28 +65,33 @@ class PriorSampler:
         self.n = train_images.shape[0]
         self.m = min(self.n, prior_cfg.subsample or max(1, self.n // 2))
         self.search = search
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         if prior_cfg.kind == "exemplar" and prior_cfg.rat and search is None:
             raise ValueError("RAT needs a neighbour search (TorchExactSearch or the index service)")
 
-    def __call__(self, model: VAEWithPrior, batch_ids: np.ndarray, x: torch.Tensor) -> PriorBatch:
+    def __call__(self, model: VAEWithPrior, batch_ids: np.ndarray, x: torch.Tensor,
+                 step: int) -> PriorBatch:
+        """The prior's components for this rank's rows `batch_ids` of global step `step`."""
         if self.cfg.kind != "exemplar":
             return PriorBatch()
         batch_ids = np.asarray(batch_ids, dtype=np.int64)
+        rng = minibatch_rng(self.seed, step)
         if self.cfg.rat:
-            return self._retrieved(model, batch_ids, x)
-        return self._exact_subset(batch_ids, x)
+            return self._retrieved(model, batch_ids, x, rng)
+        return self._exact_subset(batch_ids, x, rng)
 
-    def _exact_subset(self, batch_ids: np.ndarray, x: torch.Tensor) -> PriorBatch:
-        subset = np.sort(self.rng.choice(self.n, size=self.m, replace=False))
+    def _exact_subset(self, batch_ids: np.ndarray, x: torch.Tensor,
+                      rng: np.random.Generator) -> PriorBatch:
+        subset = np.sort(rng.choice(self.n, size=self.m, replace=False))
         exclude = torch.from_numpy(subset[None, :] == batch_ids[:, None]).to(x.device)
         return PriorBatch(exemplars=self.images[torch.from_numpy(subset)].to(x.device),
                           exclude=exclude, n_candidates=len(subset))
 
-    def _retrieved(self, model: VAEWithPrior, batch_ids: np.ndarray, x: torch.Tensor) -> PriorBatch:
+    def _retrieved(self, model: VAEWithPrior, batch_ids: np.ndarray, x: torch.Tensor,
+                   rng: np.random.Generator) -> PriorBatch:
         with torch.no_grad():
             queries = model.net.encode_top(x)[0].float().cpu().numpy()
-        coins = draw_coins(self.n, self.m, self.rng)
+        coins = draw_coins(self.n, self.m, rng)
         depth = query_depth(self.cfg.k, self.n, self.m, self.cfg.safety)
         ids, version = self.search.search(queries, depth)
         cand = assemble_candidates(ids, batch_ids, coins, self.cfg.k)
@@ -146,13 +101,6 @@ class PriorSampler:
         return PriorBatch(exemplars=self.images[torch.from_numpy(cand.ids)].to(x.device),
                           exclude=exclude, log_norm=log_norm, n_candidates=len(cand.ids),
                           n_short=cand.n_short, index_version=version)
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
-
 
 def normalize_gradients(params) -> None:
     """Divides each parameter's gradient by its L2 norm (the reference AdamNormGrad)."""

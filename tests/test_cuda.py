@@ -16,8 +16,9 @@ from exvae_dist import config as config_mod
 from exvae_dist.evaluation.likelihood import estimate_log_likelihood
 from exvae_dist.objective import build_model
 from exvae_dist.priors import exemplar_log_prob
-from exvae_dist.step import PriorBatch, TorchExactSearch, train_step
-from exvae_dist.trainer import make_optimizer
+from exvae_dist.retrieval.exact import TorchExactSearch
+from exvae_dist.step import PriorBatch, train_step
+from exvae_dist.loop import make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

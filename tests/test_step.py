@@ -6,7 +6,8 @@ import torch
 
 from exvae_dist import config as config_mod
 from exvae_dist.objective import build_model
-from exvae_dist.step import PriorSampler, TorchExactSearch, normalize_gradients
+from exvae_dist.retrieval.exact import TorchExactSearch
+from exvae_dist.step import PriorSampler, normalize_gradients
 
 
 def test_torch_exact_search_equals_brute_force_knn():
@@ -38,14 +39,25 @@ def _model_and_data(*overrides):
     return cfg, model, images
 
 
-def test_exact_subset_sampler_excludes_self_and_has_m_exemplars():
-    cfg, model, images = _model_and_data("prior.rat=false", "prior.subsample=150")
+@pytest.mark.parametrize("m", [150, 400])
+def test_exact_subset_sampler_leaves_each_element_out(m):
+    """Leave-one-out on the exact-subset path: column c of row b is masked exactly when the
+    subset's exemplar c is batch element b's own image (brute force over the images)."""
+    cfg, model, images = _model_and_data("prior.rat=false", f"prior.subsample={m}")
     sampler = PriorSampler(cfg.prior, images, seed=3)
     ids = np.arange(0, 400, 50)
-    prior = sampler(model, ids, images[ids])
-    assert prior.exemplars.shape == (150, 784) and prior.exclude.shape == (8, 150)
-    # every excluded pair is the batch element itself, and each element appears at most once
-    assert prior.exclude.sum(1).max() <= 1
+    prior = sampler(model, ids, images[ids], step=7)
+    assert prior.exemplars.shape == (m, 784) and prior.exclude.shape == (8, m)
+    own = (prior.exemplars[None, :, :] == images[ids][:, None, :]).all(-1)  # [B, M]
+    assert torch.equal(prior.exclude, own)
+    if m == 400:  # every element is in the subset: each row masks exactly one column
+        assert prior.exclude.sum(1).tolist() == [1] * 8
+    # the coins are a function of (seed, step): the same step draws the same subset
+    again = sampler(model, ids, images[ids], step=7)
+    assert torch.equal(again.exemplars, prior.exemplars)
+    if m < 400:
+        assert not torch.equal(sampler(model, ids, images[ids], step=8).exemplars,
+                               prior.exemplars)
 
 
 def test_rat_sampler_never_offers_an_element_itself():
@@ -54,7 +66,7 @@ def test_rat_sampler_never_offers_an_element_itself():
     search.update(model.net.encode_top(images)[0].detach())
     sampler = PriorSampler(cfg.prior, images, search, seed=1)
     ids = np.arange(8)
-    prior = sampler(model, ids, images[ids])
+    prior = sampler(model, ids, images[ids], step=0)
     chosen = np.nonzero(~prior.exclude.numpy())
     assert prior.n_short == 0 and prior.n_candidates <= 8 * 5
     # the union holds each element's own row only where another element retrieved it, masked

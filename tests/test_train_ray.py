@@ -18,15 +18,13 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
+from exvae_dist import loop
+from exvae_dist.checkpoint import load_checkpoint
 from exvae_dist.data import load_dataset
-from exvae_dist.objective import build_model
-from exvae_dist.step import PriorSampler, TorchExactSearch, exemplar_centres, train_step
-from exvae_dist.trainer import batch_images, epoch_batches, make_optimizer
-from exvae_dist.train.collectives import Group
+from exvae_dist.group import Group
 from exvae_dist.train.exemplars import StoredImages, ensure_store
-from exvae_dist.train.refresh import LatentRefresh
 from exvae_dist.train.service_client import ServiceSearch
-from exvae_dist.train.worker import Worker
+from exvae_dist.train.worker import build_parts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,66 +51,66 @@ def run_while(killer: threading.Thread, cfg) -> dict:
         killer.join(30)
 
 
-# ---------------------------------------------------------------- (a) the step is the same step
+# ------------------------------------------------ (a) the loop on Ray is the one-process loop
 
-def test_one_worker_ddp_step_equals_one_process_step(tmp_path, data_dir, ray_local):
+class NoCheckpoints:
+    """A sink outside a Ray Train session: a fresh start, nothing saved."""
+
+    def load(self):
+        return None
+
+    def save(self, state, improved, metrics):
+        pass
+
+
+def one_epoch(parts):
+    """An epoch of the loop as fit runs it, without checkpoints (no Ray Train session here)."""
+    parts.sink = NoCheckpoints()
+    state, sampler, _ = loop.start(parts)
+    summary = loop.run_epoch(parts, state, sampler, None)
+    return state, summary
+
+
+def test_one_worker_ddp_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_local):
     import torch.distributed as dist
 
-    from exvae_dist.retrieval.service import start_index_service, wait_for_version
+    from exvae_dist.retrieval.service import start_index_service
+    from exvae_dist.trainer import build_parts as one_process_parts
 
-    cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "index.kind=flat")
+    cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "index.kind=flat",
+                "train.max_steps_per_epoch=3", "tracking.enabled=false",
+                "tracking.sample_grid=false", "prior.refresh_every=2",
+                "index.wait_for_refresh=true")
     splits = load_dataset(cfg.data)
-    train_x = torch.from_numpy(splits.train_x)
-    seed = cfg.train.seed
+    defaults = config_mod.to_dict(config_mod.ExperimentConfig())
+    # the one-process trainer has no index and no Ray: those sections at their defaults
+    one_cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "index": defaults["index"],
+                                    "ray": defaults["ray"]})
+    state_a, summary_a = one_epoch(one_process_parts(one_cfg, splits))
 
-    # the one-process trainer's pieces, set up as trainer.fit sets them up
-    torch.manual_seed(seed)
-    model_a = build_model(cfg, splits.image_shape)
-    opt_a = make_optimizer(model_a, cfg)
-    search_a = TorchExactSearch()
-    sampler_a = PriorSampler(cfg.prior, train_x, search_a, seed=seed + 1)
-    binarize_a = torch.Generator().manual_seed(seed + 2)
-    search_a.update(exemplar_centres(model_a, train_x))
-
-    # the Ray worker's pieces: DDP in a 1-rank gloo group, the index service over the store
+    # the Ray worker's parts: DDP in a 1-rank gloo group, the index service over the store
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     handle = None
     try:
-        group = Group.current()
         store = ensure_store(tmp_path / "store.zarr", splits.train_x, splits.image_shape,
-                             model_a.net.top_dim)
+                             state_a.model.net.top_dim)
         handle = start_index_service(str(store.path), cfg.index)
-        search_b = ServiceSearch(handle)
-        images = StoredImages.from_store(store)
-        worker = Worker(cfg, images, splits.dynamic, splits.image_shape, search_b, group)
-        assert worker.ddp is not worker.model  # really wrapped in DDP
-        refresh = LatentRefresh(store, images, group, search_b)
-        assert refresh.start() is None
-        version = refresh.publish(worker.model.net, step=0)
-        wait_for_version(handle, version, timeout=60)
-        # the refresh pass wrote exactly the one-process cache
-        assert torch.equal(refresh.centres(), search_a.latents)
-
-        ids = epoch_batches(len(train_x), cfg.train.batch_size, np.random.default_rng(seed))[0]
-        rng_state = torch.get_rng_state()
-        x = batch_images(train_x, ids, splits.dynamic, binarize_a)
-        m_a = train_step(model_a, opt_a, x, sampler_a(model_a, ids, x), beta=0.5)
-        torch.set_rng_state(rng_state)
-        m_b = worker.step(ids, beta=0.5)
+        parts = build_parts(cfg, tmp_path / "ray", store, torch.from_numpy(splits.valid_x),
+                            splits.dynamic, splits.image_shape, ServiceSearch(handle),
+                            Group.current())
+        assert parts.wrapped is not parts.model  # really wrapped in DDP
+        state_b, summary_b = one_epoch(parts)
     finally:
         dist.destroy_process_group()
         if handle is not None:
             ray_local.kill(handle)
 
-    assert m_b["index_version"] == version
-    assert m_b["candidates"] == m_a["candidates"] > 0
-    assert m_b["loss"] == pytest.approx(m_a["loss"], rel=1e-6)
-    grads_a = [p.grad for p in model_a.parameters()]
-    grads_b = [p.grad for p in worker.model.parameters()]
-    assert sum(g.abs().sum().item() for g in grads_a) > 0
-    for g_a, g_b in zip(grads_a, grads_b):
-        torch.testing.assert_close(g_b, g_a, rtol=1e-5, atol=1e-6)
-    for p_a, p_b in zip(model_a.parameters(), worker.model.parameters()):
+    # the same steps, candidates and refreshes (versions 1-3), the same weights
+    assert summary_b["index_version"] == summary_a["index_version"] == 3
+    assert summary_b["train_candidates"] == summary_a["train_candidates"] > 0
+    assert summary_b["train_loss"] == pytest.approx(summary_a["train_loss"], rel=1e-6)
+    assert summary_b["val_elbo"] == pytest.approx(summary_a["val_elbo"], rel=1e-6)
+    for p_a, p_b in zip(state_a.model.parameters(), state_b.model.parameters()):
         torch.testing.assert_close(p_b, p_a, rtol=1e-5, atol=1e-6)
 
 
@@ -354,14 +352,45 @@ def test_ddp_worker_steps_with_the_other_priors(tmp_path, data_dir, prior):
     import torch.distributed as dist
 
     cfg = smoke(data_dir, tmp_path, "data.n_train=300", f"prior.kind={prior}",
-                "prior.n_pseudo=20")
+                "prior.n_pseudo=20", "train.max_steps_per_epoch=2", "tracking.enabled=false",
+                "tracking.sample_grid=false")
     splits = load_dataset(cfg.data)
+    store = ensure_store(tmp_path / "store.zarr", splits.train_x, splits.image_shape, 40)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        images = StoredImages(np.rint(splits.train_x * 255).astype(np.uint8))
-        worker = Worker(cfg, images, splits.dynamic, splits.image_shape, None, Group.current())
-        losses = [worker.step(np.arange(i * 100, (i + 1) * 100), beta=1.0)["loss"]
-                  for i in range(2)]
+        parts = build_parts(cfg, tmp_path, store, torch.from_numpy(splits.valid_x),
+                            splits.dynamic, splits.image_shape, None, Group.current())
+        assert parts.cache is None
+        state, summary = one_epoch(parts)
     finally:
         dist.destroy_process_group()
-    assert all(np.isfinite(losses))
+    assert state.step == 2 and np.isfinite(summary["train_loss"])
+
+
+def test_one_worker_resumed_run_equals_an_uninterrupted_one(tmp_path, data_dir, ray_local):
+    """Ray with 1 worker: 1 epoch + resume = 2 epochs, to the last bit; index.store_path puts
+    the exemplar store where it says."""
+    from exvae_dist.train.driver import run
+
+    common = ("data.n_train=600", "data.n_valid=100", "index.kind=flat", "train.log_every=1",
+              "prior.refresh_every=2", "tracking.enabled=false", "tracking.sample_grid=false",
+              "index.wait_for_refresh=true")
+    run(smoke(data_dir, tmp_path, "train.name=whole", *common))
+    store = tmp_path / "elsewhere" / "store.zarr"
+    parts = ("train.name=parts", f"index.store_path={store}", *common)
+    run(smoke(data_dir, tmp_path, *parts, "train.epochs=1"))
+    summary = run(smoke(data_dir, tmp_path, *parts))
+    assert summary["epoch"] == 2 and summary["step"] == 12
+    assert (store / "zarr.json").is_file() and not (tmp_path / "parts" / "store.zarr").exists()
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for i, slot in a["optimizer"]["state"].items():
+        for name, value in slot.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
+    drop = ("train_seconds", "epoch_seconds", "refresh_seconds", "examples_per_second",
+            "step_ms_steady", "step_ms_during_rebuild", "steps_during_rebuild")
+    ra = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "whole")]
+    rb = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "parts")]
+    assert len(ra) == 14 and ra == rb

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from .. import config as config_mod
 from ..data import DataSplits, load_dataset
@@ -125,6 +124,7 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     """
     import ray
 
+    config_mod.check_trainer_keys(cfg, "ray")
     if cfg.train.batch_size < cfg.ray.num_workers:
         raise config_mod.ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch, split over "
@@ -138,9 +138,7 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     cfg = absolute(cfg)
     run_path = cfg.run_path()
     run_path.mkdir(parents=True, exist_ok=True)
-    tmp = run_path / "config.yaml.tmp"
-    tmp.write_text(config_mod.to_yaml(cfg))
-    tmp.replace(run_path / "config.yaml")
+    config_mod.write_yaml(run_path / "config.yaml", cfg)
 
     splits = splits or load_dataset(cfg.data)
     latent_dim = build_model(cfg, splits.image_shape).net.top_dim
@@ -165,9 +163,3 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     summary_file = run_path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return summary or dict(result.metrics or {})
-
-
-def describe_result(summary: dict) -> str:
-    keys = ("epoch", "step", "train_loss", "val_elbo", "best_val_elbo", "examples_per_second")
-    return json.dumps({k: summary[k] for k in keys if k in summary}, indent=2,
-                      default=lambda v: float(np.asarray(v)))

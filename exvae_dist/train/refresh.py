@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 
 from ..models import LatentVariableModel
+from ..objective import encode_means
 from ..retrieval.store import ExemplarStore
-from .collectives import Group
+from ..group import Group
 from .exemplars import StoredImages
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,9 @@ class LatentRefresh:
     def encode_rows(self, net: LatentVariableModel, start: int, stop: int) -> torch.Tensor:
         """Encoder means of exemplar rows [start, stop): [stop - start, d] float32 on the CPU."""
         out = []
-        for a in range(start, stop, self.batch_size):
+        for a in range(start, stop, self.batch_size):  # rows read a batch at a time
             x = self.images[a:min(stop, a + self.batch_size)].to(self.device)
-            out.append(net.encode_top(x)[0].float().cpu())
+            out.append(encode_means(net, x).float().cpu())
         return torch.cat(out) if out else torch.empty(0, net.top_dim)
 
     def publish(self, net: LatentVariableModel, step: int) -> int:

@@ -1,4 +1,5 @@
-"""The few torch.distributed collectives the workers need, and no-ops without a process group.
+"""The process group of the training loop: the few torch.distributed collectives it needs,
+and no-ops without a process group (the one-process trainer: world of one rank).
 
 Ray Train sets up the process group (gloo on CPU, NCCL on GPU) before the worker loop starts;
 a test can set up a 1-rank gloo group in-process. Without any process group every helper
@@ -52,10 +53,3 @@ class Group:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu().tolist()
-
-    def max(self, value: float) -> float:
-        if not self.active or self.world == 1:
-            return float(value)
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())

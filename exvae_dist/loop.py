@@ -1,0 +1,430 @@
+"""The training loop of both trainers: one process (`trainer.py`) and Ray Train (`train/`).
+
+    fit(parts): resume -> first latent version -> per epoch [steps (+ refreshes) ->
+                epoch-end refresh -> validation -> early stopping -> checkpoint] -> finish
+
+Nothing here knows about Ray, Zarr or MLflow. A trainer is a shell that builds `Parts`:
+
+    group    the process group (`Group()`: one rank without torch.distributed)
+    wrapped  the module a step runs: the model itself, or its DDP wrapper
+    cache    the exemplar-latent cache and its neighbour search (`ExemplarCache`): in memory
+             for one process, the Zarr store + FAISS index service on Ray
+    sink     where checkpoints go and come from (`CheckpointSink`): files in the run folder,
+             or Ray Train checkpoints
+    tracker  MLflow on rank 0 (tracking.py), a NullTracker elsewhere
+
+Randomness is keyed, not carried: the global batches of epoch e come from (seed, e), the
+coins of global step t from (seed, t), and the binarization and reparameterization noise of
+step t on rank r from (seed, stream, t, r). No random state is saved or restored, a resumed
+run draws exactly what an uninterrupted one draws, and the batches and coins do not depend on
+the number of workers (each rank takes its slice of the same global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from .group import Group
+from .objective import VAEWithPrior, kl_beta
+from .sampling import sample_images, save_grid
+from .step import NeighbourSearch, PriorSampler, log_var_value, train_step, validation_elbo
+
+log = logging.getLogger(__name__)
+
+# random stream ids (stream 1 is step.COINS)
+ORDER, BINARIZE, NOISE = 0, 2, 3
+
+
+def stream_seed(seed: int, stream: int, *key: int) -> int:
+    """A 63-bit seed for random stream `stream` at `key` (epoch, or step and rank)."""
+    state = np.random.SeedSequence([seed, stream, *key]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
+                  max_steps: Optional[int] = None) -> list[np.ndarray]:
+    """The global batches of `epoch`: a shuffle keyed by (seed, epoch), last short batch dropped."""
+    perm = np.random.default_rng([seed, ORDER, epoch]).permutation(n)
+    steps = n // batch_size if n >= batch_size else 1
+    if max_steps:
+        steps = min(steps, max_steps)
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def rank_slice(ids: np.ndarray, group: Group) -> np.ndarray:
+    """This rank's contiguous slice of a global batch of ids [B] -> [~B / W]."""
+    return np.array_split(ids, group.world)[group.rank]
+
+
+def binarize(x: torch.Tensor, dynamic: bool, seed: int, step: int, rank: int) -> torch.Tensor:
+    """The binary batch a step trains on: a fresh Bernoulli draw of the grey levels (dynamic
+    binarization, keyed by step and rank), or the images as they are (static data)."""
+    if not dynamic:
+        return x
+    gen = torch.Generator(device=x.device).manual_seed(stream_seed(seed, BINARIZE, step, rank))
+    return torch.bernoulli(x, generator=gen)
+
+
+def seed_noise(seed: int, step: int, rank: int) -> None:
+    """Seeds torch's default generators (CPU and GPUs) by (seed, step, rank) before a step, so
+    its reparameterization noise is a function of the step, not of whatever ran before it.
+    (Saving and restoring the previous state around each step, torch.random.fork_rng, costs
+    0.75 ms a step on CPU; nothing in training needs the old state back.)"""
+    torch.manual_seed(stream_seed(seed, NOISE, step, rank))
+
+
+@dataclass
+class EarlyStopping:
+    """Validation ELBO (higher is better); patience counts only after KL warm-up."""
+
+    patience: int
+    warmup_epochs: int
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Records an epoch's value; returns True if it is the best so far."""
+        if value > self.best:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        if epoch >= self.warmup_epochs:
+            self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory: one JSON object per logged step or epoch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(strict(record)) + "\n")
+
+    def rewind(self, step: int) -> int:
+        """Drops the records after `step` (written by an attempt that died after the
+        checkpoint a resumed run restarts from: those steps are trained again, and would
+        otherwise appear twice). Returns how many records were dropped."""
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the crash
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        if len(keep) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+        return len(lines) - len(keep)
+
+
+def strict(record: dict) -> dict:
+    """The record with non-finite floats as None, so every file is strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
+
+
+class ExemplarCache(Protocol):
+    """The exemplar-latent cache behind the exemplar prior: encodings of all N exemplars.
+
+    images  the exemplar images (rows = exemplar ids; `images[ids]` -> float [len, D])
+    search  the neighbour search over the newest version (None when the prior does not
+            retrieve); `search.search` returns the version each answer came from
+    latest  the newest version written
+    """
+
+    images: Any
+    search: Optional[NeighbourSearch]
+    latest: Optional[int]
+
+    def start(self, saved: Optional[dict], step: int) -> bool:
+        """Agrees on versions (all ranks); True when the checkpoint's version can be reused."""
+
+    def refresh(self, net, step: int) -> None:
+        """Re-encodes all exemplars with `net` into a new version (all ranks call it)."""
+
+    def centres(self) -> torch.Tensor:
+        """[N, d] means of the newest version (validation, sample grids)."""
+
+    def state(self) -> dict:
+        """What a checkpoint records to reuse the newest version on resume."""
+
+    def staleness(self, version: int, step: int) -> int:
+        """Steps since `version` was encoded."""
+
+    def step_metrics(self) -> dict:
+        """Extra numbers for the step records (e.g. search retries)."""
+
+
+class CheckpointSink(Protocol):
+    def load(self) -> Optional[dict]:
+        """The state to resume from, or None for a fresh run."""
+
+    def save(self, state: dict, improved: bool, metrics: dict) -> None:
+        """Called by every rank at the end of each epoch; `state` is complete on rank 0."""
+
+
+@dataclass
+class Parts:
+    """What a trainer shell hands the loop."""
+
+    cfg: config_mod.ExperimentConfig
+    model: VAEWithPrior  # on `device`
+    wrapped: torch.nn.Module  # model or its DDP wrapper
+    train_images: Any  # [N, D] rows = exemplar ids (float tensor or store-backed images)
+    valid_x: torch.Tensor  # [Nv, D] binary
+    dynamic: bool
+    image_shape: tuple
+    cache: Optional[ExemplarCache]  # None unless the prior is the exemplar prior
+    sink: CheckpointSink
+    tracker: Any
+    run: Path
+    group: Group = field(default_factory=Group)
+    device: torch.device = torch.device("cpu")
+    progress: Optional[Callable[..., Iterable]] = None  # (items, desc=..) -> items, rank 0
+    tags: dict = field(default_factory=dict)
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """Adam; the fused kernel (one pass over all parameters) is ~2x faster than the default
+    per-parameter loop for these small MLPs, on CPU and GPU alike."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
+        return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=True)
+
+
+class TrainState:
+    """Everything a checkpoint restores: model, optimizer, early stopping, epoch and step."""
+
+    def __init__(self, parts: Parts):
+        cfg = parts.cfg
+        self.parts = parts
+        self.model = parts.model
+        self.optimizer = make_optimizer(parts.model, cfg)
+        self.stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.warmup_epochs)
+        self.epoch, self.step = 0, 0
+
+    def state_dict(self) -> dict:
+        p = self.parts
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "early_stopping": asdict(self.stopper), "epoch": self.epoch, "step": self.step,
+                "config": config_mod.to_dict(p.cfg), "image_shape": tuple(p.image_shape),
+                "world": p.group.world, **(p.cache.state() if p.cache is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stopper = EarlyStopping(**state["early_stopping"])
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+def start(p: Parts) -> tuple[TrainState, PriorSampler, Optional[dict]]:
+    """The training state (resumed from the sink when it has a checkpoint), the prior sampler,
+    and a first latent version of these weights (reused from the checkpoint when it can be)."""
+    state = TrainState(p)
+    saved = p.sink.load()
+    if saved is not None:
+        state.load_state_dict(saved)
+        log.info("rank %d resumed %s at epoch %d, step %d", p.group.rank, p.run, state.epoch,
+                 state.step)
+    uses_index = p.cache is not None and p.cfg.prior.rat
+    sampler = PriorSampler(p.cfg.prior, p.train_images, p.cache.search if uses_index else None,
+                           seed=p.cfg.train.seed)
+    if p.cache is not None and not p.cache.start(saved, state.step):
+        p.cache.refresh(p.model.net, state.step)
+    return state, sampler, saved
+
+
+def fit(parts: Parts) -> dict:
+    """Trains (or resumes) a run; returns the last epoch's summary (rank 0's is complete)."""
+    p, cfg, group = parts, parts.cfg, parts.group
+    state, sampler, _ = start(p)
+    metrics_log = MetricsLog(p.run / "metrics.jsonl") if group.rank == 0 else None
+    if metrics_log is not None:
+        dropped = metrics_log.rewind(state.step)
+        if dropped:
+            log.info("dropped %d metrics records after step %d (an attempt that did not reach "
+                     "its next checkpoint)", dropped, state.step)
+        p.tracker.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
+        if p.tags:
+            p.tracker.set_tags(p.tags)
+    summary: dict = {}
+    try:
+        while state.epoch < cfg.train.epochs and not state.stopper.should_stop:
+            summary = run_epoch(p, state, sampler, metrics_log)
+            p.sink.save(state.state_dict(), bool(summary["improved"]), summary)
+        if group.rank == 0:
+            summary = finish_run(p.run, summary, state.stopper, p.tracker)
+    except KeyboardInterrupt:
+        p.tracker.end("KILLED")
+        raise
+    except BaseException:
+        p.tracker.end("FAILED")
+        raise
+    return summary
+
+
+def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
+              metrics_log: Optional[MetricsLog]) -> dict:
+    """One epoch: steps (with mid-epoch refreshes), the epoch-end refresh, validation."""
+    cfg, group, cache = p.cfg, p.group, p.cache
+    uses_index = cache is not None and cfg.prior.rat
+    seed, epoch = cfg.train.seed, state.epoch
+    t0 = time.perf_counter()
+    beta = kl_beta(epoch, cfg.train.warmup_epochs)
+    p.model.train()
+    batches = epoch_batches(len(p.train_images), cfg.train.batch_size, seed, epoch,
+                            cfg.train.max_steps_per_epoch)
+    last_refresh = state.step  # a version of these weights exists (start or epoch end)
+    keys = ("loss", "log_px", "kl", "candidates", "short_rows")
+    sums = dict.fromkeys(keys, 0.0)
+    # step seconds while the index serves an older version than the newest written, and not
+    timing = {"rebuild": [0.0, 0], "steady": [0.0, 0]}
+    t_log, examples_since_log = time.perf_counter(), 0
+    items = batches
+    if p.progress is not None and group.rank == 0 and cfg.train.progress:
+        items = p.progress(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+    for ids in items:
+        if uses_index and cfg.prior.refresh_every and \
+                state.step - last_refresh >= cfg.prior.refresh_every:
+            cache.refresh(p.model.net, state.step)
+            last_refresh = state.step
+        local = rank_slice(ids, group)
+        ts = time.perf_counter()
+        x = binarize(p.train_images[local].to(p.device), p.dynamic, seed, state.step, group.rank)
+        seed_noise(seed, state.step, group.rank)
+        prior = sampler(p.model, local, x, state.step)  # queries come from the unwrapped encoder
+        m = train_step(p.wrapped, state.optimizer, x, prior, beta, cfg.train.normalize_grads)
+        dt = time.perf_counter() - ts
+        state.step += 1
+        examples_since_log += len(ids)
+        if uses_index:
+            kind = "rebuild" if m["index_version"] < cache.latest else "steady"
+            timing[kind][0] += dt
+            timing[kind][1] += 1
+        for key in keys:
+            sums[key] += m[key]
+        if state.step % cfg.train.log_every == 0:
+            # means over ranks of the step's numbers (a small all-reduce every log_every steps)
+            loss, log_px, kl, cand, short = (s / group.world for s in group.sum(
+                [m[k] for k in keys]))
+            now = time.perf_counter()
+            record = {"step": state.step, "epoch": epoch, "beta": beta, "loss": loss,
+                      "log_px": log_px, "kl": kl, "candidates": cand, "short_rows": short,
+                      "log_var": log_var_value(p.model),
+                      "examples_per_second": examples_since_log / max(now - t_log, 1e-9)}
+            if uses_index:
+                record.update({"index_version": m["index_version"],
+                               "staleness": cache.staleness(m["index_version"], state.step),
+                               **cache.step_metrics()})
+            t_log, examples_since_log = now, 0
+            if metrics_log is not None:
+                metrics_log.write(record)
+                p.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
+                                      state.step)
+            if hasattr(items, "set_postfix"):
+                items.set_postfix(loss=f"{loss:.2f}", ex_s=f"{record['examples_per_second']:.0f}",
+                                  **({"index": m["index_version"]} if uses_index else {}))
+    # both trainers time the same span: the steps and their mid-epoch refreshes
+    train_seconds = time.perf_counter() - t0
+
+    tr = time.perf_counter()
+    if cache is not None:  # the next epoch's cache and this epoch's validation centres
+        cache.refresh(p.model.net, state.step)
+    refresh_seconds = time.perf_counter() - tr
+    p.model.eval()
+    centres = cache.centres().to(p.device) if cache is not None else None
+    val = validate(p, centres)
+    improved = state.stopper.update(epoch, val["elbo"])
+    state.epoch += 1
+    totals = group.sum([sums[k] for k in keys] + [*timing["rebuild"], *timing["steady"]])
+    n_steps = max(1, len(batches))
+    summary = {"epoch": state.epoch, "step": state.step, "beta": beta,
+               **{f"train_{k}": v / (n_steps * group.world) for k, v in zip(keys, totals)},
+               **{f"val_{k}": v for k, v in val.items()},
+               "log_var": log_var_value(p.model), "train_seconds": train_seconds,
+               "refresh_seconds": refresh_seconds,
+               "epoch_seconds": time.perf_counter() - t0,
+               "examples_per_second": len(batches) * cfg.train.batch_size / train_seconds,
+               "best_val_elbo": state.stopper.best, "best_epoch": state.stopper.best_epoch + 1,
+               "improved": float(improved), "num_workers": group.world}
+    if uses_index:
+        r_s, r_n, s_s, s_n = totals[len(keys):]
+        summary.update({"index_version": cache.latest,
+                        "step_ms_during_rebuild": 1e3 * r_s / r_n if r_n else math.nan,
+                        "steps_during_rebuild": r_n / group.world,
+                        "step_ms_steady": 1e3 * s_s / s_n if s_n else math.nan})
+    if group.rank == 0:
+        if metrics_log is not None:
+            metrics_log.write(summary)
+        p.tracker.log_metrics(summary, state.step)
+        if cfg.tracking.sample_grid:
+            grid = write_sample_grid(p.model, centres, p.run, state.epoch, p.image_shape)
+            p.tracker.log_artifact(grid, "samples")
+        log.info("epoch %d/%d: train loss %.2f, val ELBO %.2f%s (%.1f s, %.0f examples/s)",
+                 state.epoch, cfg.train.epochs, summary["train_loss"], val["elbo"],
+                 " (best)" if improved else "", summary["epoch_seconds"],
+                 summary["examples_per_second"])
+    return summary
+
+
+def validate(p: Parts, centres: Optional[torch.Tensor]) -> dict:
+    """Validation ELBO / log p(x|z) / KL means over all ranks; rank r scores valid_x[r::W]."""
+    group = p.group
+    mine = p.valid_x[group.rank::group.world].to(p.device)
+    v = validation_elbo(p.model, mine, centres, samples=p.cfg.eval.validation_samples)
+    n = mine.shape[0]
+    elbo, log_px, kl, total = group.sum([v["elbo"] * n, v["log_px"] * n, v["kl"] * n, n])
+    total = max(total, 1.0)
+    return {"elbo": elbo / total, "log_px": log_px / total, "kl": kl / total}
+
+
+def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker) -> dict:
+    """The end of a run (rank 0): summary.json (atomically; a rerun of a finished run keeps
+    the summary it had), the final config and best checkpoint to the tracker."""
+    from .checkpoint import BEST
+
+    if stopper.should_stop:
+        log.info("early stopping: no validation improvement for %d epochs", stopper.patience)
+    if not summary and (run / "summary.json").is_file():  # rerun of a finished run
+        summary = json.loads((run / "summary.json").read_text())
+    summary = strict({**summary, "stopped_early": stopper.should_stop})
+    tmp = run / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    tmp.replace(run / "summary.json")
+    if (run / "config.yaml").is_file():
+        tracker.log_artifact(run / "config.yaml")
+    if (run / BEST).is_file():
+        tracker.log_artifact(run / BEST, "checkpoints")
+    tracker.end()
+    return summary
+
+
+def write_sample_grid(model: VAEWithPrior, centres, run: Path, epoch: int, image_shape) -> Path:
+    """100 prior samples of the current model as run/samples/epoch_XXXX.png."""
+    gen = torch.Generator().manual_seed(epoch)
+    images = sample_images(model, 100, centres, generator=gen)
+    return save_grid(images, run / "samples" / f"epoch_{epoch:04d}.png", image_shape,
+                     title=f"{model.prior_kind} prior, epoch {epoch}")
