@@ -66,7 +66,7 @@ VARIANTS = [
 
 def variant(base: list[str], root: Path, name: str, *extra: str):
     return config_mod.load("mnist_vae", [*base, f"train.run_dir={root}", f"train.name={name}",
-                                         *extra])
+                                         *extra], env=os.environ)
 
 
 def main() -> int:
@@ -137,10 +137,11 @@ def main() -> int:
         if name not in results:
             continue
         r = results[name]
+        nan = float("nan")  # metrics.jsonl writes a missing figure as null
         print(f"\n{name}: step during an index rebuild "
-              f"{r.get('step_ms_during_rebuild', float('nan')):.1f} ms over "
-              f"{r.get('steps_during_rebuild', 0):.0f} steps; other steps "
-              f"{r.get('step_ms_steady', float('nan')):.1f} ms")
+              f"{r.get('step_ms_during_rebuild') or nan:.1f} ms over "
+              f"{r.get('steps_during_rebuild') or 0:.0f} steps; other steps "
+              f"{r.get('step_ms_steady') or nan:.1f} ms")
         if r.get("steps_during_rebuild"):
             ratios[f"{name}: step during rebuild / steady"] = (r["step_ms_during_rebuild"]
                                                                / r["step_ms_steady"])

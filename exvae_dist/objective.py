@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -111,12 +111,16 @@ def encode_means(net: LatentVariableModel, images: torch.Tensor, batch_size: int
 @torch.no_grad()
 def importance_log_likelihood(model: VAEWithPrior, x: torch.Tensor, n_samples: int = 5000,
                               centres: Optional[torch.Tensor] = None, sample_chunk: int = 500,
-                              exemplar_chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                              exemplar_chunk: int = DEFAULT_CHUNK,
+                              log_prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                              ) -> torch.Tensor:
     """log p(x) ~= logmeanexp_s [log p(x|z_s) + log p(z_s) - log q(z_s|x)], z_s ~ q(z|x).
 
     x: [B, D] binary test images; centres: [N, d] ALL training exemplar means for the
     exemplar prior (no leave-one-out, normalizer N). Samples are drawn in chunks of
-    `sample_chunk` per image so memory stays bounded; returns [B] in nats.
+    `sample_chunk` per image so memory stays bounded; returns [B] in nats. `log_prior`
+    replaces the prior's density: z [s, B, d] -> log p(z) [s, B] (evaluation/likelihood.py's
+    certified exemplar pools); the samples and the estimator stay these.
     """
     if n_samples <= 0:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
@@ -126,8 +130,11 @@ def importance_log_likelihood(model: VAEWithPrior, x: torch.Tensor, n_samples: i
     for start in range(0, n_samples, sample_chunk):
         s = min(sample_chunk, n_samples - start)
         t = net.terms(x, s, top=top)
-        z = t.z_top.reshape(-1, t.z_top.shape[-1])
-        log_p = model.log_prior(z, centres, chunk=exemplar_chunk).reshape(s, -1)
+        if log_prior is not None:
+            log_p = log_prior(t.z_top)
+        else:
+            z = t.z_top.reshape(-1, t.z_top.shape[-1])
+            log_p = model.log_prior(z, centres, chunk=exemplar_chunk).reshape(s, -1)
         log_w = t.log_px + t.log_p_cond + log_p - t.log_q
         parts.append(torch.logsumexp(log_w, dim=0))
     return torch.logsumexp(torch.stack(parts), dim=0) - math.log(n_samples)

@@ -11,6 +11,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..retrieval.exact import exact_topk
+
 
 def nearest_labels(ref: torch.Tensor, ref_y: torch.Tensor, query: torch.Tensor, k: int,
                    block: int = 1024, progress: Optional[str] = None) -> torch.Tensor:
@@ -21,7 +23,7 @@ def nearest_labels(ref: torch.Tensor, ref_y: torch.Tensor, query: torch.Tensor, 
     if ref.shape[0] < k:
         raise ValueError(f"k={k} exceeds the {ref.shape[0]} reference vectors")
     ref = ref.double()
-    ref_sq = (ref * ref).sum(1)
+    half_sq = 0.5 * (ref * ref).sum(1)
     out = []
     starts = range(0, query.shape[0], block)
     if progress:
@@ -29,9 +31,7 @@ def nearest_labels(ref: torch.Tensor, ref_y: torch.Tensor, query: torch.Tensor, 
         starts = tqdm(starts, desc=progress, leave=False, disable=None, dynamic_ncols=True)
     for start in starts:
         q = query[start:start + block].double()
-        # |q - r|^2 less the per-query constant |q|^2: same order
-        scores = torch.addmm(ref_sq[None, :], q, ref.t(), alpha=-2.0)
-        idx = torch.topk(scores, k, dim=1, largest=False, sorted=True).indices
+        idx = exact_topk(q, ref, k, block=ref.shape[0], half_sq=half_sq)[1]
         out.append(ref_y[idx])
     return torch.cat(out) if out else torch.empty(0, k, dtype=torch.int64)
 

@@ -186,25 +186,23 @@ def estimate_log_likelihood(model: VAEWithPrior, x: torch.Tensor, n_samples: int
                          "training exemplars (objective.encode_means)")
     if neighbours is not None and neighbours < 1:
         raise ValueError(f"neighbours must be a positive number of exemplars, got {neighbours}")
-    net = model.net
-    top = net.encode_top(x)
-    mu = top[0]
+    mu = model.net.encode_top(x)[0]
     order, d2_sorted = sorted_exemplars(mu, centres)
     pools = [pool if pool > 0 else centres.shape[0]] * x.shape[0]
     max_error = 0.0
-    parts = []
-    for start in range(0, n_samples, sample_chunk):
-        s = min(sample_chunk, n_samples - start)
-        t = net.terms(x, s, top=top)
-        log_p = torch.empty_like(t.log_px)  # [s, B]
+
+    def pooled(z_top: torch.Tensor) -> torch.Tensor:  # [s, B, d] -> [s, B]
+        nonlocal max_error
+        log_p = z_top.new_empty(z_top.shape[:2])
         for b in range(x.shape[0]):
             log_p[:, b], pools[b], err = pooled_exemplar_log_prior(
-                t.z_top[:, b], mu[b], centres, model.prior.log_var, order[b], d2_sorted[b],
+                z_top[:, b], mu[b], centres, model.prior.log_var, order[b], d2_sorted[b],
                 neighbours, pools[b], tol, exemplar_chunk)
             max_error = max(max_error, err)
-        log_w = t.log_px + t.log_p_cond + log_p - t.log_q
-        parts.append(torch.logsumexp(log_w, dim=0))
-    log_px = torch.logsumexp(torch.stack(parts), dim=0) - math.log(n_samples)
+        return log_p
+
+    log_px = importance_log_likelihood(model, x, n_samples, sample_chunk=sample_chunk,
+                                       log_prior=pooled)
     return LikelihoodResult(log_px, max_error, pools)
 
 

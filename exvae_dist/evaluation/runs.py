@@ -5,7 +5,6 @@ Shared by `python -m exvae_dist.evaluate` and `python -m exvae_dist.augment`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,10 +36,6 @@ class TrainedRun:
     model: VAEWithPrior  # in eval mode
     image_shape: tuple
     epoch: Optional[int]
-
-
-def _override_keys(overrides: Sequence[str]) -> set[str]:
-    return {o.split("=", 1)[0] for o in overrides if "=" in o}
 
 
 def resolve_run(run: str, overrides: Sequence[str] = (),
@@ -81,22 +76,22 @@ def resolve_run(run: str, overrides: Sequence[str] = (),
 
 def config_with_overrides(saved: dict, overrides: Sequence[str],
                           env: Optional[Mapping[str, str]] = None) -> config_mod.ExperimentConfig:
-    """The checkpoint's config dict <- key=value overrides, validated; EXVAE_DATA_DIR fills
-    data.root when the override does not set it (as config.load does)."""
-    env = os.environ if env is None else env
+    """The checkpoint's config dict <- the entry point's environment <- key=value overrides,
+    validated (the precedence of config.load; `env` is {} unless the entry point passes it)."""
+    env = {} if env is None else env
     bad = [o for o in overrides if "=" not in o or o.startswith("+")]
     if bad:
         raise config_mod.ConfigError(f"overrides must look like section.key=value, got {bad}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(config_mod.ExperimentConfig),
-                                 OmegaConf.create(saved), OmegaConf.from_dotlist(list(overrides)))
+                                 OmegaConf.create(config_mod.drop_removed_keys(saved)),
+                                 OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise config_mod.ConfigError(f"bad config key {key!r}: {str(err).splitlines()[0]} "
                                      f"(see --help for the keys)") from None
-    if "data.root" not in _override_keys(overrides) and env.get("EXVAE_DATA_DIR"):
-        cfg.data.root = env["EXVAE_DATA_DIR"]
+    config_mod.apply_env(cfg, env, set_by=config_mod.override_keys(overrides))
     return config_mod.validate(cfg)
 
 
@@ -143,20 +138,16 @@ def run_command(prog: str, description: str, keys: Sequence[str], example: str,
     listing the config keys that start with one of `keys`. Returns the loaded run, or None
     after printing why it could not be loaded (the command then exits with 2); a bad key
     exits through argparse."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description,
-        epilog="Keys (override with key=value):\n"
-               + "\n".join(line for line in config_mod.describe().splitlines()
-                           if line.strip().startswith(tuple(keys))),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import make_parser, setup_logging
+
+    parser = make_parser(prog, description, keys)
     parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
                                     "MLflow run id recorded under train.run_dir")
     parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
-        return load_run(args.run, args.overrides)
+        return load_run(args.run, args.overrides, env=os.environ)
     except config_mod.ConfigError as err:
         parser.error(str(err))
     except FileNotFoundError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,9 @@ def connect(cfg: config_mod.ExperimentConfig) -> bool:
         ray.init(address=cfg.ray.address)
         return True
     log.info("no Ray address given: starting a local Ray on 127.0.0.1")
+    # Ray Train's preemption watcher (an actor with max_restarts=-1, announced by a red
+    # core_worker line) watches for draining spot nodes; a local Ray has none
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
     return True
 

@@ -135,6 +135,14 @@ def progress_bar(items, desc: str):
     return tqdm(items, desc=desc)
 
 
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs a whole `TrainingReport(...)` per report at INFO from every rank (its
+    logger is named after its file); our one line per epoch says what matters."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def wrap(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn.Module:
     """DDP whenever a process group exists (one rank too: the same code path)."""
     if not group.active:
@@ -176,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = config_mod.from_dict(config["config"])
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_ray_train_logs()
     device = ray.train.torch.get_device()
     group = Group.current(device)
     torch.set_num_threads(cfg.train.threads or max(1, int(cfg.ray.cpus_per_worker)))
