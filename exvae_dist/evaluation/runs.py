@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .. import config as config_mod
 from ..checkpoint import BEST, LATEST, find_checkpoint, load_checkpoint
+from ..jsonio import write_json  # re-exported: strict JSON, atomic
 from ..objective import VAEWithPrior, build_model
 from ..tracking import RUN_FILE
 
@@ -124,15 +125,6 @@ def load_run(run: str, overrides: Sequence[str] = (),
                       epoch=state.get("epoch"))
 
 
-def write_json(path: Path, data: dict) -> Path:
-    """JSON written through a temp file, so a crash never leaves half a summary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 __all__ = ["TrainedRun", "RunNotFoundError", "resolve_run", "load_run", "config_with_overrides",
            "write_json", "BEST", "LATEST"]
 
@@ -145,9 +137,7 @@ def run_command(prog: str, description: str, keys: Sequence[str], example: str,
     exits through argparse."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
-        epilog="Keys (override with key=value):\n"
-               + "\n".join(line for line in config_mod.describe().splitlines()
-                           if line.strip().startswith(tuple(keys))),
+        epilog="Keys (override with key=value):\n" + config_mod.describe(tuple(keys)),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
                                     "MLflow run id recorded under train.run_dir")
