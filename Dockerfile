@@ -47,7 +47,7 @@ COPY ${TORCH_WHEELS:-pyproject.toml} /tmp/build/wheels/
 # Dependencies first, in their own layer: setup.sh installs the project (editable) from
 # pyproject.toml and a stub package, so changing the code does not reinstall the stack.
 COPY pyproject.toml ./
-COPY scripts scripts
+COPY scripts/setup.sh scripts/setup.sh
 # torch first (local wheel or the chosen index), so that setup.sh's `pip install torch==X`
 # finds it installed and pulls nothing; then setup.sh installs the project.
 RUN set -eu; \
@@ -66,6 +66,7 @@ RUN set -eu; \
     rm -rf /tmp/build /root/.cache
 # The code, tests, configs and docs (.dockerignore keeps host venvs, runs and data out).
 COPY README.md ./
+COPY scripts scripts
 COPY exvae_dist exvae_dist
 COPY configs configs
 COPY tests tests
