@@ -75,10 +75,12 @@ def stop_own_ray(ray_tmp: Path) -> None:
     """Terminates the processes of the Ray clusters whose files live under `ray_tmp` only."""
     import psutil
 
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}  # the shell that runs the blocks
     mine = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if str(ray_tmp) in " ".join(proc.info["cmdline"] or ()):
+            if proc.pid not in spared and str(ray_tmp) in " ".join(proc.info["cmdline"] or ()):
                 mine.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
