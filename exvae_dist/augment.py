@@ -18,7 +18,6 @@ Writes <run dir>/augment/summary.json and logs the errors to the run's MLflow ru
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -34,7 +33,8 @@ from .data import sources
 from .data.datasets import IMAGE_PIXELS, data_root
 from .data.download import ensure_file
 from .data.readers import read_idx
-from .evaluation.runs import TrainedRun, run_command, write_json
+from .evaluation.runs import TrainedRun, run_command
+from .jsonio import dumps, write_json
 from .objective import VAEWithPrior, encode_means
 from .tracking import open_run_tracker
 from .trainer import resolve_device
@@ -77,13 +77,15 @@ class Generator:
 
 def grey_test_set(cfg) -> tuple[np.ndarray, np.ndarray]:
     """The official test images as grey levels [n, 784] in [0, 1] and labels [n] (the
-    DataSplits test set is binarized for the likelihood; a classifier sees grey levels)."""
+    DataSplits test set is binarized for the likelihood; a classifier sees grey levels);
+    the first data.n_test of them when that is set, as everywhere else."""
     registry = sources.MNIST if cfg.data.name == "mnist" else sources.FASHION_MNIST
     folder = data_root(cfg.data) / sources.FOLDERS[cfg.data.name]
     images = read_idx(ensure_file(registry["test_images"], folder, download=cfg.data.download))
     labels = read_idx(ensure_file(registry["test_labels"], folder, download=cfg.data.download))
-    x = images.reshape(len(images), IMAGE_PIXELS).astype(np.float32) / np.float32(255)
-    return x, labels.astype(np.int64)
+    n = len(images) if cfg.data.n_test is None else min(cfg.data.n_test, len(images))
+    x = images[:n].reshape(n, IMAGE_PIXELS).astype(np.float32) / np.float32(255)
+    return x, labels[:n].astype(np.int64)
 
 
 @torch.no_grad()
@@ -152,6 +154,9 @@ def augment(trained: TrainedRun) -> dict:
     train_y = torch.from_numpy(splits.train_y).to(device)
     tx, ty = grey_test_set(cfg)
     test_x, test_y = torch.from_numpy(tx).to(device), torch.from_numpy(ty).to(device)
+    log.info("augment: classifiers trained on %d %s images, tested on %d grey test images%s",
+             train_x.shape[0], splits.name, test_x.shape[0],
+             f" (data.n_test={cfg.data.n_test})" if cfg.data.n_test is not None else "")
     generate = Generator(trained.model, train_x, a.generated,
                          torch.Generator(device=device).manual_seed(a.seed + 1))
     progress = cfg.train.progress
@@ -201,10 +206,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("dataset", "classifier", "epochs", "seed",
-                                              "generated_images", "generated_from",
-                                              "test_error_real_only", "test_error_augmented")},
-                     indent=2))
+    print(dumps({k: summary[k] for k in ("dataset", "n_test", "classifier", "epochs", "seed",
+                                         "generated_images", "generated_from",
+                                         "test_error_real_only", "test_error_augmented")}))
     return 0
 
 

@@ -40,12 +40,10 @@ local Ray on 127.0.0.1. --no-ray trains the same loop in this one process."""
 
 def make_parser(prog: str, description: str, keys: Sequence[str] = ()) -> argparse.ArgumentParser:
     """A parser whose --help ends with the config keys (those starting with `keys`, or all)."""
-    lines = config_mod.describe().splitlines()
-    if keys:
-        lines = [line for line in lines if line.strip().startswith(tuple(keys))]
     return argparse.ArgumentParser(
         prog=prog, description=description,
-        epilog="Config keys (override with key=value):\n" + "\n".join(lines),
+        epilog="Config keys (override with key=value):\n"
+               + config_mod.describe(tuple(keys) if keys else None),
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

@@ -9,8 +9,15 @@ choices are errors that name the key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import math
 import os
+import textwrap
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -59,7 +66,7 @@ class PriorConfig:
     subsample: Optional[int] = None
     # Retrieval augmented training: k nearest exemplars per batch element instead of all M.
     rat: bool = True
-    k: int = 10
+    k: int = 10  # nearest exemplars retrieved per batch element (RAT)
     # Query depth k' = ceil(safety * k * N / M) so that k of them survive the M/N coins.
     safety: float = 2.0
     # Initial value of the learned log-variance lambda of the Parzen window.
@@ -76,25 +83,33 @@ class PriorConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 100
-    lr: float = 5e-4
+    batch_size: int = 100  # global minibatch (split over ray.num_workers in the Ray trainer)
+    lr: float = 5e-4  # Adam learning rate
     # The reference optimizer divides each parameter's gradient by its L2 norm before Adam.
     normalize_grads: bool = True
-    epochs: int = 2000
+    epochs: int = 2000  # maximum epochs (early stopping usually ends a run first)
     warmup_epochs: int = 100  # beta rises linearly from 0 to 1 over these epochs
     early_stop_patience: int = 50  # epochs without validation improvement (after warm-up)
-    seed: int = 0
+    seed: int = 0  # model initialization, batch order, binarization, exemplar subsets
     threads: Optional[int] = None  # torch threads (None = torch's default)
     device: str = "cpu"  # cpu | cuda
     # Where runs, checkpoints and artifacts go; a run resumes from run_dir/<name>.
     run_dir: str = "runs"
-    name: Optional[str] = None  # None: derived from dataset, architecture and prior
+    name: Optional[str] = None  # run folder under run_dir; None: <dataset>_<arch>_<prior>
     log_every: int = 50  # steps between metric logs
     max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke runs, benchmarks)
     progress: bool = True  # progress bars
     # Precision of the exemplars' re-encoding with gradients (the cost of a RAT step):
     # float32 | bfloat16. Posterior, decoder and all log-densities stay in float32.
     exemplar_precision: str = "float32"
+    # A rerun of an existing run folder resumes only when the settings that define the run
+    # (run_folder.IDENTITY: data, model, prior, optimisation) match its fingerprint.json.
+    # allow_changed=true resumes anyway with the new settings (recorded in fingerprint.json);
+    # model shape, dataset and training-set size can never change in place.
+    allow_changed: bool = False
+    # Start over: the old run folder is moved aside to <name>.replaced-<UTC time> (never
+    # deleted; remove it yourself), every time this is given.
+    overwrite: bool = False
 
 
 @dataclass
@@ -108,14 +123,14 @@ class EvalConfig:
     # sample (a lower bound on log p(x), labelled as such in every output).
     prior_neighbours: Optional[int] = None
     n_test: Optional[int] = None  # evaluate on the first n test images (None = all)
-    knn_ks: list[int] = field(default_factory=lambda: [3, 5, 7, 9, 11, 13, 15])
+    knn_ks: list[int] = field(default_factory=lambda: [3, 5, 7, 9, 11, 13, 15])  # kNN k's
     validation_samples: int = 1  # posterior draws per image in the per-epoch validation ELBO
     # Exact prior: per test image, start from the prior_pool exemplars nearest to its
     # posterior mean and grow the pool until the skipped exemplars' mass is certified (triangle
     # inequality) to change log p(z) by at most prior_tolerance nats. prior_pool=0: every
     # sample against all N (slow; the brute-force path). See evaluation/likelihood.py.
     prior_pool: int = 1024
-    prior_tolerance: float = 1e-6
+    prior_tolerance: float = 1e-6  # nats of prior mass the skipped exemplars may change
     # importance samples per image drawn at once; null: 500 on CPU, 5000 on a GPU
     sample_chunk: Optional[int] = None
     likelihood: bool = True  # compute the importance-sampled log-likelihood
@@ -124,6 +139,9 @@ class EvalConfig:
     tsne_points: int = 2000  # test means in the t-SNE map (t-SNE is slow on thousands)
     checkpoint: str = "best"  # best | latest: which checkpoint of the run to evaluate
     seed: int = 0  # importance samples, pictures
+    # Subfolder of <run>/eval/ this evaluation writes (None: the UTC start time, so runs never
+    # overwrite each other); an existing subfolder of that name is replaced as a whole.
+    name: Optional[str] = None
 
 
 @dataclass
@@ -131,16 +149,16 @@ class AugmentConfig:
     """Generative data augmentation (METHOD.md section 4): `python -m exvae_dist.augment`."""
 
     hidden: int = 1024  # MLP 784-H-H-10, ReLU
-    epochs: int = 100
-    batch_size: int = 100
+    epochs: int = 100  # classifier training epochs
+    batch_size: int = 100  # classifier minibatch
     lr: float = 0.1  # SGD momentum 0.9; decays linearly to 1% of this over all steps
-    momentum: float = 0.9
-    label_smoothing: float = 0.1
+    momentum: float = 0.9  # SGD momentum, in [0, 1)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing, in [0, 1)
     real_weight: float = 0.4  # loss = real_weight * loss(real) + (1 - real_weight) * loss(gen)
     # Each real image gets one fresh exemplar-conditioned sample per step: the decoder's
     # pixel means ("mean") or a Bernoulli draw from them ("bernoulli").
     generated: str = "mean"
-    seed: int = 0
+    seed: int = 0  # classifier initialization, batch order, generated samples
 
 
 @dataclass
@@ -151,14 +169,14 @@ class IndexConfig:
     # pq_m / nprobe / refine_factor: measured on clustered d=40 latents (bench/README.md,
     # "Index service"): recall@10 ~0.98 at N=1e6; PQ8 with x4 re-ranking only reached ~0.90.
     pq_m: int = 10  # PQ sub-quantizers (d must divide by it)
-    pq_bits: int = 8
-    nprobe: int = 64
+    pq_bits: int = 8  # bits per PQ code (1..16)
+    nprobe: int = 64  # IVF lists visited per query
     refine_factor: int = 10  # exact re-ranking of k * refine_factor candidates (0 = off)
-    shards: int = 1
-    use_gpu: bool = False
+    shards: int = 1  # index shards (faiss IndexShards), searched in parallel
+    use_gpu: bool = False  # FAISS on the GPU: needs faiss-gpu instead of faiss-cpu (README)
     train_size: int = 100_000  # vectors used to train the coarse quantizer and PQ
     store_path: Optional[str] = None  # Zarr store (None = <run_dir>/<name>/store.zarr)
-    keep_versions: int = 3
+    keep_versions: int = 3  # latent versions kept in the store (older ones are deleted)
     service_threads: int = 2  # FAISS threads inside the index actor, for queries
     build_threads: int = 1  # FAISS threads of the background rebuild (leave cores to queries)
     # Block after every refresh until the service serves the new version: steps then search
@@ -169,8 +187,8 @@ class IndexConfig:
 
 @dataclass
 class RayConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker, NCCL
     address: Optional[str] = None  # None: RAY_ADDRESS, else start a local Ray
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     # CPUs each worker reserves; torch in a worker runs this many threads unless
@@ -187,10 +205,14 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    uri: Optional[str] = None  # None: sqlite:///<run_dir>/mlflow.db
-    experiment: str = "exvae-dist"
-    sample_grid: bool = True
+    enabled: bool = True  # log params, metrics and artifacts to MLflow (rank 0 only)
+    # MLflow tracking URI; None: sqlite:///<run_dir>/mlflow.db. An http(s) server is probed
+    # for a few seconds before anything starts.
+    uri: Optional[str] = None
+    experiment: str = "exvae-dist"  # MLflow experiment name
+    sample_grid: bool = True  # a grid of 100 prior samples per epoch (samples/, MLflow)
+    # CPU, memory, disk, network (and GPU) usage every 10 s as system/* metrics (psutil)
+    system_metrics: bool = True
 
 
 @dataclass
@@ -231,10 +253,26 @@ CHOICES = {
 POSITIVE = ("model.z_dim", "model.hidden", "prior.k", "prior.n_pseudo", "train.batch_size",
             "train.epochs", "eval.n_samples", "eval.batch_size", "eval.exemplar_chunk",
             "ray.num_workers", "index.shards", "train.log_every", "ray.cpus_per_worker",
-            "ray.keep_checkpoints")
+            "ray.keep_checkpoints", "train.lr")
 # evaluate / augment
 POSITIVE += ("eval.sample_chunk", "eval.tsne_points", "augment.hidden", "augment.epochs",
-             "augment.batch_size")
+             "augment.batch_size", "augment.lr", "eval.prior_tolerance")
+# counts and sizes: at least 1 when set (None keeps its documented meaning)
+POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_valid",
+             "data.n_test", "train.threads", "train.max_steps_per_epoch",
+             "train.early_stop_patience", "eval.prior_neighbours", "eval.n_test",
+             "eval.validation_samples", "index.nlist", "index.pq_m", "index.nprobe",
+             "index.train_size", "index.keep_versions", "index.service_threads",
+             "index.build_threads")
+# may be 0 (seeds, counts of nothing, "off")
+NON_NEGATIVE = ("train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
+                "augment.seed", "eval.prior_pool", "index.auto_exact_below",
+                "index.refine_factor", "ray.search_retries")
+AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}
+# [low, high) or [low, high] intervals: probabilities and fractions
+INTERVALS = {"augment.momentum": (0.0, 1.0, False), "augment.label_smoothing": (0.0, 1.0, False),
+             "augment.real_weight": (0.0, 1.0, True), "index.pq_bits": (1, 16, True)}
+NON_EMPTY = ("train.run_dir", "tracking.experiment")
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -243,20 +281,47 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for section in dataclasses.fields(cfg):  # nan / inf pass every comparison below
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{f.name}={value} must be a finite number")
     for key in POSITIVE:
         if _get(cfg, key) is not None and _get(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_get(cfg, key)}")
-    if cfg.prior.safety < 1.0:
-        raise ConfigError(f"prior.safety must be >= 1 (got {cfg.prior.safety})")
-    if cfg.prior.subsample is not None and cfg.prior.subsample <= 0:
-        raise ConfigError(f"prior.subsample must be positive or null, got {cfg.prior.subsample}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
+    for key, low in AT_LEAST.items():
+        if _get(cfg, key) < low:
+            raise ConfigError(f"{key} must be >= {low}, got {_get(cfg, key)}")
+    for key, (low, high, closed) in INTERVALS.items():
+        value = _get(cfg, key)
+        if not (low <= value <= high if closed else low <= value < high):
+            raise ConfigError(f"{key} must lie in [{low}, {high}{']' if closed else ')'}, "
+                              f"got {value}")
+    for key in NON_EMPTY:
+        if not str(_get(cfg, key)).strip():
+            raise ConfigError(f"{key} must not be empty")
+    name = cfg.train.name
+    if name is not None and (not name.strip() or name in (".", "..") or "/" in name
+                             or "\\" in name):
+        raise ConfigError(f"train.name={name!r} must be a plain folder name (no '/', not '.' "
+                          f"or '..'); put the parent folder in train.run_dir")
+    if cfg.eval.name is not None and (not cfg.eval.name.strip() or "/" in cfg.eval.name
+                                      or cfg.eval.name in (".", "..")):
+        raise ConfigError(f"eval.name={cfg.eval.name!r} must be a plain folder name")
+    if not cfg.eval.knn_ks or min(cfg.eval.knn_ks) < 1:
+        raise ConfigError(f"eval.knn_ks={cfg.eval.knn_ks} must list neighbour counts >= 1 "
+                          f"(to skip kNN set eval.knn=false)")
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError("model.logvar_min must be below model.logvar_max")
-    if cfg.eval.validation_samples < 1:
-        raise ConfigError(f"eval.validation_samples must be >= 1, got "
-                          f"{cfg.eval.validation_samples}")
-    if cfg.train.warmup_epochs < 0:
-        raise ConfigError("train.warmup_epochs must be >= 0")
+    if cfg.index.kind == "ivfpq" and cfg.model.z_dim % cfg.index.pq_m:
+        raise ConfigError(f"index.pq_m={cfg.index.pq_m} must divide model.z_dim="
+                          f"{cfg.model.z_dim} (PQ splits each latent into pq_m parts)")
+    if cfg.train.allow_changed and cfg.train.overwrite:
+        raise ConfigError("train.allow_changed=true and train.overwrite=true contradict each "
+                          "other: resume with the new settings, or start over; pick one")
     return cfg
 
 
@@ -369,14 +434,6 @@ def check_trainer_keys(cfg: "ExperimentConfig", trainer: str) -> None:
                                   "it, or train on Ray (python -m exvae_dist.train)")
 
 
-def write_yaml(path: Path, cfg: "ExperimentConfig") -> Path:
-    """config.yaml of a run, written through a temp name (never half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
-
-
 def to_dict(cfg: ExperimentConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -404,15 +461,65 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def describe() -> str:
-    """Every key with its default, for --help."""
+@functools.lru_cache(maxsize=None)
+def field_help(cls: type) -> dict[str, str]:
+    """The description of each field of a config dataclass, read from its source comments:
+    the comment block right above the field plus the comment at the end of its line. A field
+    without either, on the line right after another field, shares that field's block (a
+    comment above `n_train, n_valid, n_test` describes all three). Used by `describe`."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (frozen app): --help lists keys and defaults
+        return {}
+    lines = source.splitlines()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    helps: dict[str, str] = {}
+    prev_line, prev_block = -10, ""
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        row = node.lineno
+        block, above = [], row - 1
+        while above in comments and lines[above - 1].lstrip().startswith("#"):
+            block.insert(0, comments[above])
+            above -= 1
+        block_text = " ".join(block)
+        trailing = comments.get(row, "") if not lines[row - 1].lstrip().startswith("#") else ""
+        if not block_text and not trailing and row == prev_line + 1:
+            block_text = prev_block
+        helps[node.target.id] = " ".join(t for t in (block_text, trailing) if t)
+        prev_line, prev_block = node.end_lineno or row, block_text
+    return helps
+
+
+def describe(prefixes: Optional[tuple[str, ...]] = None, width: int = 100) -> str:
+    """Every key (or those starting with one of `prefixes`) as `key=default  meaning`, for
+    --help; the meaning comes from the dataclass comments (field_help)."""
     lines = []
     for section in dataclasses.fields(ExperimentConfig):
         sub = section.default_factory()
-        lines.append(f"  {section.name}:")
+        helps = field_help(type(sub))
+        rows = []
         for f in dataclasses.fields(sub):
+            key = f"{section.name}.{f.name}"
+            if prefixes and not key.startswith(tuple(prefixes)):
+                continue
             default = getattr(sub, f.name)
-            choices = CHOICES.get(f"{section.name}.{f.name}")
-            extra = f"  (one of {', '.join(choices)})" if choices else ""
-            lines.append(f"    {section.name}.{f.name}={default!r}{extra}")
+            shown = "null" if default is None else str(default).lower() \
+                if isinstance(default, bool) else str(default)
+            meaning = helps.get(f.name, "")
+            choices = CHOICES.get(key)
+            if choices and not all(c in meaning for c in choices):
+                meaning += f" (one of {', '.join(choices)})"
+            rows.append((f"{key}={shown}", meaning))
+        if not rows:
+            continue
+        lines.append(f"  {section.name}:")
+        pad = max(len(k) for k, _ in rows) + 2
+        for key, meaning in rows:
+            wrapped = textwrap.wrap(meaning, width=max(40, width - 4 - pad)) or [""]
+            lines.append(f"    {key:<{pad}}{wrapped[0]}".rstrip())
+            lines.extend(" " * (4 + pad) + more for more in wrapped[1:])
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """`python -m exvae_dist.evaluate <run dir | MLflow run id> [key=value ...]`
 
-Evaluates a trained run on its test set (METHOD.md section 4) and writes everything into
-`<run dir>/eval/` (summary.json + PNGs), also logged to the run's MLflow run:
+Evaluates a trained run on its test set (METHOD.md section 4) and writes everything into its
+own folder `<run dir>/eval/<eval.name or the UTC start time>/` (summary.json + PNGs; a named
+folder that exists is replaced whole, so no stale picture survives), also logged to the
+run's MLflow run under eval/<name>/:
 
 - test log-likelihood by importance sampling (eval.n_samples, 5000 by default) with the exact
   exemplar prior over all N training exemplars, or with eval.prior_neighbours=k the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,8 @@ import torch
 from .data import DataSplits, binarize_once, load_dataset
 from .evaluation import knn, pictures
 from .evaluation.likelihood import describe_prior, estimate_log_likelihood
-from .evaluation.runs import TrainedRun, run_command, write_json
+from .evaluation.runs import TrainedRun, run_command
+from .jsonio import dumps, write_json
 from .objective import encode_means
 from .priors import DEFAULT_CHUNK
 from .step import exemplar_centres, validation_elbo
@@ -131,8 +135,9 @@ def make_pictures(trained: TrainedRun, splits: DataSplits, centres: Optional[tor
 
 
 def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
-    """Runs every evaluation the config asks for; writes <run>/eval/summary.json and PNGs,
-    logs them to the run's MLflow run and returns the summary."""
+    """Runs every evaluation the config asks for; writes <run>/eval/<name>/summary.json and
+    PNGs (output_folder), logs them to the run's MLflow run and returns the summary
+    (`summary["written_to"]` is the folder)."""
     cfg, model = trained.cfg, trained.model
     e = cfg.eval
     if cfg.train.threads:
@@ -142,8 +147,7 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
     device = resolve_device(cfg.train.device)
     model.to(device)
     splits = splits or load_dataset(cfg.data)
-    out = trained.path / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(trained.path, e.name)
     train_x = torch.from_numpy(splits.train_x).to(device)
     test_x = torch.from_numpy(splits.test_x).to(device)
     if e.n_test is not None:
@@ -152,6 +156,7 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
     centres = exemplar_centres(model, train_x)  # grey-level exemplars, as in training
     summary: dict = {
         "run": str(trained.path), "checkpoint": str(trained.checkpoint), "epoch": trained.epoch,
+        "written_to": str(out),
         "dataset": splits.name, "dataset_note": splits.note, "arch": cfg.model.arch,
         "prior_kind": model.prior_kind, "n_exemplars": int(train_x.shape[0]),
         "n_test": int(test_x.shape[0]),
@@ -203,9 +208,29 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
                                             None if centres is None else centres.cpu(),
                                             test_x.cpu(), test_means, out)
     summary["seconds"] = time.perf_counter() - t_start
+    # summary.json last: its presence marks a complete evaluation folder
     path = write_json(out / "summary.json", summary)
     _log_to_mlflow(trained, summary, path)
     return summary
+
+
+def output_folder(run: Path, name: Optional[str]) -> Path:
+    """<run>/eval/<name>, empty. name=None: the UTC time (with -2, -3 ... if taken), so each
+    evaluation keeps its own folder; a given name replaces that folder's old contents."""
+    root = run / "eval"
+    if name is None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        out, n = root / stamp, 1
+        while out.exists():
+            n += 1
+            out = root / f"{stamp}-{n}"
+    else:
+        out = root / name
+        if out.exists():
+            log.info("eval.name=%s: replacing the earlier evaluation in %s", name, out)
+            shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
 
 
 def _log_to_mlflow(trained: TrainedRun, summary: dict, summary_path: Path) -> None:
@@ -220,9 +245,10 @@ def _log_to_mlflow(trained: TrainedRun, summary: dict, summary_path: Path) -> No
     for k, v in (summary.get("knn_error") or {}).items():
         metrics[f"test_knn_error_k{k}"] = v
     tracker.log_metrics(metrics, step)
-    tracker.log_artifact(summary_path, "eval")
+    artifacts = f"eval/{summary_path.parent.name}"
+    tracker.log_artifact(summary_path, artifacts)
     for p in (summary.get("pictures") or {}).values():
-        tracker.log_artifact(p, "eval")
+        tracker.log_artifact(p, artifacts)
     tracker.end()
 
 
@@ -231,7 +257,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "python -m exvae_dist.evaluate",
         "Evaluate a trained run: test log-likelihood (importance sampling, exact or "
         "nearest-neighbour-truncated exemplar prior), ELBO / reconstruction / KL, active units, "
-        "kNN error, pictures. Writes <run dir>/eval/ and logs to the run's MLflow run. Any "
+        "kNN error, pictures. Writes <run dir>/eval/<eval.name or UTC time>/ and logs to the run's MLflow run. Any "
         "training key works too.",
         ("eval", "data.root", "train.threads", "train.device"),
         "eval.n_samples=1000 eval.prior_neighbours=100", argv)
@@ -244,10 +270,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         brief["log_likelihood"] = {k: summary["log_likelihood"][k]
                                    for k in ("value", "stderr", "prior", "n_samples")}
     brief["knn_error"] = summary.get("knn_error")
-    brief["written_to"] = str(trained.path / "eval")
-    import json
-
-    print(json.dumps(brief, indent=2))
+    brief["written_to"] = summary["written_to"]
+    print(dumps(brief))
     return 0
 
 

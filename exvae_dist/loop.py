@@ -277,11 +277,8 @@ def fit(parts: Parts) -> dict:
             p.sink.save(state.state_dict(), bool(summary["improved"]), summary)
         if group.rank == 0:
             summary = finish_run(p.run, summary, state.stopper, p.tracker)
-    except KeyboardInterrupt:
-        p.tracker.end("KILLED")
-        raise
-    except BaseException:
-        p.tracker.end("FAILED")
+    except BaseException as exc:  # Ctrl-C: KILLED; anything else: FAILED
+        p.tracker.end_for(exc)
         raise
     return summary
 

@@ -14,12 +14,13 @@ from typing import Optional
 import torch
 
 from . import config as config_mod
+from . import run_folder
 from .checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from .data import DataSplits, load_dataset
 from .loop import Parts, fit as fit_parts
 from .objective import build_model, encode_means
 from .retrieval.exact import TorchExactSearch
-from .tracking import make_tracker
+from .tracking import make_tracker, probe
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,9 @@ def build_parts(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] =
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    run = cfg.run_path()
-    run.mkdir(parents=True, exist_ok=True)
-    config_mod.write_yaml(run / "config.yaml", cfg)
+    if cfg.tracking.enabled:
+        probe(cfg.tracking.uri)
+    run = run_folder.prepare(cfg).path  # refuses a changed rerun; writes config.yaml
 
     splits = splits or load_dataset(cfg.data)
     # the whole training set lives on the training device (MNIST: 157 MB in float32)

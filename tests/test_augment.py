@@ -17,21 +17,24 @@ def trained_run(tmp_path_factory, data_dir):
     cfg = config_mod.load("smoke", [f"train.run_dir={root}", "train.epochs=1",
                                     "train.max_steps_per_epoch=5", "train.progress=false",
                                     "train.threads=1", "data.n_train=500", "data.n_valid=100",
-                                    "tracking.sample_grid=false"],
+                                    "data.n_test=300", "tracking.sample_grid=false"],
                           env={"EXVAE_DATA_DIR": str(data_dir)})
     fit(cfg)
     return cfg.run_path()
 
 
-def test_augment_end_to_end(trained_run, data_dir, monkeypatch, capsys):
+def test_augment_end_to_end(trained_run, data_dir, monkeypatch, capsys, caplog):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
+    caplog.set_level("INFO", logger="exvae_dist.augment")
     rc = main([str(trained_run), "augment.hidden=16", "augment.epochs=2", "augment.seed=3",
                "train.progress=false"])
     assert rc == 0
     s = json.loads((trained_run / "augment" / "summary.json").read_text())
-    assert s["classifier"] == "MLP 784-16-16-10 ReLU" and s["n_test"] == 10_000
+    # data.n_test is the test set here too, and the log says what is really evaluated
+    assert s["classifier"] == "MLP 784-16-16-10 ReLU" and s["n_test"] == 300
+    assert "tested on 300 grey test images" in caplog.text
     assert s["generated_images"] == "decoder pixel means"
     assert s["generated_from"].startswith("exemplar-conditioned")
     for key in ("test_error_real_only", "test_error_augmented"):

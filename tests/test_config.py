@@ -60,3 +60,47 @@ def test_round_trip_through_dict():
     assert again == cfg
     flat = config_mod.flatten(config_mod.to_dict(cfg))
     assert flat["prior.k"] == 4 and "train.lr" in flat
+
+
+@pytest.mark.parametrize("override", [
+    "train.lr=0", "train.lr=-1e-3", "train.lr=nan", "prior.k=0", "train.batch_size=-5",
+    "train.warmup_epochs=-1", "augment.label_smoothing=1.0", "augment.real_weight=1.5",
+    "augment.momentum=-0.1", "prior.subsample=0", "prior.safety=0.5", "eval.n_samples=0",
+    "data.n_train=0", "train.seed=-1", "index.pq_bits=0", "eval.prior_tolerance=0",
+    "ray.max_failures=-2", "eval.knn_ks=[0,3]", "train.name=a/b", "train.name=..",
+    "ray.cpus_per_worker=0", "train.early_stop_patience=0", "index.nprobe=0",
+    "train.run_dir=", "prior.init_log_var=inf"])
+def test_obviously_wrong_values_are_refused_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(None, [override], env={})
+
+
+def test_boundary_values_that_mean_something_are_accepted():
+    cfg = load(None, ["train.warmup_epochs=0", "augment.label_smoothing=0", "augment.real_weight=1",
+                      "ray.max_failures=-1", "eval.prior_pool=0", "index.refine_factor=0"], env={})
+    assert cfg.train.warmup_epochs == 0 and cfg.augment.real_weight == 1
+
+
+def test_every_key_has_a_description_and_help_shows_it(capsys):
+    import dataclasses
+
+    for section in dataclasses.fields(config_mod.ExperimentConfig):
+        helps = config_mod.field_help(type(section.default_factory()))
+        for f in dataclasses.fields(section.default_factory()):
+            assert helps.get(f.name), f"{section.name}.{f.name} has no comment in config.py"
+    from exvae_dist.train.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "train.lr=0.0005" in out and "Adam learning rate" in out
+    assert "train.overwrite=false" in out and "moved aside" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("data.n_valid="))
+    assert "validation" in line  # shares the comment block above n_train
+
+
+def test_describe_selects_sections():
+    text = config_mod.describe(("eval", "data.root"))
+    assert "eval.n_samples=5000" in text and "data.root=null" in text and "train.lr" not in text

@@ -36,9 +36,12 @@ def mnist_raw(data_dir):
 
 
 def copy_folder(src: Path, dst: Path) -> Path:
+    """The dataset files of `src`, without what runs leave beside them (the hidden checksum
+    sidecar .exvae_verified.json and temp files), so a copy is what a fresh download holds."""
     dst.mkdir(parents=True)
     for f in src.iterdir():
-        shutil.copy(f, dst / f.name)
+        if not f.name.startswith("."):
+            shutil.copy(f, dst / f.name)
     return dst
 
 

@@ -159,12 +159,14 @@ def test_evaluate_end_to_end(trained_run, data_dir, monkeypatch, capsys):
     rc = main([run_id, f"train.run_dir={root}", "eval.n_samples=40", "eval.n_test=20",
                "eval.sample_chunk=20", "eval.tsne_points=20", "eval.knn_ks=[1,3]"])
     assert rc == 0
-    out = run / "eval"
+    (out,) = (run / "eval").iterdir()  # its own folder, named by the UTC start time
+    assert out.name.endswith("Z")
     names = {"summary.json", "samples.png", "exemplar_samples.png", "reconstructions.png",
              "interpolations.png", "tsne.png"}
     assert names <= {p.name for p in out.iterdir()}
     assert not list(out.glob("*.tmp*"))
     s = json.loads((out / "summary.json").read_text())
+    assert s["written_to"] == str(out)
     ll = s["log_likelihood"]
     assert ll["n_images"] == 20 and ll["n_samples"] == 40 and not ll["is_lower_bound"]
     assert "exact exemplar prior over all N=500" in ll["prior"]
@@ -177,12 +179,16 @@ def test_evaluate_end_to_end(trained_run, data_dir, monkeypatch, capsys):
     client = MlflowClient(info["uri"])
     metrics = client.get_run(run_id).data.metrics
     assert "test_log_likelihood" in metrics and "test_knn_error_k3" in metrics
-    logged = {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert {f"eval/{n}" for n in names} <= logged
-    # the truncated prior is labelled as a lower bound everywhere
-    assert main([str(run), "eval.n_samples=20", "eval.n_test=5", "eval.prior_neighbours=3",
-                 "eval.knn=false", "eval.pictures=false"]) == 0
-    s = json.loads((out / "summary.json").read_text())
+    logged = {a.path for a in client.list_artifacts(run_id, f"eval/{out.name}")}
+    assert {f"eval/{out.name}/{n}" for n in names} <= logged
+    # the truncated prior is labelled as a lower bound everywhere; a named evaluation gets
+    # (and, run again, replaces) its own folder: the first one's pictures are kept, none stale
+    for _ in range(2):
+        assert main([str(run), "eval.n_samples=20", "eval.n_test=5", "eval.prior_neighbours=3",
+                     "eval.knn=false", "eval.pictures=false", "eval.name=truncated"]) == 0
+    assert names <= {p.name for p in out.iterdir()}
+    assert {p.name for p in (run / "eval" / "truncated").iterdir()} == {"summary.json"}
+    s = json.loads((run / "eval" / "truncated" / "summary.json").read_text())
     assert s["log_likelihood"]["is_lower_bound"]
     assert s["log_likelihood"]["prior"].startswith("LOWER BOUND")
     assert "test_log_likelihood_lower_bound" in client.get_run(run_id).data.metrics

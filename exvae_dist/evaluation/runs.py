@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .. import config as config_mod
 from ..checkpoint import BEST, LATEST, find_checkpoint, load_checkpoint
+from ..jsonio import write_json  # re-exported: strict JSON, atomic
 from ..objective import VAEWithPrior, build_model
 from ..tracking import RUN_FILE
 
@@ -117,15 +118,6 @@ def load_run(run: str, overrides: Sequence[str] = (),
     log.info("loaded %s (epoch %s)", ckpt, state.get("epoch"))
     return TrainedRun(path=path, checkpoint=ckpt, cfg=cfg, model=model, image_shape=image_shape,
                       epoch=state.get("epoch"))
-
-
-def write_json(path: Path, data: dict) -> Path:
-    """JSON written through a temp file, so a crash never leaves half a summary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
 
 
 __all__ = ["TrainedRun", "RunNotFoundError", "resolve_run", "load_run", "config_with_overrides",

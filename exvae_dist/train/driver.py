@@ -16,6 +16,8 @@ from typing import Optional
 
 
 from .. import config as config_mod
+from .. import run_folder
+from ..tracking import probe
 from ..data import DataSplits, load_dataset
 from ..objective import build_model
 from .exemplars import ensure_store, to_bytes
@@ -133,16 +135,14 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
         raise config_mod.ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch, split over "
             f"ray.num_workers={cfg.ray.num_workers} workers: make it at least as large")
+    # deterministic refusals before Ray starts: a changed run, a job's temporary folder,
+    # a tracking server that does not answer
+    if cfg.tracking.enabled:
+        probe(cfg.tracking.uri)
+    run_folder.prepare(cfg)
     started = connect(cfg)
-    if (not Path(cfg.train.run_dir).expanduser().is_absolute()
-            and ray.get_runtime_context().runtime_env.get("working_dir")):
-        log.warning("train.run_dir=%s is relative and this driver runs in a job's uploaded "
-                    "working dir, so the run goes to %s, a temporary copy; pass an absolute "
-                    "train.run_dir to keep it", cfg.train.run_dir, cfg.run_path())
     cfg = absolute(cfg)
     run_path = cfg.run_path()
-    run_path.mkdir(parents=True, exist_ok=True)
-    config_mod.write_yaml(run_path / "config.yaml", cfg)
 
     splits = splits or load_dataset(cfg.data)
     latent_dim = build_model(cfg, splits.image_shape).net.top_dim

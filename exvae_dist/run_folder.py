@@ -1,0 +1,217 @@
+"""Run folders that are safe to rerun: a fingerprint of what defines a run, checked first.
+
+A run folder (`train.run_dir/<run name>/`) resumes when the same command runs again. That
+is only right when the rerun trains the same thing, so the first start writes
+`fingerprint.json`: the values of the IDENTITY keys (data, model, prior, optimisation). A
+rerun compares them before Ray, data loading or anything expensive starts:
+
+- they match: resume (epochs, evaluation, tracking, workers may differ: they do not change
+  what is being trained);
+- they differ: stop with a RunFolderError that names each key (old -> new) and the three
+  ways on: `train.allow_changed=true` (resume with the new settings; not possible for the
+  STRUCTURAL keys, whose checkpoint or exemplar store cannot be reused), a new `train.name`,
+  or `train.overwrite=true` (the old folder is moved aside to `<name>.replaced-<UTC time>`,
+  never deleted: results are not ours to throw away).
+
+Also refused: a run folder inside Ray's temporary copy of a job's working dir
+(`ray job submit --working-dir`), which Ray deletes after the job.
+
+    folder = prepare(cfg)    # entry points, before Ray starts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import OmegaConf
+
+from . import config as config_mod
+from .jsonio import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "fingerprint.json"
+CONFIG_RECORD = "config.yaml"
+
+# What defines a run: changing any of these changes what is trained. Everything else
+# (train.epochs, early stopping, eval.*, tracking.*, ray.*, index.* search settings, paths,
+# threads, device, progress) may change between the attempts of one run.
+IDENTITY: dict[str, Optional[tuple[str, ...]]] = {
+    "data": ("name", "n_train", "n_valid", "binarize_seed"),
+    "model": None,  # every key
+    "prior": None,
+    "train": ("batch_size", "lr", "normalize_grads", "warmup_epochs", "seed",
+              "max_steps_per_epoch", "exemplar_precision"),
+}
+# Identity keys that no checkpoint can survive: the network's shapes, the prior's parameters
+# and the exemplar set (the store and the sampler hold one row per training image).
+STRUCTURAL = ("data.name", "data.n_train", "model.arch", "model.z_dim", "model.hidden",
+              "prior.kind", "prior.n_pseudo")
+
+
+class RunFolderError(config_mod.ConfigError):
+    """The run folder cannot be used as asked; the message names the keys and the fix."""
+
+
+@dataclasses.dataclass
+class RunFolder:
+    path: Path
+    fingerprint: dict[str, Any]
+    resumed: bool  # the folder held this run already (same fingerprint, or allow_changed)
+    changed: dict[str, tuple[Any, Any]]  # key -> (recorded, now), accepted by allow_changed
+    moved_to: Optional[Path] = None  # where train.overwrite=true put the old folder
+
+
+def fingerprint(cfg: config_mod.ExperimentConfig) -> dict[str, Any]:
+    """The IDENTITY values of `cfg`, as {"section.key": value}."""
+    out: dict[str, Any] = {}
+    for section, keys in IDENTITY.items():
+        values = dataclasses.asdict(getattr(cfg, section))
+        for key in (keys if keys is not None else values):
+            out[f"{section}.{key}"] = values[key]
+    return out
+
+
+def differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple]:
+    """Keys whose value differs, as key -> (recorded, now); a key only one side knows (a run
+    recorded by an older version) counts when its value is not the default's."""
+    defaults = fingerprint(config_mod.ExperimentConfig())
+    out = {}
+    for key in sorted(set(recorded) | set(now)):
+        old = recorded.get(key, defaults.get(key))
+        new = now.get(key, defaults.get(key))
+        if old != new:
+            out[key] = (old, new)
+    return out
+
+
+def temporary_working_dir(path: Path, env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Why `path` lies in a folder Ray deletes (a job's uploaded working dir), or None.
+
+    Ray unpacks a job's `--working-dir` under `<ray temp>/session_*/runtime_resources/
+    working_dir_files/_ray_pkg_<hash>/` and runs the entrypoint there, so a relative
+    train.run_dir lands in it and disappears with the session."""
+    env = os.environ if env is None else env
+    parts = Path(path).resolve().parts
+    if "runtime_resources" in parts or any(p.startswith("_ray_pkg_") for p in parts):
+        return "it lies inside the working dir Ray unpacked for this job"
+    ray_tmp = Path(env.get("RAY_TMPDIR") or "/tmp/ray").resolve()
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(ray_tmp) and any(p.startswith("session_") for p in
+                                                resolved.relative_to(ray_tmp).parts[:1]):
+        return f"it lies inside Ray's session folder under {ray_tmp}"
+    return None
+
+
+def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] = None,
+            now: Optional[float] = None) -> RunFolder:
+    """Checks and claims cfg.run_path() before any expensive work; returns the RunFolder.
+
+    Fresh folder: writes fingerprint.json. Existing run with the same fingerprint: resumes.
+    Different fingerprint: RunFolderError, unless train.overwrite (old folder moved aside,
+    fresh start) or train.allow_changed (resume; the change is appended to the record).
+    Writes config.yaml (the settings of this attempt) in every case that goes on.
+    """
+    path = cfg.run_path()
+    why = temporary_working_dir(path, env)
+    if why:
+        raise RunFolderError(
+            f"train.run_dir={cfg.train.run_dir} puts the run at {path}, but {why}, which Ray "
+            f"deletes when the job ends: the checkpoints and results would be lost. Pass an "
+            f"absolute train.run_dir outside it (e.g. train.run_dir=$PWD/runs expanded by "
+            f"the submitting shell, or a folder every node shares such as /shared/runs)")
+    now_fp = fingerprint(cfg)
+    recorded = _recorded(path)
+    moved_to, changed, resumed = None, {}, False
+    if recorded is not None:
+        changed = differences(recorded, now_fp)
+        if cfg.train.overwrite:
+            moved_to = _move_aside(path, now)
+            log.warning("train.overwrite=true: moved the old run folder %s to %s and starting "
+                        "over", path, moved_to)
+            changed = {}
+        elif not changed:
+            resumed = True
+        elif cfg.train.allow_changed:
+            structural = [k for k in changed if k in STRUCTURAL]
+            if structural:
+                raise RunFolderError(_message(cfg, path, changed, structural))
+            resumed = True
+            log.warning("train.allow_changed=true: resuming %s with changed settings: %s",
+                        path, _listing(changed))
+        else:
+            raise RunFolderError(_message(cfg, path, changed, []))
+    path.mkdir(parents=True, exist_ok=True)
+    history = (read_json(path / FINGERPRINT).get("changes", [])
+               if resumed and (path / FINGERPRINT).is_file() else [])
+    if changed:
+        history.append({"time": _utc(now), "changed": {k: {"was": a, "now": b}
+                                                       for k, (a, b) in changed.items()}})
+    write_json(path / FINGERPRINT, {"fingerprint": now_fp, "changes": history,
+                                    "identity_keys": sorted(now_fp)})
+    tmp = path / f".{CONFIG_RECORD}.tmp"
+    tmp.write_text(config_mod.to_yaml(cfg))
+    os.replace(tmp, path / CONFIG_RECORD)
+    return RunFolder(path=path, fingerprint=now_fp, resumed=resumed, changed=changed,
+                     moved_to=moved_to)
+
+
+def _recorded(path: Path) -> Optional[dict[str, Any]]:
+    """The fingerprint a folder records: fingerprint.json, else (a run from before
+    fingerprints) its config.yaml; None for a folder that holds no run."""
+    if (path / FINGERPRINT).is_file():
+        try:
+            return dict(read_json(path / FINGERPRINT)["fingerprint"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise RunFolderError(f"{path / FINGERPRINT} is unreadable ({err}): restore it, "
+                                 f"or start over with train.overwrite=true") from None
+    if (path / CONFIG_RECORD).is_file():
+        try:
+            old = config_mod.from_dict(OmegaConf.to_container(OmegaConf.load(path / CONFIG_RECORD)))
+        except Exception as err:  # a config from another version: keys renamed or removed
+            raise RunFolderError(f"{path} holds a run whose {CONFIG_RECORD} this version cannot "
+                                 f"read ({str(err).splitlines()[0]}): pick a new train.name or "
+                                 f"start over with train.overwrite=true") from None
+        return fingerprint(old)
+    return None
+
+
+def _move_aside(path: Path, now: Optional[float]) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+    path.rename(target)
+    return target
+
+
+def _listing(changed: Mapping[str, tuple]) -> str:
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+
+
+def _message(cfg, path: Path, changed: Mapping[str, tuple], structural: list[str]) -> str:
+    lines = [f"{path} holds a run trained with other settings: {_listing(changed)}."]
+    if structural:
+        lines.append(f"{', '.join(structural)} cannot change in a resumed run (the checkpoint "
+                     f"and exemplar store have other shapes), so train.allow_changed=true does "
+                     f"not apply.")
+    lines.append("Pick one:")
+    if not structural:
+        lines.append("  train.allow_changed=true   resume this run with the new settings "
+                     "(recorded in fingerprint.json)")
+    lines.append(f"  train.name=<new name>      a separate run next to it (now "
+                 f"train.name={cfg.run_name()})")
+    lines.append(f"  train.overwrite=true       start over; the old folder is moved to "
+                 f"{path.name}.replaced-<UTC time>")
+    return "\n".join(lines)
+
+
+def _utc(now: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))

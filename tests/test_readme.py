@@ -1,0 +1,165 @@
+"""The README's commands work as written: every ```bash block runs, in order, in one shell.
+
+The blocks run in a copy of the repository next to a `shared/data` link to the datasets, so
+the README's own `export EXVAE_DATA_DIR=...` line is what finds them. Long runs are shortened
+by appending smoke-size overrides to each `python -m exvae_dist.<command>` line (a later
+`key=value` wins); nothing else is rewritten except what must be on a shared machine:
+`setup.sh` is skipped when the venv exists (.ci/run runs it), the test command itself is
+left to .ci/run, `ray start` gets free ports, and `ray stop` (which stops every Ray on the
+machine) becomes a stop of this test's own Ray processes. Prints each block's wall time.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTEST_LINE = ".venv/bin/python -m pytest -q"
+SETUP = "bash scripts/setup.sh"
+TRAIN_SHORT = ("train.epochs=1", "train.max_steps_per_epoch=2", "data.n_train=300",
+               "data.n_valid=100", "data.n_test=20", "train.progress=false",
+               "tracking.enabled=false", "train.threads=1")
+EVAL_SHORT = ("eval.n_samples=4", "eval.n_test=4", "eval.sample_chunk=4", "eval.pictures=false",
+              "eval.knn=false", "train.progress=false", "data.n_train=300")
+COMMAND = re.compile(r"-m exvae_dist\.(train|trainer|evaluate|augment)\b")
+IGNORED = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.egg-info",
+                                 ".pytest_cache", ".docker-build", "mlruns", "out")
+
+
+def bash_blocks(readme: str) -> list[str]:
+    return re.findall(r"^```bash\n(.*?)^```", readme, flags=re.S | re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shorten(block: str, ports: dict[str, int]) -> str:
+    """The block as the test runs it (see the module docstring)."""
+    lines = []
+    for line in block.replace("\\\n", " ").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not stripped:
+            continue
+        if stripped == PYTEST_LINE:
+            continue  # .ci/run runs the suite (asserted below)
+        line = line.replace(f"{SETUP} && ", "")
+        if line.strip() == SETUP:
+            continue
+        found = COMMAND.search(line)
+        if found:
+            short = TRAIN_SHORT if found.group(1) in ("train", "trainer") else EVAL_SHORT
+            line = re.sub(r"\s+#\s.*$", "", line) + " " + " ".join(short)
+        if "ray start --head" in line:
+            line += (f" --port {ports['gcs']} --dashboard-port {ports['dashboard']}"
+                     f" --dashboard-agent-listen-port {ports['agent']}"
+                     f" --ray-client-server-port {ports['client']}")
+        line = line.replace("127.0.0.1:8265", f"127.0.0.1:{ports['dashboard']}")
+        if re.fullmatch(r"(\S*/)?ray stop", stripped):
+            line = "stop_own_ray"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def stop_own_ray(ray_tmp: Path) -> None:
+    """Terminates the processes of the Ray clusters whose files live under `ray_tmp` only."""
+    import psutil
+
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}  # the shell that runs the blocks
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid not in spared and str(ray_tmp) in " ".join(proc.info["cmdline"] or ()):
+                mine.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for proc in mine:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for proc in alive:
+        proc.kill()
+
+
+def test_readme_blocks_are_what_this_test_and_ci_cover():
+    readme = (REPO / "README.md").read_text()
+    blocks = bash_blocks(readme)
+    assert len(blocks) >= 4
+    text = "\n".join(blocks)
+    assert PYTEST_LINE in text and PYTEST_LINE in (REPO / ".ci" / "run").read_text()
+    assert SETUP in (REPO / ".ci" / "run").read_text()
+    # the first block finds the shared data with an absolute path, before its command
+    first = blocks[0]
+    assert first.index('export EXVAE_DATA_DIR="$(cd .. && pwd)/shared/data"') \
+        < first.index("-m exvae_dist.train")
+    assert "--node-ip-address 127.0.0.1" in text
+    job = next(b for b in blocks if "ray job submit" in b)
+    assert '"$PWD/.venv/bin/python" -m exvae_dist.train' in job
+    assert 'train.run_dir="$PWD/runs"' in job
+    quick = next(b for b in blocks if "train.epochs=10 train.warmup_epochs=10" in b
+                 and "-m exvae_dist.train " in b)
+    assert "train.name=" in quick  # never silently resumes the default run
+
+
+@pytest.mark.slow
+def test_readme_commands_run(data_dir, tmp_path, capsys):
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("needs the project's venv (.venv) to stand in for the README's")
+    pytest.importorskip("psutil")
+    repo = tmp_path / "exvae-dist"
+    shutil.copytree(REPO, repo, ignore=IGNORED, symlinks=True)
+    (repo / ".venv").symlink_to(Path(sys.prefix))
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(data_dir.resolve())
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rdm", dir="/tmp"))  # short: Ray's socket paths
+    ports = {k: free_port() for k in ("gcs", "dashboard", "agent", "client")}
+    blocks = [shorten(b, ports) for b in bash_blocks((repo / "README.md").read_text())]
+    script = ["set -euo pipefail", f"stop_own_ray() {{ {sys.executable} -c "
+              f"'from tests.test_readme import stop_own_ray; from pathlib import Path; "
+              f"stop_own_ray(Path(\"{ray_tmp}\"))'; }}"]
+    for i, block in enumerate(blocks):
+        script += [f'echo "@@ {i} start $(date +%s.%N)"', block, f'echo "@@ {i} end $(date +%s.%N)"']
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("EXVAE_DATA_DIR", "RAY_ADDRESS", "PYTEST_CURRENT_TEST")}
+    env.update(PYTHONPATH=str(repo), RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
+    start = time.monotonic()
+    try:
+        done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=1500)
+        rc, out = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:  # still report how far the blocks got
+        rc = "timeout"
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                      for x in (err.stdout, err.stderr))
+    finally:
+        stop_own_ray(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    marks = {(int(i), what): float(t) for i, what, t in re.findall(r"@@ (\d+) (start|end) (\S+)", out)}
+    with capsys.disabled():
+        print(f"\nREADME blocks ({time.monotonic() - start:.0f} s in all):")
+        for i, block in enumerate(blocks):
+            first = next((l for l in block.splitlines() if l.strip()), "(comments only)")
+            took = (f"{marks[i, 'end'] - marks[i, 'start']:.1f} s" if (i, "end") in marks
+                    else "FAILED" if (i, "start") in marks else "not run")
+            print(f"  block {i}: {took:>8}  {first[:90]}")
+    assert rc == 0, out[-6000:]
+    runs = repo / "runs"
+    for name in ("mnist_vae_exemplar_rat", "quick_look", "smoke", "smoke_job",
+                 "results/mnist_vae_gaussian", "results/mnist_vae_exemplar"):
+        assert (runs / name / "summary.json").is_file(), f"{name}: no summary.json\n{out[-3000:]}"
+    for name in ("mnist_vae_gaussian", "mnist_vae_exemplar"):
+        assert list((runs / "results" / name / "eval").glob("*/summary.json"))
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-3000:]

@@ -1,0 +1,94 @@
+"""Run folders: a rerun resumes only with the same defining settings; job temp dirs refused."""
+
+import json
+
+import pytest
+
+from exvae_dist import config as config_mod
+from exvae_dist.run_folder import (FINGERPRINT, IDENTITY, RunFolderError, fingerprint, prepare,
+                                   temporary_working_dir)
+
+
+def cfg_at(tmp_path, *overrides):
+    return config_mod.load("smoke", [f"train.run_dir={tmp_path}", *overrides], env={})
+
+
+def test_first_start_records_the_fingerprint_and_a_rerun_resumes(tmp_path):
+    first = prepare(cfg_at(tmp_path))
+    assert not first.resumed and (first.path / FINGERPRINT).is_file()
+    record = json.loads((first.path / FINGERPRINT).read_text())
+    assert record["fingerprint"]["train.lr"] == first.fingerprint["train.lr"]
+    # epochs, evaluation, tracking and worker counts are not what defines the run
+    again = prepare(cfg_at(tmp_path, "train.epochs=50", "ray.num_workers=2", "eval.n_samples=9",
+                           "tracking.enabled=false", "train.early_stop_patience=3"))
+    assert again.resumed and again.changed == {}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.warmup_epochs=10", "train.warmup_epochs"), ("train.lr=0.01", "train.lr"),
+    ("prior.k=3", "prior.k"), ("model.z_dim=8", "model.z_dim"), ("data.n_train=500", "data.n_train"),
+    ("train.batch_size=50", "train.batch_size")])
+def test_a_changed_setting_is_refused_with_the_ways_on(tmp_path, override, key):
+    prepare(cfg_at(tmp_path))
+    before = (cfg_at(tmp_path).run_path() / "config.yaml").read_text()
+    with pytest.raises(RunFolderError) as err:
+        prepare(cfg_at(tmp_path, override))
+    message = str(err.value)
+    assert key in message and "train.name=" in message and "train.overwrite=true" in message
+    # the run's record is untouched by the refused attempt
+    assert (cfg_at(tmp_path).run_path() / "config.yaml").read_text() == before
+
+
+def test_allow_changed_resumes_and_records_the_change(tmp_path):
+    prepare(cfg_at(tmp_path))
+    folder = prepare(cfg_at(tmp_path, "train.warmup_epochs=10", "train.allow_changed=true"))
+    assert folder.resumed and set(folder.changed) == {"train.warmup_epochs"}
+    record = json.loads((folder.path / FINGERPRINT).read_text())
+    assert record["fingerprint"]["train.warmup_epochs"] == 10
+    assert record["changes"][0]["changed"]["train.warmup_epochs"]["now"] == 10
+    assert prepare(cfg_at(tmp_path, "train.warmup_epochs=10")).resumed  # the new settings hold
+
+
+def test_allow_changed_cannot_change_the_model_shape(tmp_path):
+    prepare(cfg_at(tmp_path))
+    with pytest.raises(RunFolderError, match=r"model\.z_dim cannot change") as err:
+        prepare(cfg_at(tmp_path, "model.z_dim=8", "train.allow_changed=true"))
+    assert "train.allow_changed=true   resume" not in str(err.value)
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path):
+    first = prepare(cfg_at(tmp_path))
+    (first.path / "checkpoint.pt").write_text("old")
+    fresh = prepare(cfg_at(tmp_path, "model.z_dim=8", "train.overwrite=true"), now=0)
+    assert not fresh.resumed and not (fresh.path / "checkpoint.pt").exists()
+    assert fresh.moved_to.name == "smoke.replaced-19700101T000000Z"
+    assert (fresh.moved_to / "checkpoint.pt").read_text() == "old"
+
+
+def test_a_run_from_before_fingerprints_is_checked_against_its_config_yaml(tmp_path):
+    cfg = cfg_at(tmp_path)
+    cfg.run_path().mkdir(parents=True)
+    (cfg.run_path() / "config.yaml").write_text(config_mod.to_yaml(cfg))
+    assert prepare(cfg).resumed
+    (cfg.run_path() / FINGERPRINT).unlink()
+    with pytest.raises(RunFolderError, match="train.warmup_epochs"):
+        prepare(cfg_at(tmp_path, "train.warmup_epochs=10"))
+
+
+def test_a_run_dir_inside_a_jobs_temporary_working_dir_is_refused(tmp_path):
+    job = tmp_path / "ray" / "session_2026-12-01_20-00-00_000000_1" / "runtime_resources" \
+        / "working_dir_files" / "_ray_pkg_0123abcd"
+    with pytest.raises(RunFolderError, match=r"absolute train\.run_dir"):
+        prepare(cfg_at(job / "runs"))
+    assert not job.exists()  # refused before anything was written
+    assert temporary_working_dir(tmp_path / "ray" / "session_latest" / "x",
+                                 env={"RAY_TMPDIR": str(tmp_path / "ray")})
+    assert temporary_working_dir(tmp_path / "runs", env={"RAY_TMPDIR": str(tmp_path / "ray")}) is None
+
+
+def test_identity_keys_exist_and_exclude_schedule_and_infrastructure():
+    keys = fingerprint(config_mod.ExperimentConfig())
+    assert set(IDENTITY) == {"data", "model", "prior", "train"}
+    for key in ("train.epochs", "ray.num_workers", "train.run_dir", "data.root", "train.name",
+                "train.overwrite", "train.allow_changed", "train.device"):
+        assert key not in keys
