@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from .checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
+from .checkpoint import BEST, LATEST, load_resume_state, save_checkpoint  # hook: issue16
 from .data import DataSplits, load_dataset
+from .run_lock import exclusive_run  # hook: issue16
 from .objective import VAEWithPrior, build_model, kl_beta
 from .sampling import sample_images, save_grid
 from .tracking import make_tracker
@@ -144,6 +145,7 @@ class MetricsLog:
         return len(lines) - len(keep)
 
 
+@exclusive_run  # hook: issue16 (preflight, run lock, orphan sweep)
 def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
         on_epoch: Optional[Callable[[dict, VAEWithPrior, Optional[torch.Tensor]], None]] = None) -> dict:
     """Trains (or resumes) the run cfg.run_path(); returns the final summary dict."""
@@ -175,8 +177,8 @@ def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None,
     epoch, step = 0, 0
 
     # resume
-    if (run / LATEST).is_file():
-        state = load_checkpoint(run / LATEST)
+    state = load_resume_state(run)  # hook: issue16 (falls back past unreadable checkpoints)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])

@@ -26,7 +26,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import config as config_mod
-from ..checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
+from ..checkpoint import (BEST, LATEST, first_readable, load_checkpoint,  # hook: issue16
+                          ray_resume_candidates, save_checkpoint)
 from ..objective import VAEWithPrior, build_model, kl_beta
 from ..retrieval.store import ExemplarStore
 from ..step import PriorSampler, log_var_value, train_step, validation_elbo
@@ -188,9 +189,10 @@ def train_loop_per_worker(config: dict) -> None:
     # resume
     shared: dict = {}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            shared = worker.load(Path(folder))
+    found = first_readable(ray_resume_candidates(  # hook: issue16 (fallback past bad ones)
+        checkpoint and Path(checkpoint.path), run), worker.load)
+    if found is not None:
+        shared = found[0]
         log.info("rank %d resumed at epoch %d, step %d", group.rank, worker.epoch,
                  worker.step_count)
 
@@ -352,6 +354,9 @@ def _wait_served(service: ServiceSearch, version: int, timeout: float) -> None:
         status = service.status()
         if (status.get("version") or 0) >= version:
             return
+        if f"version {version}:" in (status.get("last_error") or ""):  # hook: issue16
+            raise RuntimeError(f"the index service failed to build version {version}: "
+                               f"{status['last_error']}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the index service did not serve version {version} within "
                                f"{timeout} s; last status: {status}")
