@@ -222,6 +222,10 @@ def test_another_writers_incomplete_version_is_never_reused(tmp_path):
     with pytest.raises(VersionClaimed, match="claimed by 'run-a'"):
         store.begin_version(1, owner="run-b")
     assert store.claim_version(1, owner="run-b") == 2
+    # a writer that has claimed v3 (its folder made) but not yet written the table's metadata
+    (store.path / "latents" / "v000003").mkdir()
+    with pytest.raises(VersionClaimed, match="claimed by another writer"):
+        store.begin_version(3, owner="run-b")
     store.write_rows(2, 0, table(2))
     store.mark_complete(2)
     np.testing.assert_array_equal(store.read_latents(2), table(2))
