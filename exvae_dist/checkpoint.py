@@ -1,32 +1,100 @@
-"""Checkpoints written atomically (temp name, then rename) and read with clear errors."""
+"""Checkpoints written atomically (temp name, then rename) and read with clear errors.
+
+The latest checkpoint keeps its predecessor (checkpoint.pt -> checkpoint.prev.pt on each save),
+so a resume that finds the newest one unreadable falls back to the previous good one, says
+so, and never starts over while a readable checkpoint exists (`load_resume_state`,
+`first_readable`). A failed write (a full disk, an I/O error) is named as such, with the path
+and the free space, and leaves the last good checkpoint as it was. `sweep_run_folder` removes
+what killed writers leave behind: `*.pt.*.tmp` files and Ray checkpoint folders that Ray never
+registered.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
+log = logging.getLogger(__name__)
+
 LATEST = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
 BEST = "best.pt"
+# Ray Train V2's record of the checkpoints it registered, in <storage_path>/<name>/
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+RAY_FOLDER_PREFIX = "checkpoint_"
+
+T = TypeVar("T")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Writes state to path through a temp file in the same folder, so a crash mid-write
-    leaves the previous checkpoint intact."""
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (errno ENOSPC for a full disk); the message names the
+    path and the free space, and the last good checkpoint is intact."""
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """checkpoint.pt -> checkpoint.prev.pt (the copy kept by the next save)."""
     path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
+                    keep_previous: Optional[bool] = None) -> Path:
+    """Writes state to path through a temp file in the same folder, so a crash mid-write
+    leaves the previous checkpoint intact.
+
+    keep_previous (default: only for checkpoint.pt) moves the file being replaced to
+    previous_path(path) first, so two checkpoints always exist for the resume to choose from.
+    """
+    path = Path(path)
+    if keep_previous is None:
+        keep_previous = path.name == LATEST
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except (OSError, RuntimeError) as err:  # torch reports ENOSPC as "iostream error"
+            raise _write_error(path, err) from err
+        if keep_previous and path.is_file():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _write_error(path: Path, err: BaseException) -> CheckpointWriteError:
+    """A full disk named as such: free space of path's file system, the checkpoint kept."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    # torch.save's C++ writer loses errno; a disk with less room than the checkpoint it
+    # replaces (or under 1 MiB) is full for our purpose
+    needed = max(path.stat().st_size if path.is_file() else 0, 1 << 20)
+    full = getattr(err, "errno", None) == errno.ENOSPC or 0 <= free < needed
+    kept = (f"the last good checkpoint {path} is intact" if path.is_file()
+            else "no earlier checkpoint was there")
+    free_text = f"{free / 2**20:.1f} MiB free" if free >= 0 else "free space unknown"
+    if full:
+        return CheckpointWriteError(
+            errno.ENOSPC, f"no space left on device writing checkpoint {path} ({free_text} on "
+            f"{path.parent}; {type(err).__name__}: {err}); {kept}. Free space (or point "
+            f"train.run_dir at a larger disk) and rerun the same command to resume")
+    return CheckpointWriteError(
+        getattr(err, "errno", None) or errno.EIO,
+        f"I/O error writing checkpoint {path} ({type(err).__name__}: {err}; {free_text} on "
+        f"{path.parent}); {kept}")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -38,7 +106,108 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for truncated/corrupt files
         raise RuntimeError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
-                           f"delete it to start over, or use {BEST} from the same folder") from err
+                           f"delete it to start over, or load an older one of the same "
+                           f"run ({PREVIOUS}, {BEST})") from err
+
+
+def first_readable(candidates: Sequence[Path], load: Callable[[Path], T],
+                   what: str = "checkpoint") -> Optional[tuple[T, Path]]:
+    """(load(c), c) for the first candidate (newest first) that loads; None if there are none.
+
+    Each unreadable one is skipped with a warning; when every candidate is unreadable this
+    raises (RuntimeError) rather than returning None: a run never silently starts over from
+    step 0 while its checkpoints exist.
+    """
+    failures = []
+    for candidate in candidates:
+        try:
+            value = load(candidate)
+        except Exception as err:  # a truncated file, a missing key, a torn folder
+            failures.append(f"{candidate}: {type(err).__name__}: {err}")
+            log.warning("%s %s is unreadable (%s: %s); trying the previous one", what,
+                        candidate, type(err).__name__, err)
+            continue
+        if failures:
+            log.warning("resuming from the previous good %s %s: %d newer one(s) unreadable",
+                        what, candidate, len(failures))
+        return value, candidate
+    if failures:
+        raise RuntimeError(f"every {what} is unreadable, refusing to start over from step 0: "
+                           + "; ".join(failures)
+                           + ". Delete them (or the run folder) to start the run afresh")
+    return None
+
+
+def resume_candidates(run: str | os.PathLike) -> list[Path]:
+    """The one-process trainer's checkpoints in a run folder, newest first."""
+    run = Path(run)
+    return [run / name for name in (LATEST, PREVIOUS, BEST) if (run / name).is_file()]
+
+
+def load_resume_state(run: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The state to resume run from (falling back past unreadable checkpoints), or None for
+    a fresh run."""
+    found = first_readable(resume_candidates(run), load_checkpoint)
+    return None if found is None else found[0]
+
+
+def ray_resume_candidates(registered: Optional[Path], run: str | os.PathLike) -> list[Path]:
+    """Folders a Ray worker may resume from, newest first: the checkpoint Ray hands back, the
+    other Ray checkpoint folders of the run, then the run folder itself (rank 0's
+    checkpoint.pt)."""
+    run = Path(run)
+    out = [Path(registered)] if registered is not None else []
+    folders = sorted((p for p in run.glob(RAY_FOLDER_PREFIX + "*") if p.is_dir()),
+                     key=lambda p: p.name, reverse=True)  # names carry a sortable timestamp
+    out += [p for p in folders if p not in out]
+    if (run / LATEST).is_file():
+        out.append(run)
+    return out
+
+
+def registered_ray_folders(run: Path) -> Optional[set[str]]:
+    """Names of the checkpoint folders in Ray Train's snapshot; None if it is absent or
+    unreadable (then nothing may be judged unregistered)."""
+    try:
+        snapshot = json.loads((run / RAY_SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return None
+    names: set[str] = set()
+
+    def walk(value):  # the snapshot's schema changes between Ray versions: look at strings
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and RAY_FOLDER_PREFIX in value:
+            names.add(Path(value.rstrip("/")).name)
+    walk(snapshot)
+    return names
+
+
+def sweep_run_folder(run: str | os.PathLike) -> list[Path]:
+    """Removes orphans of killed writers in run: `*.pt.*.tmp` files and Ray checkpoint folders
+    missing from Ray's snapshot. Call it only while holding the run's lock (a live writer's
+    temp files look the same). Returns what was removed."""
+    run = Path(run)
+    if not run.is_dir():
+        return []
+    removed = []
+    for tmp in list(run.glob("*.pt.*.tmp")) + list(run.glob(RAY_FOLDER_PREFIX + "*/*.pt.*.tmp")):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    registered = registered_ray_folders(run)
+    if registered is not None:
+        for folder in run.glob(RAY_FOLDER_PREFIX + "*"):
+            if folder.is_dir() and folder.name not in registered:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    if removed:
+        log.info("removed %d orphan(s) of an earlier killed run in %s: %s", len(removed), run,
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def find_checkpoint(run: str | os.PathLike, prefer_best: bool = True) -> Path:

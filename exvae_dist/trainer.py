@@ -15,11 +15,12 @@ import torch
 
 from . import config as config_mod
 from . import run_folder
-from .checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
+from .checkpoint import BEST, LATEST, load_resume_state, save_checkpoint
 from .data import DataSplits, load_dataset
 from .loop import Parts, fit as fit_parts
 from .objective import build_model, encode_means
 from .retrieval.exact import TorchExactSearch
+from .run_lock import exclusive_run
 from .tracking import make_tracker, probe
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class FileSink:
         self.run = run
 
     def load(self) -> Optional[dict]:
-        return load_checkpoint(self.run / LATEST) if (self.run / LATEST).is_file() else None
+        return load_resume_state(self.run)  # falls back past unreadable checkpoints
 
     def save(self, state: dict, improved: bool, metrics: dict) -> None:
         if improved:
@@ -96,6 +97,7 @@ def progress_bar(items, desc: str):
     return tqdm(items, desc=desc, leave=False, disable=None, dynamic_ncols=True)
 
 
+@exclusive_run  # preflight refusals, the run folder's lock, orphans of killed runs swept
 def fit(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -> dict:
     """Trains (or resumes) the run cfg.run_path() in this process; returns the final summary."""
     return fit_parts(build_parts(cfg, splits))

@@ -162,3 +162,96 @@ def test_prune_keeps_newest_complete_and_in_progress_versions(tmp_path):
     store.mark_complete(7, keep=1)
     assert store.versions() == [7]  # 6 was abandoned (older than the newest complete)
     np.testing.assert_array_equal(store.read_latents(7), table(7, n=64))
+
+
+# ------------------------------------------------ integrity: checksums, verified versions, claims
+
+def _chunk_files(store, version):
+    return sorted(p for p in (store.path / "latents" / f"v{version:06d}" / "c").rglob("*")
+                  if p.is_file())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero"])
+def test_torn_or_zeroed_chunk_of_the_newest_version_falls_back_to_the_previous(
+        tmp_path, caplog, damage):
+    store = make_store(tmp_path)
+    write_version(store, 1, table(1))
+    write_version(store, 2, table(2))
+    chunk = _chunk_files(store, 2)[3]
+    data = chunk.read_bytes()
+    # a torn write, or a chunk overwritten with zeros of the same size (no length change)
+    chunk.write_bytes(data[:len(data) // 2] if damage == "truncate" else bytes(len(data)))
+    reopened = ExemplarStore(store.path)  # a resumed run or a restarted service
+    with caplog.at_level(logging.WARNING):
+        assert reopened.latest_complete() == 1
+        assert reopened.complete_versions() == [1]
+    assert "skipping latent version 2" in caplog.text and "corrupt" in caplog.text
+    with pytest.raises(StoreError, match="latent version 2 .* corrupt"):
+        reopened.read_latents(2)
+    version, latents = reopened.read_newest()
+    assert version == 1
+    np.testing.assert_array_equal(latents, table(1))
+
+
+def test_a_version_with_a_corrupt_chunk_cannot_be_marked_complete(tmp_path):
+    store = make_store(tmp_path)
+    store.begin_version(1)
+    store.write_rows(1, 0, table(1))
+    chunk = _chunk_files(store, 1)[0]
+    chunk.write_bytes(bytes(chunk.stat().st_size))
+    with pytest.raises(StoreError, match="cannot mark latent version 1 complete: .*corrupt"):
+        store.mark_complete(1)
+
+
+def test_corrupt_image_chunk_is_an_error_not_other_images(tmp_path):
+    store = make_store(tmp_path)
+    chunk = sorted(p for p in (store.path / "images" / "c").rglob("*") if p.is_file())[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the compressed chunk
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="exemplar images .* corrupt"):
+        ExemplarStore(store.path).images()
+
+
+def test_another_writers_incomplete_version_is_never_reused(tmp_path):
+    from exvae_dist.retrieval.store import VersionClaimed
+
+    store = make_store(tmp_path)
+    store.begin_version(1, owner="run-a")
+    store.begin_version(1, owner="run-a")  # the same writer again: fine
+    with pytest.raises(VersionClaimed, match="claimed by 'run-a'"):
+        store.begin_version(1, owner="run-b")
+    assert store.claim_version(1, owner="run-b") == 2
+    # a writer that has claimed v3 (its folder made) but not yet written the table's metadata
+    (store.path / "latents" / "v000003").mkdir()
+    with pytest.raises(VersionClaimed, match="claimed by another writer"):
+        store.begin_version(3, owner="run-b")
+    store.write_rows(2, 0, table(2))
+    store.mark_complete(2)
+    np.testing.assert_array_equal(store.read_latents(2), table(2))
+
+
+def _claimer(path, owner, count, queue):
+    store = ExemplarStore(path)
+    queue.put((owner, [store.claim_version(1, owner=owner) for _ in range(count)]))
+
+
+def test_concurrent_writers_never_claim_the_same_version(tmp_path):
+    store = make_store(tmp_path, n=64, chunk=64)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(str(store.path), f"w{i}", 6, queue))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    by_owner = dict(queue.get(timeout=60) for _ in procs)  # in the order they finished
+    claimed = [by_owner["w0"], by_owner["w1"]]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    everything = claimed[0] + claimed[1]
+    assert len(set(everything)) == 12, claimed
+    owners = {v: json.loads((store.path / "latents" / f"v{v:06d}" / "zarr.json").read_text())
+              ["attributes"]["owner"] for v in everything}
+    for i, mine in enumerate(claimed):
+        assert all(owners[v] == f"w{i}" for v in mine)

@@ -14,20 +14,29 @@ chunk-aligned rows): Zarr loses data when two processes write parts of the same 
 shard. Metadata (version creation, completion marks, pruning) is written by one coordinator
 only; LocalStore writes each metadata document atomically (temp file + rename).
 
-An incomplete or unreadable version is skipped with a warning that says why, never used.
+Every chunk (images and latents) carries a CRC32C checksum (Zarr's `Crc32cCodec`), so a
+torn or overwritten chunk is an error, never a different model. A version counts as complete
+only when it is marked complete AND every chunk reads back and verifies (checked once per
+version and process); an incomplete, unreadable or corrupt version is skipped with a warning
+that says why, never used, and the newest good one is used instead.
+
+Version numbers are claimed atomically (`os.mkdir` of the version's folder, which fails when
+it exists), so two writers can never share a latent table: a writer that finds a number taken
+takes the next free one (`claim_version`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,15 @@ DEFAULT_CHUNK_ROWS = 8192
 
 class StoreError(ValueError):
     """A store or latent version that cannot be used as asked; the message says why."""
+
+
+class VersionClaimed(StoreError):
+    """A latent version number that another writer has already claimed."""
+
+
+def default_owner() -> str:
+    """Who writes a version: host and process id (recorded in the table's attributes)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _version_name(version: int) -> str:
@@ -75,6 +93,7 @@ class ExemplarStore:
         mode = "r+" if os.access(self.path, os.W_OK) else "r"
         self._root = zarr.open_group(str(self.path), mode=mode)
         self._warned: set[tuple[int, str]] = set()
+        self._verified: set[int] = set()  # complete versions whose every chunk verified
         attrs = dict(self._root.attrs)
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.path} is a Zarr group but not an exemplar store "
@@ -113,7 +132,8 @@ class ExemplarStore:
         arr = root.create_array(
             "images", shape=images.shape, dtype=np.uint8,
             chunks=(chunk_rows, *images.shape[1:]),
-            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+                         Crc32cCodec()])
         arr[...] = images
         root.create_group("latents")
         # the format attributes go last: a store is only recognised once its images exist
@@ -127,16 +147,22 @@ class ExemplarStore:
     def images(self, rows: Optional[np.ndarray | slice] = None) -> np.ndarray:
         """uint8 [len(rows), ...] exemplar images (all N when rows is None)."""
         arr = self._root["images"]
-        if rows is None:
-            return arr[...]
-        if isinstance(rows, slice):
-            return arr[rows]
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
-            raise IndexError(f"exemplar rows must be in 0..{self.n - 1}")
-        # Zarr orthogonal indexing wants sorted unique rows; undo the sort afterwards.
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        return arr.get_orthogonal_selection((uniq,))[inverse]
+        if rows is not None and not isinstance(rows, slice):
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+                raise IndexError(f"exemplar rows must be in 0..{self.n - 1}")
+        try:
+            if rows is None:
+                return arr[...]
+            if isinstance(rows, slice):
+                return arr[rows]
+            # Zarr orthogonal indexing wants sorted unique rows; undo the sort afterwards.
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            return arr.get_orthogonal_selection((uniq,))[inverse]
+        except ValueError as err:  # Crc32cCodec: "Stored and computed checksum do not match"
+            raise StoreError(f"the exemplar images of {self.path} are corrupt ({err}): "
+                             f"re-create the store with ExemplarStore.create(..., "
+                             f"overwrite=True)") from err
 
     # -- writing a latent version ----------------------------------------------------------
 
@@ -144,14 +170,18 @@ class ExemplarStore:
         """Chunk-aligned rows [start, stop) that writer `worker` of `n_workers` owns."""
         return chunk_aligned_range(worker, n_workers, self.n, self.chunk_rows)
 
-    def begin_version(self, version: int) -> None:
-        """Creates latent table `version` (coordinator only, before any writer starts).
+    def begin_version(self, version: int, owner: Optional[str] = None) -> None:
+        """Claims and creates latent table `version` (coordinator only, before any writer).
 
-        An existing incomplete table of that version (a crashed refresh) is reused; a
-        complete one is immutable and refused.
+        The claim is atomic: the version's folder is made with os.mkdir, which fails when it
+        exists, so two writers never share a table. An incomplete table is reused only by
+        the owner that claimed it (default: this host and process); another writer's, or a
+        complete (immutable) one, is refused with VersionClaimed / StoreError: take the next
+        free number with `claim_version`.
         """
         if version <= 0:
             raise StoreError(f"versions are positive integers, got {version}")
+        owner = owner or default_owner()
         name = _version_name(version)
         group = self._root["latents"]
         if name in group:
@@ -159,14 +189,40 @@ class ExemplarStore:
             if arr.attrs.get("complete"):
                 raise StoreError(f"latent version {version} in {self.path} is already complete; "
                                  f"versions are immutable, write version {version + 1} instead")
-            if arr.shape == (self.n, self.latent_dim) and arr.dtype == np.float32:
+            claimed = arr.attrs.get("owner")
+            if (claimed == owner and arr.shape == (self.n, self.latent_dim)
+                    and arr.dtype == np.float32):
                 return
-            del group[name]
+            raise VersionClaimed(f"latent version {version} of {self.path} is already claimed "
+                                 f"by {claimed!r} (this writer is {owner!r}): two writers must "
+                                 f"never share a table; take a free number with "
+                                 f"claim_version({version + 1})")
+        try:
+            os.mkdir(self.path / "latents" / name)  # the atomic claim
+        except FileExistsError:
+            raise VersionClaimed(f"latent version {version} of {self.path} was claimed by "
+                                 f"another writer a moment ago; take a free number with "
+                                 f"claim_version({version + 1})") from None
         # NaN fill: a chunk nobody wrote reads as NaN, never as plausible zeros.
         group.create_array(name, shape=(self.n, self.latent_dim), dtype=np.float32,
                            chunks=(self.chunk_rows, self.latent_dim), fill_value=np.nan,
-                           compressors=None, config={"write_empty_chunks": True},
-                           attributes={"complete": False, "version": int(version)})
+                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True},
+                           attributes={"complete": False, "version": int(version),
+                                       "owner": owner})
+
+    def claim_version(self, at_least: int = 1, owner: Optional[str] = None) -> int:
+        """Claims the lowest free version >= at_least and above every existing one; returns it.
+
+        Retries with the next number when another writer claims one first.
+        """
+        version = max(at_least, max(self.versions(), default=0) + 1)
+        for _ in range(1000):
+            try:
+                self.begin_version(version, owner)
+                return version
+            except VersionClaimed:
+                version += 1
+        raise StoreError(f"could not claim a latent version of {self.path} after 1000 tries")
 
     def write_rows(self, version: int, start: int, latents: np.ndarray) -> None:
         """Writes latents [R, d] into rows [start, start + R) of version `version`.
@@ -198,9 +254,10 @@ class ExemplarStore:
         `keep` complete versions afterwards.
         """
         arr = self._version_array(version)
-        problem = self._check(arr, require_complete=False)
+        problem = self._check(arr, require_complete=False) or self._verify(arr)
         if problem:
             raise StoreError(f"cannot mark latent version {version} complete: {problem}")
+        self._verified.add(version)
         arr.attrs.update({"complete": True, "completed_at": time.time()})
         log.info("latent version %d of %s complete", version, self.path)
         if keep is not None:
@@ -221,7 +278,8 @@ class ExemplarStore:
         return [v for v in self.versions() if self._usable(v)]
 
     def latest_complete(self) -> Optional[int]:
-        """The newest complete, valid version, or None."""
+        """The newest complete version whose every chunk verifies, or None (corrupt newer
+        versions are skipped with a warning: the newest good one is used)."""
         for v in reversed(self.versions()):
             if self._usable(v):
                 return v
@@ -235,7 +293,8 @@ class ExemplarStore:
             raise StoreError(f"latent version {version} of {self.path} is unusable: {problem}")
         try:
             table = arr[...]
-        except Exception as err:  # a damaged chunk file: report it as the store's problem
+        except Exception as err:  # a torn chunk, a checksum mismatch: the store's problem
+            self._verified.discard(version)
             raise StoreError(f"latent version {version} of {self.path} is corrupt: "
                              f"reading it failed with {type(err).__name__}: {err}") from err
         if not np.isfinite(table).all():
@@ -301,10 +360,27 @@ class ExemplarStore:
             return f"only {written} of {total} chunks written"
         return None
 
+    def _verify(self, arr: zarr.Array) -> Optional[str]:
+        """None if every chunk reads, passes its CRC32C check and holds finite values."""
+        step = self.chunk_rows * max(1, (64 << 20) // (4 * self.latent_dim * self.chunk_rows))
+        for start in range(0, self.n, step):  # ~64 MB at a time: bounded memory
+            try:
+                block = arr[start:start + step]
+            except Exception as err:  # truncated chunk, checksum mismatch, bad codec data
+                return (f"rows from {start} do not read back ({type(err).__name__}: {err}): "
+                        f"the table is corrupt")
+            if not np.isfinite(block).all():
+                return f"rows from {start} hold NaN/inf (unwritten or corrupt rows)"
+        return None
+
     def _usable(self, version: int) -> bool:
         try:
             arr = self._version_array(version)
             problem = self._check(arr, require_complete=True)
+            if problem is None and version not in self._verified:
+                problem = self._verify(arr)
+                if problem is None:
+                    self._verified.add(version)
         except Exception as err:  # unreadable metadata counts as corrupt
             problem = f"metadata unreadable ({type(err).__name__}: {err})"
         if problem:

@@ -21,6 +21,8 @@ from ..tracking import probe
 from ..data import DataSplits, load_dataset
 from ..objective import build_model
 from .exemplars import ensure_store, to_bytes
+from .. import preflight  # hook: issue16
+from ..run_lock import exclusive_run  # hook: issue16
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
     )
 
 
+@exclusive_run  # hook: issue16 (preflight, run lock, orphan sweep)
 def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -> dict:
     """Trains (or resumes) the run cfg.run_path() with Ray Train; returns the final summary.
 
@@ -148,6 +151,7 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     latent_dim = build_model(cfg, splits.image_shape).net.top_dim
     ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
     check_resources(cfg)
+    preflight.check_cluster(cfg)  # hook: issue16
 
     service = None
     if cfg.prior.kind == "exemplar" and cfg.prior.rat:

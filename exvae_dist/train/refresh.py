@@ -93,9 +93,11 @@ class LatentRefresh:
         """
         if self._next is None:
             raise RuntimeError("call start() before publish(): ranks must agree on versions")
-        version, self._next = self._next, self._next + 1
+        version = self._next
         if self.group.rank == 0:
-            self.store.begin_version(version)
+            version = self.store.claim_version(version)  # hook: issue16 (atomic claim)
+        version = self.group.broadcast_int(version)  # hook: issue16 (rank 0's claimed number)
+        self._next = version + 1
         self.group.barrier()
         start, stop = self.rows
         if stop > start:

@@ -19,7 +19,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import config as config_mod
-from ..checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
+from ..checkpoint import (BEST, LATEST, first_readable, load_checkpoint, ray_resume_candidates,
+                          save_checkpoint)
 from ..group import Group
 from ..loop import Parts, fit
 from ..objective import build_model
@@ -101,11 +102,12 @@ class RaySink:
     def load(self) -> Optional[dict]:
         import ray.train
 
+        # Ray's newest checkpoint, else (unreadable) its older ones, else the run folder's
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_checkpoint(Path(folder) / LATEST)
+        found = first_readable(ray_resume_candidates(checkpoint and Path(checkpoint.path),
+                                                     self.run),
+                               lambda folder: load_checkpoint(folder / LATEST))
+        return None if found is None else found[0]
 
     def save(self, state: dict, improved: bool, metrics: dict) -> None:
         import ray.train

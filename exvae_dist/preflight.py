@@ -1,0 +1,80 @@
+"""Fail fast on inputs that cannot work, in seconds and before Ray or training starts.
+
+Ray Train V2 retries every error a worker raises (its DefaultFailurePolicy treats each
+WorkerGroupError as retryable, up to FailureConfig.max_failures, and there is no public hook
+for another policy), so a deterministic failure inside a worker costs max_failures + 1
+attempts. What can be known up front is therefore checked here, on the driver:
+
+- check_config(cfg): N or M too small for the exemplar prior's leave-one-out mixture.
+- check_cluster(cfg): more workers than a cluster without an autoscaler can ever place
+  (call it after connecting to Ray, before the trainer).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import ConfigError, ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+
+class PreflightError(ConfigError):
+    """A run that cannot work as configured; the message names the cause and the fix."""
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """Refuses an exemplar prior whose leave-one-out mixture would be empty.
+
+    The prior of training image i is a mixture over the exemplars of a subset of size M
+    other than i (METHOD.md): it needs N >= 2 exemplars and M >= 2 (M = 1 leaves nothing
+    whenever the one drawn is i itself). The loss would be inf and the run would die with
+    "non-finite loss" instead of this message.
+    """
+    if cfg.prior.kind != "exemplar":
+        return
+    n = cfg.data.n_train
+    if n is not None and n < 2:
+        raise PreflightError(
+            f"data.n_train={n}: the exemplar prior of each training image is a leave-one-out "
+            f"mixture over the OTHER training images, so it needs at least 2 (use more "
+            f"images, or prior.kind=gaussian)")
+    m = cfg.prior.subsample
+    if m is None and n is not None:
+        m = min(n, max(1, n // 2))  # the default, as step.PriorSampler computes it
+        key = f"prior.subsample (default N // 2 = {m} for data.n_train={n})"
+    else:
+        key = f"prior.subsample={m}"
+    if m is not None and m < 2:
+        raise PreflightError(
+            f"{key}: a leave-one-out mixture over a subset of M={m} exemplar is empty whenever "
+            f"that exemplar is the image itself; set prior.subsample >= 2 (and data.n_train "
+            f">= 4 for the default N // 2)")
+
+
+def check_cluster(cfg: ExperimentConfig) -> None:
+    """Refuses more workers than the connected Ray cluster can ever place.
+
+    Reads ray.cluster_resources() (call after ray.init, before the trainer). A Ray started
+    by this process or the caller (no ray.address) has no autoscaler, so what it has now is
+    all it will ever have; on a cluster given by address an autoscaler may add nodes, so
+    there a shortfall is only warned about (driver.check_resources).
+    """
+    import ray
+
+    if cfg.ray.address:
+        return
+    have = ray.cluster_resources()
+    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if need_cpu > have.get("CPU", 0):
+        raise PreflightError(
+            f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker="
+            f"{cfg.ray.cpus_per_worker} need {need_cpu:g} CPUs, but this Ray (local, no "
+            f"autoscaler) has {have.get('CPU', 0):g}: the workers could never start and Ray "
+            f"Train would retry forever. Lower ray.num_workers or ray.cpus_per_worker, or "
+            f"connect to a larger cluster with ray.address")
+    if cfg.ray.use_gpu and cfg.ray.num_workers > have.get("GPU", 0):
+        raise PreflightError(
+            f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, but this Ray "
+            f"(local, no autoscaler) has {have.get('GPU', 0):g} GPUs: lower ray.num_workers "
+            f"or set ray.use_gpu=false")
