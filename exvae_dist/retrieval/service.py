@@ -345,7 +345,10 @@ class IndexService:
         return self._holder.refresh(version)
 
     def status(self) -> dict[str, Any]:
-        return self._holder.status()
+        """IndexHolder.status plus the Ray node this shard runs on (node_id)."""
+        import ray
+
+        return {**self._holder.status(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def ping(self) -> None:
         """A no-op call: the baseline of round-trip latency."""
