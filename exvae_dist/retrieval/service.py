@@ -207,7 +207,8 @@ class IndexHolder:
             return self._version()
 
     def status(self) -> dict[str, Any]:
-        """version, n, d, kind, build_seconds, queries_served, building, pending, last_error."""
+        """version (newest held), ready (all held), committed, failed_version, shard, shards,
+        rows, n, d, kind, build_seconds, queries_served, building, pending, last_error."""
         with self._lock:
             return self._status_locked()
 
@@ -234,7 +235,8 @@ class IndexHolder:
         served = self._served
         return {"shard": self.shard, "shards": self.shards, "rows": list(self.rows),
                 "ready": sorted(self._held), "committed": self._committed,
-                "failed_version": self._failed, **{"version": None if served is None else served.version,
+                "failed_version": self._failed,
+                "version": None if served is None else served.version,
                 "n": None if served is None else served.n,
                 "d": None if served is None else served.d,
                 "kind": None if served is None else served.description,
@@ -244,7 +246,7 @@ class IndexHolder:
                 "building_version": self._building,
                 "pending": self._pending,
                 "last_error": self._last_error,
-                "store": str(self.store.path)}}
+                "store": str(self.store.path)}
 
     def _current(self, wait_s: float) -> _Served:
         served = self._served
