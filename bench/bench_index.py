@@ -1,9 +1,9 @@
-"""Index and index-service benchmark: build time, queries/s and recall@10 of each index kind
-against exact search in the same run; service round trip vs a no-op actor call; query time
-during a rebuild vs idle; peak RSS per N.
+"""Index and index-service benchmark: build time, queries/s and recall@10 of kind=auto's IVF
+(IVF<N/64>_HNSW32,Flat) with 1 and 2 shards against exact search in the same run, peak RSS
+per N; service round trip with 1 and 2 shard actors vs a no-op actor call.
 
-    python bench/bench_index.py                       # quick: N = 1e5, 1e6 (a couple of minutes)
-    python bench/bench_index.py --sizes 1e5,1e6,1e7   # the 1e7 run takes ~15 min, ~8 GB RAM
+    python bench/bench_index.py                       # quick: N = 1e5, 1e6
+    python bench/bench_index.py --sizes 1e5,1e6,1e7   # 1e7 needs ~6 GB RAM and many minutes
     python bench/bench_index.py --service-size 0      # skip the Ray service part
 
 Latents are synthetic and clustered (100 Gaussian clusters, unit centres, unit spread, d=40).
@@ -19,7 +19,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,75 +42,76 @@ def clustered(n: int, d: int = D, n_clusters: int = 100, seed: int = 0) -> np.nd
     return out
 
 
-def qps(index, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
-    """Queries per second in batches of BATCH (best of `repeats` passes) and the ids found."""
-    from exvae_dist.retrieval.index import search
+def qps(parts, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
+    """Queries per second in batches of BATCH (best of `repeats` passes) and the ids found.
+
+    parts: [(index, first_row)], one per shard, searched one after the other and merged by
+    index.merge_topk, as ShardedSearch merges its shards' answers (in the service the shards
+    run in parallel, one per actor; here they share this process's threads).
+    """
+    from exvae_dist.retrieval.index import merge_topk, search
 
     best = float("inf")
     ids = None
     for _ in range(repeats):
         start = time.perf_counter()
-        ids = np.concatenate([search(index, queries[i:i + BATCH], K)[0]
-                              for i in range(0, len(queries), BATCH)])
+        out = []
+        for i in range(0, len(queries), BATCH):
+            answers = [search(index, queries[i:i + BATCH], K) for index, _ in parts]
+            out.append(merge_topk([a[0] + lo for a, (_, lo) in zip(answers, parts)],
+                                  [a[1] for a in answers], K)[0])
+        ids = np.concatenate(out)
         best = min(best, time.perf_counter() - start)
     return len(queries) / best, ids
 
 
 def bench_size(n: int, threads: int) -> dict:
-    """One N: every index kind against exact search, in this process."""
+    """One N: exact search, then kind=auto's IVF over 1 and 2 shards, in this process."""
     import faiss
 
     from exvae_dist.config import IndexConfig
     from exvae_dist.retrieval.index import build_index, describe, recall_at_k
 
     faiss.omp_set_num_threads(threads)
-    n_queries = 1024 if n <= 1_000_000 else 512
-    data = clustered(n + n_queries, seed=1)
+    data = clustered(n + BATCH, seed=1)
     latents, queries = data[:n], data[n:]
-    kinds = {
-        "flat (exact)": IndexConfig(kind="flat"),
-        "ivfpq, no re-rank": IndexConfig(kind="ivfpq", refine_factor=0),
-        "ivfpq + re-rank (default)": IndexConfig(kind="ivfpq"),
-        "ivfpq + re-rank, 2 shards": IndexConfig(kind="ivfpq", shards=2),
-    }
+    ivf = IndexConfig(kind="auto", auto_exact_below=0)  # the IVF at every N, 1e5 included
+    kinds = {"flat (exact)": (IndexConfig(kind="flat"), 1),
+             "auto IVF, 1 shard": (ivf, 1), "auto IVF, 2 shards": (ivf, 2)}
     rows, truth = [], None
-    for name, cfg in kinds.items():
+    for name, (cfg, shards) in kinds.items():
+        bounds = [n * s // shards for s in range(shards + 1)]
         start = time.perf_counter()
-        index = build_index(latents, cfg)
+        parts = [(build_index(latents[lo:hi], cfg), lo) for lo, hi in zip(bounds, bounds[1:])]
         build_s = time.perf_counter() - start
-        rate, ids = qps(index, queries, repeats=2 if n <= 1_000_000 else 1)
+        rate, ids = qps(parts, queries, repeats=5)
         if truth is None:
             truth = ids  # the exact index comes first
-        rows.append({"n": n, "kind": name, "index": describe(index), "build_s": build_s,
-                     "qps": rate, "recall": recall_at_k(ids, truth)})
-        del index
+        rows.append({"n": n, "kind": name, "index": describe(parts[0][0]), "build_s": build_s,
+                     "qps": rate, "recall": recall_at_k(ids, truth),
+                     "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+        del parts
     auto = IndexConfig()
-    rows.append({"n": n, "auto_kind": "flat" if n < auto.auto_exact_below else "ivfpq"})
+    rows.append({"n": n, "auto_kind": "flat" if n < auto.auto_exact_below else "ivfhnsw"})
     return {"rows": rows, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def bench_service(n: int, threads: int) -> dict:
-    """The Ray actor: round trip vs a no-op actor, query latency during a rebuild vs idle."""
+    """Ray actors: a search through ShardedSearch over 1 and 2 shards vs a no-op actor call."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     from exvae_dist.config import IndexConfig
-    from exvae_dist.retrieval.service import start_index_service, wait_for_version
+    from exvae_dist.retrieval.service import start_index_shards
     from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.train.service_client import ShardedSearch
 
     @ray.remote(num_cpus=0)
     class NoOp:
         def ping(self, *args):
             return None
-
-    def publish(store, v, latents):
-        store.begin_version(v)
-        for w in range(4):
-            lo, hi = store.row_range(w, 4)
-            store.write_rows(v, lo, latents[lo:hi])
-        store.mark_complete(v)
 
     def latency(fn, calls):
         out = []
@@ -123,45 +123,30 @@ def bench_service(n: int, threads: int) -> dict:
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, configure_logging=False)
+    med = lambda a: float(np.median(a)) * 1e3  # noqa: E731
+    result = {"n": n}
     with tempfile.TemporaryDirectory() as tmp:
         latents = clustered(n, seed=2)
         queries = clustered(BATCH, seed=3)
         store = ExemplarStore.create(Path(tmp) / "store.zarr", np.zeros((n, 1), np.uint8), D)
-        publish(store, 1, latents)
-        cfg = IndexConfig(service_threads=threads)
-        handle = start_index_service(str(store.path), cfg)
-        status = wait_for_version(handle, 1, timeout=600)
+        store.begin_version(1)
+        store.write_rows(1, 0, latents)
+        store.mark_complete(1)
         noop = NoOp.remote()
         ray.get(noop.ping.remote())
-        ray.get(handle.search.remote(queries, K))
-        noop_s = latency(lambda: ray.get(noop.ping.remote(queries, K)), 300)
-        idle_s = latency(lambda: ray.get(handle.search.remote(queries, K)), 300)
-        # rebuild: same table + a small shift, so the build costs what a real refresh does
-        publish(store, 2, latents + 0.01)
-        during, done = [], threading.Event()
-
-        def watch():
-            wait_for_version(handle, 2, timeout=600)
-            done.set()
-
-        watcher = threading.Thread(target=watch)
-        ray.get(handle.refresh.remote(2))
-        watcher.start()
-        rebuild_start = time.perf_counter()
-        while not done.is_set():
-            start = time.perf_counter()
-            _, _, version = ray.get(handle.search.remote(queries, K))
-            if version == 1:  # answered while version 2 was being built
-                during.append(time.perf_counter() - start)
-        rebuild_s = time.perf_counter() - rebuild_start
-        watcher.join()
-        ray.kill(handle)
+        result["noop_ms"] = med(latency(lambda: ray.get(noop.ping.remote(queries, K)), 200))
+        for shards in (1, 2):
+            cfg = IndexConfig(service_threads=threads)
+            handles = start_index_shards(str(store.path), cfg, shards=shards)
+            client = ShardedSearch(handles)
+            status = client.wait_served(1, timeout=1200)
+            client.search(queries, K)
+            result[f"search_ms_{shards}"] = med(latency(lambda: client.search(queries, K), 200))
+            result[f"index_{shards}"] = status["kind"]
+            for h in handles:
+                ray.kill(h)
     ray.shutdown()
-    med = lambda a: float(np.median(a)) * 1e3  # noqa: E731
-    return {"n": n, "index": status["kind"], "build_s": status["build_seconds"],
-            "noop_ms": med(noop_s), "search_ms": med(idle_s),
-            "during_rebuild_ms": med(during) if during else float("nan"),
-            "queries_during_rebuild": len(during), "rebuild_wall_s": rebuild_s}
+    return result
 
 
 def run_child(args: list[str]) -> dict:
@@ -176,7 +161,7 @@ def run_child(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e5,1e6", help="comma-separated N, e.g. 1e5,1e6,1e7")
-    parser.add_argument("--service-size", default="1e6",
+    parser.add_argument("--service-size", default="1e5",
                         help="N for the Ray service measurements (0 = skip)")
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads")
     parser.add_argument("--child-size", help=argparse.SUPPRESS)
@@ -191,43 +176,39 @@ def main() -> None:
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
     results = {}
-    print(f"d={D}, k={K}, batches of {BATCH} queries, {args.threads} FAISS threads; recall@10 "
-          f"against the exact flat index of the same run", flush=True)
-    print(f"| N | index | build s | queries/s | recall@10 |\n|---|---|---|---|---|", flush=True)
+    print(f"d={D}, k={K}, {BATCH} queries in batches of {BATCH}, {args.threads} FAISS threads; "
+          f"recall@10 against the exact flat index of the same run", flush=True)
+    print("| N | index | build s | queries/s | recall@10 | peak RSS GB so far |\n"
+          "|---|---|---|---|---|---|", flush=True)
     for n in sizes:
         res = run_child(["--child-size", str(n), "--threads", str(args.threads)])
         results[n] = res
         for row in res["rows"]:
             if "kind" in row:
                 print(f"| {n:.0e} | {row['kind']}: {row['index']} | {row['build_s']:.1f} | "
-                      f"{row['qps']:,.0f} | {row['recall']:.3f} |", flush=True)
-    print("\n| N | peak RSS GB | kind=auto picks | auto queries/s |\n|---|---|---|---|")
-    auto_qps = {}
-    for n, res in results.items():
-        pick = res["rows"][-1]["auto_kind"]
-        name = "flat (exact)" if pick == "flat" else "ivfpq + re-rank (default)"
-        auto_qps[n] = next(r["qps"] for r in res["rows"] if r.get("kind") == name)
-        print(f"| {n:.0e} | {res['peak_rss_gb']:.2f} | {pick} | {auto_qps[n]:,.0f} |")
+                      f"{row['qps']:,.0f} | {row['recall']:.3f} | {row['rss_gb']:.2f} |",
+                      flush=True)
     if len(sizes) > 1:
         lo, hi = min(sizes), max(sizes)
-        print(f"\nquery time at N={hi:.0e} / at N={lo:.0e} (kind=auto): "
-              f"{auto_qps[lo] / auto_qps[hi]:.2f}x (target <= 1.5x)")
-        ivf = {n: next(r["qps"] for r in res["rows"] if r.get("kind") ==
-                       "ivfpq + re-rank (default)") for n, res in results.items()}
-        print(f"query time at N={hi:.0e} / at N={lo:.0e} (ivfpq + re-rank both): "
-              f"{ivf[lo] / ivf[hi]:.2f}x")
+        rate = lambda n, kind: next(r["qps"] for r in results[n]["rows"]  # noqa: E731
+                                    if r.get("kind") == kind)
+        for kind in ("auto IVF, 1 shard", "auto IVF, 2 shards", "flat (exact)"):
+            print(f"query time at N={hi:.0e} / at N={lo:.0e}, {kind}: "
+                  f"{rate(lo, kind) / rate(hi, kind):.2f}x (target for the IVF <= 1.5x)")
+        pick = lambda n: ("flat (exact)" if results[n]["rows"][-1]["auto_kind"] == "flat"  # noqa
+                          else "auto IVF, 1 shard")
+        print(f"kind=auto with its default exact threshold ({pick(lo)} at {lo:.0e}, "
+              f"{pick(hi)} at {hi:.0e}): {rate(lo, pick(lo)) / rate(hi, pick(hi)):.2f}x")
 
     service_n = int(float(args.service_size))
     if service_n:
         s = run_child(["--child-service", str(service_n), "--threads", str(args.threads)])
-        print(f"\nservice at N={service_n:.0e} ({s['index']}, built in {s['build_s']:.1f} s), "
-              f"one call = {BATCH} x {D} queries, k={K}, medians of 300 calls:")
-        print(f"| no-op actor call ms | service search ms | ratio | search during rebuild ms "
-              f"| rebuild / idle | queries answered during rebuild |")
-        print("|---|---|---|---|---|---|")
-        print(f"| {s['noop_ms']:.2f} | {s['search_ms']:.2f} | {s['search_ms'] / s['noop_ms']:.1f}x "
-              f"| {s['during_rebuild_ms']:.2f} | {s['during_rebuild_ms'] / s['search_ms']:.2f}x "
-              f"| {s['queries_during_rebuild']} in {s['rebuild_wall_s']:.1f} s |")
+        print(f"\nservice at N={service_n:.0e} ({s['index_1']}), one call = {BATCH} x {D} "
+              f"queries, k={K}, medians of 200 calls:")
+        print("| no-op actor call ms | 1 shard ms | 2 shards ms | 1 shard / no-op | "
+              "2 shards / no-op |\n|---|---|---|---|---|")
+        print(f"| {s['noop_ms']:.2f} | {s['search_ms_1']:.2f} | {s['search_ms_2']:.2f} | "
+              f"{s['search_ms_1'] / s['noop_ms']:.1f}x | {s['search_ms_2'] / s['noop_ms']:.1f}x |")
 
 
 if __name__ == "__main__":

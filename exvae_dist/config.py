@@ -165,6 +165,11 @@ class AugmentConfig:
 class IndexConfig:
     kind: str = "auto"  # auto | flat | ivfpq
     auto_exact_below: int = 200_000  # kind=auto: exact flat index below this many exemplars
+    # kind=auto above auto_exact_below (per shard): IVF<nlist>_HNSW32,<auto_codes> with
+    # nlist ~ N / auto_list_size, so query time stays flat in N (bench/README.md)
+    auto_list_size: int = 64  # mean vectors per inverted list
+    auto_codes: str = "Flat"  # FAISS factory codes of the lists, e.g. "PQ10x4fs,RFlat"
+    auto_train_per_list: int = 64  # k-means sample: this many points per list (30..256)
     nlist: Optional[int] = None  # IVF lists (None = about 4 * sqrt(N))
     # pq_m / nprobe / refine_factor: measured on clustered d=40 latents (bench/README.md,
     # "Index service"): recall@10 ~0.98 at N=1e6; PQ8 with x4 re-ranking only reached ~0.90.
@@ -172,7 +177,8 @@ class IndexConfig:
     pq_bits: int = 8  # bits per PQ code (1..16)
     nprobe: int = 64  # IVF lists visited per query
     refine_factor: int = 10  # exact re-ranking of k * refine_factor candidates (0 = off)
-    shards: int = 1  # index shards (faiss IndexShards), searched in parallel
+    shards: int = 1  # IndexService actors, each over a contiguous block of rows
+    query_timeout_s: float = 300.0  # a search waits this long for a dead / rebuilding shard
     use_gpu: bool = False  # FAISS on the GPU: needs faiss-gpu instead of faiss-cpu (README)
     train_size: int = 100_000  # vectors used to train the coarse quantizer and PQ
     store_path: Optional[str] = None  # Zarr store (None = <run_dir>/<name>/store.zarr)

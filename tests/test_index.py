@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import (brute_force_knn, build_index, default_nlist,
-                                        deserialize, describe, recall_at_k, resolve_kind,
-                                        search, serialize)
+from exvae_dist.retrieval.index import (auto_factory, auto_nlist, brute_force_knn,
+                                        build_index, default_nlist, deserialize, describe,
+                                        merge_topk, recall_at_k, resolve_kind, search, serialize)
 
 
 def clustered(n, d=40, n_clusters=100, spread=1.0, seed=0):
@@ -24,11 +24,10 @@ def numpy_knn(x, q, k):
     return ids, np.take_along_axis(d2, ids, 1)
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_exact_index_equals_brute_force_knn(shards):
+def test_exact_index_equals_brute_force_knn():
     x = clustered(3000, d=16, seed=1)
     q = clustered(50, d=16, seed=2)
-    index = build_index(x, IndexConfig(kind="flat", shards=shards))
+    index = build_index(x, IndexConfig(kind="flat"))
     ids, dists = search(index, q, 7)
     ref_ids, ref_d = numpy_knn(x, q, 7)
     assert ids.dtype == np.int64 and dists.dtype == np.float32 and ids.shape == (50, 7)
@@ -70,26 +69,50 @@ def test_pq_without_reranking_is_worse_than_with_it():
     assert refined > plain + 0.2, (plain, refined)
 
 
-def test_sharded_ivfpq_returns_global_ids_and_roundtrips_through_bytes():
-    x = clustered(12_000, d=40, seed=9)
-    q = x[::400] + 0.01
-    cfg = IndexConfig(kind="ivfpq", nlist=32, shards=3, train_size=12_000)
+def test_merged_shard_answers_equal_brute_force_over_all_rows():
+    x, q = clustered(3000, d=16, seed=1), clustered(50, d=16, seed=2)
+    bounds = [0, 1000, 1001, 3000]  # uneven, one shard of one row (fewer slots than k)
+    parts = [search(build_index(x[lo:hi], IndexConfig(kind="flat")), q, 7)
+             for lo, hi in zip(bounds[:-1], bounds[1:])]
+    ids, dists = merge_topk([i + lo for (i, _), lo in zip(parts, bounds)],
+                            [d for _, d in parts], 7)
+    ref_ids, ref_d = numpy_knn(x, q, 7)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(dists, ref_d, rtol=1e-4, atol=1e-3)
+    # empty slots (-1, inf) sort last
+    few, _ = merge_topk([np.array([[3, -1]])], [np.array([[1.0, np.inf]])], 3)
+    assert few.tolist() == [[3, -1, -1]]
+
+
+def test_auto_ivf_hnsw_reaches_recall_095_and_roundtrips_through_bytes():
+    data = clustered(30_200, d=40, seed=5)  # queries from the same mixture as the latents
+    x, q = data[:30_000], data[30_000:]
+    truth, _ = brute_force_knn(x, q, 10)
+    cfg = IndexConfig(kind="auto", auto_exact_below=10_000)
+    assert resolve_kind(len(x), cfg) == "ivfhnsw" and auto_nlist(len(x), cfg) == 512
     index = build_index(x, cfg)
-    ids, _ = search(index, q, 5)
-    np.testing.assert_array_equal(ids[:, 0], np.arange(0, 12_000, 400))
-    buf = serialize(index)
-    assert buf.dtype == np.uint8
-    again = deserialize(buf)
-    np.testing.assert_array_equal(search(again, q, 5)[0], ids)
-    flat = build_index(x, IndexConfig(kind="flat"))
-    np.testing.assert_array_equal(search(deserialize(bytes(serialize(flat))), q, 5)[0],
-                                  search(flat, q, 5)[0])
+    assert describe(index).startswith("IVF512_HNSW,")
+    ids, dists = search(index, q, 10)
+    recall = recall_at_k(ids, truth)
+    assert recall >= 0.95, f"recall@10 {recall:.3f} ({describe(index)})"
+    # the lists hold raw vectors: returned distances are the exact ones
+    exact = ((q[:, None, :].astype(np.float64) - x[ids]) ** 2).sum(-1)
+    np.testing.assert_allclose(dists, exact, rtol=1e-3, atol=1e-3)
+    again = deserialize(serialize(index))
+    np.testing.assert_array_equal(search(again, q, 10)[0], ids)
 
 
-def test_auto_kind_picks_exact_below_threshold():
+def test_auto_kind_picks_exact_below_threshold_and_lists_of_constant_length():
     cfg = IndexConfig(kind="auto", auto_exact_below=1000)
-    assert resolve_kind(999, cfg) == "flat" and resolve_kind(1000, cfg) == "ivfpq"
+    assert resolve_kind(999, cfg) == "flat" and resolve_kind(1000, cfg) == "ivfhnsw"
     assert 1 <= default_nlist(10) and default_nlist(1_000_000) == 4000
+    # nlist grows with N (a power of two near N / 64): the mean list length stays ~64
+    for n in (10**5, 10**6, 10**7):
+        assert 45 <= n / auto_nlist(n, cfg) <= 90
+    assert auto_factory(10**7, cfg) == "IVF131072_HNSW32,Flat"
+    assert auto_nlist(100, cfg) == 2  # at most N / 30 lists
+    with pytest.raises(ValueError, match="auto_codes='Bogus'"):
+        build_index(clustered(2000, d=8), IndexConfig(auto_exact_below=0, auto_codes="Bogus"))
 
 
 def test_search_rejects_wrong_query_dimension_with_the_expected_shape():

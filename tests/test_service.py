@@ -123,23 +123,6 @@ def test_holder_hammer_every_answer_from_exactly_one_version(tmp_path):
         check_answer(ids, dists, version)
 
 
-def test_holder_exclude_ids_drops_own_id(tmp_path):
-    store = make_store(tmp_path / "s.zarr")
-    holder = IndexHolder(str(store.path), CFG)
-    holder.wait_for_version(1, timeout=30)
-    rows = np.array([5, 17, 1999])
-    queries = latents_of(1)[rows]
-    ids, dists, _ = holder.search(queries, K, exclude_ids=rows)
-    ref, _ = brute_force_knn(latents_of(1), queries, K + 1)
-    assert ref[:, 0].tolist() == rows.tolist()  # each query's nearest is itself ...
-    np.testing.assert_array_equal(ids, ref[:, 1:])  # ... and is dropped
-    # a row whose own id is not among the k+1 keeps its first k
-    far = np.full((1, D), 50.0, np.float32)
-    ids2, _, _ = holder.search(far, K, exclude_ids=np.array([0]))
-    np.testing.assert_array_equal(ids2, brute_force_knn(latents_of(1), far, K)[0])
-    holder.close()
-
-
 def test_holder_search_before_any_version_raises_at_once(tmp_path):
     store = make_store(tmp_path / "s.zarr", versions=())
     holder = IndexHolder(str(store.path), CFG)

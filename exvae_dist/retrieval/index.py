@@ -10,11 +10,20 @@ Kinds (IndexConfig.kind):
            recall@10 near 0.4-0.5 (STACK_NOTES), so with refine_factor > 0 the k *
            refine_factor best PQ candidates are re-ranked by exact distance
            (IndexRefineFlat, which keeps the raw vectors).
-- "auto":  flat below IndexConfig.auto_exact_below exemplars, ivfpq from there on.
+- "auto":  flat below IndexConfig.auto_exact_below exemplars; from there on an IVF whose
+           query time does not grow with N (`auto_factory`): nlist ~ N / auto_list_size
+           (a power of two), so every inverted list holds ~auto_list_size vectors whatever N
+           is, and an HNSW coarse quantizer (FAISS's `IVF<nlist>_HNSW32`) finds the nprobe
+           nearest lists in ~log(nlist). The lists hold the raw vectors by default
+           (`auto_codes="Flat"`), so every distance computed is exact and the top-k of the
+           probed lists is exactly re-ranked by construction; `auto_codes="PQ10x4fs,RFlat"`
+           trades that for PQ codes re-ranked by IndexRefineFlat. The coarse centroids
+           come from faiss.contrib.clustering.two_level_clustering (k-means over sqrt(nlist)
+           groups, then within each) on a sample of auto_train_per_list (30-256) points per
+           list: a flat k-means over 1e5 centroids would not finish on a laptop.
 
-With shards > 1 the rows are split into contiguous blocks, one sub-index per block (IVF-PQ
-shards share one trained coarse quantizer and codebook), searched together by
-faiss.IndexShards, which merges the per-shard top-k; ids stay global row numbers.
+Sharding is not done here: each index-service shard (retrieval/service.py) builds one index
+over its own contiguous rows, and the client merges the shards' top-k (merge_topk).
 
 Distances are squared L2, as FAISS returns them.
 """
@@ -23,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from typing import Optional
 
 import faiss
@@ -33,15 +41,10 @@ from exvae_dist.config import IndexConfig
 
 log = logging.getLogger(__name__)
 
-# IndexShards has no FAISS serialization; a sharded index is written as this magic,
-# the shard count, each shard's length, then each shard's own FAISS serialization.
-_SHARDS_MAGIC = b"EXVAESH1"
-
-
 def resolve_kind(n: int, cfg: IndexConfig) -> str:
-    """The concrete index kind ("flat" or "ivfpq") for N exemplars."""
+    """The concrete index kind ("flat", "ivfpq" or "ivfhnsw", auto's IVF) for N exemplars."""
     if cfg.kind == "auto":
-        return "flat" if n < cfg.auto_exact_below else "ivfpq"
+        return "flat" if n < cfg.auto_exact_below else "ivfhnsw"
     if cfg.kind not in ("flat", "ivfpq"):
         raise ValueError(f"index.kind={cfg.kind!r} is not one of auto, flat, ivfpq")
     return cfg.kind
@@ -53,10 +56,26 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
 
 
+def auto_nlist(n: int, cfg: IndexConfig) -> int:
+    """kind=auto's number of lists: the power of two nearest N / auto_list_size, and at most
+    N / 30 (FAISS warns below ~30 training points per centroid)."""
+    if cfg.nlist:
+        return cfg.nlist
+    target = max(1.0, n / cfg.auto_list_size)
+    nlist = 1 << int(round(math.log2(target)))
+    return int(max(1, min(nlist, n // 30)))
+
+
+def auto_factory(n: int, cfg: IndexConfig) -> str:
+    """kind=auto's FAISS factory string above auto_exact_below, e.g. "IVF16384_HNSW32,Flat"."""
+    return f"IVF{auto_nlist(n, cfg)}_HNSW32,{cfg.auto_codes}"
+
+
 def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
     """An index over latents [N, d] (row n gets id n), ready to search.
 
     Search parameters (nprobe, re-ranking depth) are set here and travel with the index.
+    An index over one shard's rows numbers them from 0; the shard adds its first row.
     On a machine where FAISS sees GPUs and cfg.use_gpu is set, flat indexes and the IVF
     training run on the GPU.
     """
@@ -65,22 +84,13 @@ def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.I
     if n == 0:
         raise ValueError("cannot build an index over 0 latents")
     kind = resolve_kind(n, cfg)
-    shards = max(1, min(cfg.shards, n))
-    bounds = np.linspace(0, n, shards + 1).astype(np.int64)
     if kind == "flat":
-        parts = [_gpu_or_cpu(faiss.IndexFlatL2(d), cfg) for _ in range(shards)]
+        index = _gpu_or_cpu(faiss.IndexFlatL2(d), cfg)
+    elif kind == "ivfhnsw":
+        index = _trained_ivfhnsw(x, cfg, seed)
     else:
-        template = _trained_ivfpq(x, cfg, seed)
-        parts = [_with_refine(faiss.clone_index(template), cfg) for _ in range(shards)]
-    for part, lo, hi in zip(parts, bounds[:-1], bounds[1:]):
-        part.add(x[lo:hi])
-    if shards == 1:
-        return parts[0]
-    # threaded=True searches the shards in parallel; successive_ids=True offsets each
-    # shard's local ids by the sizes of the shards before it.
-    index = faiss.IndexShards(d, True, True)
-    for part in parts:
-        index.add_shard(part)
+        index = _with_refine(_trained_ivfpq(x, cfg, seed), cfg)
+    index.add(x)
     return index
 
 
@@ -133,49 +143,48 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 def serialize(index: faiss.Index) -> np.ndarray:
     """uint8 [bytes]: the index as a flat buffer, to pass between processes (Ray object store)."""
-    index = _to_cpu(index)
-    if isinstance(index, faiss.IndexShards):
-        bufs = [faiss.serialize_index(_to_cpu(index.at(i))) for i in range(index.count())]
-        header = _SHARDS_MAGIC + struct.pack("<I", len(bufs)) + \
-            b"".join(struct.pack("<Q", b.size) for b in bufs)
-        return np.concatenate([np.frombuffer(header, dtype=np.uint8), *bufs])
-    return faiss.serialize_index(index)
+    return faiss.serialize_index(_to_cpu(index))
 
 
 def deserialize(buf: np.ndarray | bytes, cfg: Optional[IndexConfig] = None) -> faiss.Index:
     """Inverse of serialize; with cfg.use_gpu and GPUs present, moves the index onto them."""
     arr = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, (bytes, bytearray)) else \
         np.ascontiguousarray(buf, dtype=np.uint8)
-    if arr[:len(_SHARDS_MAGIC)].tobytes() != _SHARDS_MAGIC:
-        index = faiss.deserialize_index(arr)
-        return _gpu_or_cpu(index, cfg) if cfg is not None else index
-    pos = len(_SHARDS_MAGIC)
-    (count,) = struct.unpack("<I", arr[pos:pos + 4].tobytes())
-    pos += 4
-    sizes = struct.unpack(f"<{count}Q", arr[pos:pos + 8 * count].tobytes())
-    pos += 8 * count
-    parts = []
-    for size in sizes:
-        part = faiss.deserialize_index(arr[pos:pos + size])
-        parts.append(_gpu_or_cpu(part, cfg) if cfg is not None else part)
-        pos += size
-    index = faiss.IndexShards(parts[0].d, True, True)
-    for part in parts:
-        index.add_shard(part)
-    return index
+    index = faiss.deserialize_index(arr)
+    return _gpu_or_cpu(index, cfg) if cfg is not None else index
+
+
+def merge_topk(ids: list[np.ndarray], dists: list[np.ndarray], k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest over several shards' answers: lists of ids [B, k_s] and squared
+    distances [B, k_s] (ids global, -1 / inf for empty slots) -> ids [B, k], dists [B, k].
+
+    Ties between shards go to the smaller id, as in brute_force_knn.
+    """
+    all_ids = np.concatenate(ids, axis=1)
+    all_d = np.concatenate(dists, axis=1)
+    if all_ids.shape[1] < k:  # fewer slots than k overall: pad with empty ones
+        pad = k - all_ids.shape[1]
+        all_ids = np.pad(all_ids, ((0, 0), (0, pad)), constant_values=-1)
+        all_d = np.pad(all_d, ((0, 0), (0, pad)), constant_values=np.inf)
+    order = np.lexsort((np.where(all_ids < 0, np.iinfo(np.int64).max, all_ids), all_d),
+                       axis=1)[:, :k]
+    return (np.take_along_axis(all_ids, order, 1).astype(np.int64, copy=False),
+            np.take_along_axis(all_d, order, 1).astype(np.float32, copy=False))
 
 
 def describe(index: faiss.Index) -> str:
     """A short human-readable name of an index, for logs and status."""
-    if isinstance(index, faiss.IndexShards):
-        return f"{index.count()} shards of {describe(index.at(0))}"
     if isinstance(index, faiss.IndexRefine):
         return f"{describe(index.base_index)} + exact re-rank x{index.k_factor:g}"
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        ivf = faiss.downcast_index(ivf)
+        pq = getattr(ivf, "pq", None)
         codes = f"PQ{pq.M}x{pq.nbits}" if pq is not None else type(ivf).__name__
-        return f"IVF{ivf.nlist},{codes} (nprobe {ivf.nprobe})"
+        hnsw = "_HNSW" if isinstance(faiss.downcast_index(ivf.quantizer),
+                                     faiss.IndexHNSW) else ""
+        return f"IVF{ivf.nlist}{hnsw},{codes} (nprobe {ivf.nprobe})"
     return type(index).__name__
 
 
@@ -216,6 +225,40 @@ def _trained_ivfpq(x: np.ndarray, cfg: IndexConfig, seed: int) -> faiss.Index:
     ivf.clustering_index = None
     ivf.nprobe = min(cfg.nprobe, nlist)
     return ivf
+
+
+def _trained_ivfhnsw(x: np.ndarray, cfg: IndexConfig, seed: int) -> faiss.Index:
+    """kind=auto's empty IVF (auto_factory), trained on auto_train_per_list points per list."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    n, d = x.shape
+    if not 30 <= cfg.auto_train_per_list <= 256:
+        raise ValueError(f"index.auto_train_per_list={cfg.auto_train_per_list} is outside "
+                         f"30..256 (FAISS's k-means range of points per centroid)")
+    factory = auto_factory(n, cfg)
+    try:
+        index = faiss.index_factory(d, factory)
+    except RuntimeError as err:
+        raise ValueError(f"FAISS cannot build {factory!r} (index.auto_codes="
+                         f"{cfg.auto_codes!r}): {err}; use e.g. Flat or PQ10x4fs,RFlat") from None
+    ivf = faiss.extract_index_ivf(index)
+    nlist = ivf.nlist
+    n_train = min(n, cfg.auto_train_per_list * nlist)
+    rng = np.random.default_rng(seed)
+    sample = x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))]
+    if nlist > 1:
+        centroids, _ = two_level_clustering(sample, max(1, int(math.sqrt(nlist))), nlist,
+                                            clustering_niter=10, seed=seed)
+    else:
+        centroids = sample.mean(0, keepdims=True)
+    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    index.train(sample)  # the coarse quantizer is full, so this trains codes (PQ) only
+    ivf.nprobe = min(cfg.nprobe, nlist)
+    # the HNSW graph must return at least nprobe lists; 2x nprobe keeps them accurate
+    faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * ivf.nprobe)
+    if isinstance(index, faiss.IndexRefine):
+        index.k_factor = float(max(1, cfg.refine_factor))
+    return index
 
 
 def _with_refine(base: faiss.Index, cfg: IndexConfig) -> faiss.Index:

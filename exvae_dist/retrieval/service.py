@@ -1,15 +1,30 @@
-"""The index service: one Ray actor that owns the current index and answers kNN queries.
+"""The index service: Ray actors that own the index (one, or S shards) and answer kNN queries.
 
-    handle = start_index_service(store_path, cfg.index, name="exvae-index")
+    handle = start_index_service(store_path, cfg.index, name="exvae-index")   # all rows
+    handles = start_index_shards(store_path, cfg.index, name="exvae-index", shards=2)
     handle.refresh.remote(v)                      # returns at once; builds v in the background
     wait_for_version(handle, v, timeout=60)
-    ids, dists, version = ray.get(handle.search.remote(mu, k, exclude_ids=batch_ids))
+    ids, dists, version = ray.get(handle.search.remote(mu, k))
 
 `IndexHolder` does the work and knows nothing about Ray: it owns one background builder
-thread, keeps (version, index) as ONE reference that a build replaces atomically when it is
-done, and answers each query from the pair it read at the start, so an answer never mixes two
+thread and the versions it holds as ONE dict reference that a build replaces atomically
+when it is done; each query reads the index it uses once, so an answer never mixes two
 versions. `IndexService` is the thin actor around it; Ray restarts it after a crash and its
 constructor reloads the newest complete version from the store.
+
+Shards and versions. Shard s of S owns the contiguous rows [N s / S, N (s+1) / S) of every
+latent version and answers with global ids. Versions across shards are kept consistent by
+naming them (the client, train/service_client.ShardedSearch, does this):
+
+- every answer of `answer(queries, k, version)` also returns the versions the shard holds
+  ("ready"); a shard that does not hold the named version answers no ids, only "ready";
+- a shard holds at most two versions: the newest it built, and the newest version some
+  query has named ("committed": a client names v only once EVERY shard held v);
+- so a client asks every shard for the same v, and moves to a newer v only after all
+  shards' "ready" lists contain it. A shard that built v+1 keeps v (committed) until the
+  first query naming v+1 arrives, and then drops v.
+
+Unnamed queries (`search(..., version=None)`, the one-actor API) use the newest version held.
 """
 
 from __future__ import annotations
@@ -35,6 +50,13 @@ class IndexNotReady(RuntimeError):
     """A search before any index version has been built."""
 
 
+def shard_rows(n: int, shard: int, shards: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard `shard` of `shards` over N rows: contiguous, sizes +-1."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} out of range for {shards} shards")
+    return n * shard // shards, n * (shard + 1) // shards
+
+
 @dataclass(frozen=True)
 class _Served:
     """What a query reads: swapped as one reference, never field by field."""
@@ -48,17 +70,27 @@ class _Served:
 
 
 class IndexHolder:
-    """The current index plus a background thread that builds the next one.
+    """The index versions of one shard plus a background thread that builds the next one.
 
     store_path: an existing exemplar store (FileNotFoundError otherwise).
     load_latest: start building the newest complete version right away (a restart).
+    shard, shards: this holder owns rows shard_rows(N, shard, shards) (default: all rows).
     """
 
-    def __init__(self, store_path: str, cfg: IndexConfig, load_latest: bool = True):
+    def __init__(self, store_path: str, cfg: IndexConfig, load_latest: bool = True,
+                 shard: int = 0, shards: int = 1):
         self.cfg = cfg
         self.store = ExemplarStore(store_path)
+        self.shard, self.shards = shard, shards
+        self.rows = shard_rows(self.store.n, shard, shards)
+        if self.rows[1] <= self.rows[0]:
+            raise ValueError(f"shard {shard} of {shards} over {self.store.n} exemplars has no "
+                             f"rows: use at most {self.store.n} shards")
         faiss.omp_set_num_threads(max(1, cfg.service_threads))
-        self._served: Optional[_Served] = None
+        # version -> _Served; replaced as a whole (never mutated), so a reader sees one dict
+        self._held: dict[int, _Served] = {}
+        self._committed: Optional[int] = None  # newest version a query named
+        self._failed: Optional[int] = None  # version whose build failed last (None: last ok)
         self._lock = threading.Lock()  # guards the fields below, not the index itself
         self._wake = threading.Condition(self._lock)
         self._pending: Optional[int] = None  # newest version asked for, not yet started
@@ -77,30 +109,53 @@ class IndexHolder:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, exclude_ids: Optional[np.ndarray] = None,
-               wait_s: float = 60.0) -> tuple[np.ndarray, np.ndarray, int]:
-        """ids [B, k] int64, squared distances [B, k] float32, and the version they come from.
+    def answer(self, queries: np.ndarray, k: int, version: int
+               ) -> tuple[Optional[np.ndarray], Optional[np.ndarray], list[int]]:
+        """The sharded query: (ids [B, k] global, dists [B, k], ready) from exactly `version`,
+        or (None, None, ready) when this shard does not hold it. ready: versions held now.
 
-        queries: [B, d] float32. exclude_ids: [B] int64, each row's own exemplar id, dropped
-        from that row's answer (k + 1 are searched). If no version is loaded yet but one is
-        being built (a fresh or restarted service), waits up to wait_s for it.
+        Naming v commits it: the versions older than v are dropped (see the module doc).
+        """
+        held = self._held
+        served = held.get(version)
+        if served is None:
+            return None, None, sorted(held)
+        ids, dists = self._search(served, queries, k)
+        if self._committed is None or version > self._committed:
+            with self._lock:
+                if self._committed is None or version > self._committed:
+                    self._committed = version
+                    self._held = {v: s for v, s in self._held.items() if v >= version}
+        with self._lock:
+            self._queries += ids.shape[0]
+        return ids, dists, sorted(self._held)
+
+    def search(self, queries: np.ndarray, k: int,
+               wait_s: float = 60.0) -> tuple[np.ndarray, np.ndarray, int]:
+        """ids [B, k] int64, squared distances [B, k] float32, and the version they come from
+        (the newest this holder has built).
+
+        queries: [B, d] float32. Leave-one-out is retrieval.candidates' job, on the ranking
+        of all N. If no version is loaded yet but one is being built (a fresh or restarted
+        service), waits up to wait_s for it.
         """
         served = self._current(wait_s)
+        ids, dists = self._search(served, queries, k)
+        with self._lock:
+            self._queries += ids.shape[0]
+        return ids, dists, served.version
+
+    def _search(self, served: _Served, queries: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Global ids [B, k] and dists [B, k] of one held version."""
         q = np.asarray(queries)
         if q.ndim != 2 or q.shape[1] != served.d:
             raise ValueError(f"queries must have shape [B, {served.d}] (the latent size of "
                              f"index version {served.version}), got {q.shape}")
-        if exclude_ids is None:
-            ids, dists = search(served.index, q, k)
-        else:
-            exclude_ids = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
-            if exclude_ids.shape[0] != q.shape[0]:
-                raise ValueError(f"exclude_ids must be [B]={q.shape[0]} ids, got "
-                                 f"{exclude_ids.shape[0]}")
-            ids, dists = _drop_own(*search(served.index, q, k + 1), exclude_ids)
-        with self._lock:
-            self._queries += q.shape[0]
-        return ids, dists, served.version
+        ids, dists = search(served.index, q, k)
+        if self.rows[0]:
+            ids = np.where(ids >= 0, ids + self.rows[0], ids)  # local row -> global id
+        return ids, dists
 
     # -- versions --------------------------------------------------------------------------
 
@@ -125,6 +180,8 @@ class IndexHolder:
                 raise RuntimeError("this IndexHolder is closed")
             newest_known = max(v for v in (self._pending, self._building, self._version(), 0)
                                if v is not None)
+            if version in self._held or (self._committed or 0) > version:
+                return version
             if version > newest_known:
                 self._pending = version
                 self._wake.notify_all()
@@ -143,7 +200,8 @@ class IndexHolder:
             return self._version()
 
     def status(self) -> dict[str, Any]:
-        """version, n, d, kind, build_seconds, queries_served, building, pending, last_error."""
+        """version (newest held), ready (all held), committed, failed_version, shard, shards,
+        rows, n, d, kind, build_seconds, queries_served, building, pending, last_error."""
         with self._lock:
             return self._status_locked()
 
@@ -156,13 +214,22 @@ class IndexHolder:
 
     # -- internals -------------------------------------------------------------------------
 
+    @property
+    def _served(self) -> Optional[_Served]:
+        """The newest version held (what unnamed queries get), or None."""
+        held = self._held
+        return held[max(held)] if held else None
+
     def _version(self) -> Optional[int]:
         served = self._served
         return None if served is None else served.version
 
     def _status_locked(self) -> dict[str, Any]:
         served = self._served
-        return {"version": None if served is None else served.version,
+        return {"shard": self.shard, "shards": self.shards, "rows": list(self.rows),
+                "ready": sorted(self._held), "committed": self._committed,
+                "failed_version": self._failed,
+                "version": None if served is None else served.version,
                 "n": None if served is None else served.n,
                 "d": None if served is None else served.d,
                 "kind": None if served is None else served.description,
@@ -215,31 +282,28 @@ class IndexHolder:
                 served, error = None, f"version {version}: {type(err).__name__}: {err}"
             with self._lock:
                 if served is not None and served.version > (self._version() or 0):
-                    self._served = served  # the atomic swap: one reference assignment
+                    # the atomic swap: one reference assignment. Keep the committed version
+                    # (clients may still name it until every shard has this one); drop the
+                    # other older ones.
+                    self._held = {**{v: s for v, s in self._held.items()
+                                     if v == self._committed}, served.version: served}
                 self._last_error = error
+                self._failed = None if error is None else version
                 self._building = None
                 self._ready.notify_all()
 
     def _build(self, version: int) -> _Served:
         start = time.perf_counter()
-        latents = self.store.read_latents(version)
+        if self.rows == (0, self.store.n):
+            latents = self.store.read_latents(version)
+        else:
+            latents = self.store.read_latent_rows(version, *self.rows)
         index = build_index(latents, self.cfg)
         seconds = time.perf_counter() - start
-        log.info("index version %d built in %.1f s: %s over %d x %d", version, seconds,
-                 describe(index), *latents.shape)
+        log.info("index version %d (shard %d of %d) built in %.1f s: %s over %d x %d", version,
+                 self.shard, self.shards, seconds, describe(index), *latents.shape)
         return _Served(version=version, index=index, n=latents.shape[0], d=latents.shape[1],
                        build_seconds=seconds, description=describe(index))
-
-
-def _drop_own(ids: np.ndarray, dists: np.ndarray,
-              own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[B, k+1] -> [B, k]: drops each row's own id, or its last slot when the id is absent."""
-    drop = ids == own[:, None]
-    missing = ~drop.any(axis=1)
-    drop[missing, -1] = True
-    keep = ~drop
-    b, k1 = ids.shape
-    return ids[keep].reshape(b, k1 - 1), dists[keep].reshape(b, k1 - 1)
 
 
 # -- the Ray actor -------------------------------------------------------------------------
@@ -247,20 +311,27 @@ def _drop_own(ids: np.ndarray, dists: np.ndarray,
 class IndexService:
     """Ray actor shell around IndexHolder (start it with start_index_service)."""
 
-    def __init__(self, store_path: str, cfg: dict):
+    def __init__(self, store_path: str, cfg: dict, shard: int = 0, shards: int = 1):
         logging.basicConfig(level=logging.INFO)
-        self._holder = IndexHolder(store_path, IndexConfig(**cfg), load_latest=True)
+        self._holder = IndexHolder(store_path, IndexConfig(**cfg), load_latest=True,
+                                   shard=shard, shards=shards)
 
-    def search(self, queries: np.ndarray, k: int, exclude_ids: Optional[np.ndarray] = None
-               ) -> tuple[np.ndarray, np.ndarray, int]:
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """See IndexHolder.search: (ids [B, k] int64, dists [B, k] float32, version)."""
-        return self._holder.search(queries, k, exclude_ids)
+        return self._holder.search(queries, k)
+
+    def answer(self, queries: np.ndarray, k: int, version: int):
+        """See IndexHolder.answer: (ids | None, dists | None, ready versions)."""
+        return self._holder.answer(queries, k, version)
 
     def refresh(self, version: Optional[int] = None) -> int:
         return self._holder.refresh(version)
 
     def status(self) -> dict[str, Any]:
-        return self._holder.status()
+        """IndexHolder.status plus the Ray node this shard runs on (node_id)."""
+        import ray
+
+        return {**self._holder.status(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def ping(self) -> None:
         """A no-op call: the baseline of round-trip latency."""
@@ -269,21 +340,83 @@ class IndexService:
 
 def start_index_service(store_path: str, cfg: IndexConfig, name: Optional[str] = None,
                         max_concurrency: int = 4, max_restarts: int = -1):
-    """Starts the IndexService actor (Ray must be initialised); returns its handle.
+    """Starts one IndexService actor over all rows (Ray must be initialised); returns its handle.
 
     num_cpus=0 so that it fits beside training workers that hold every CPU; several
     concurrent calls so that queries run while a rebuild does; FAISS gets
     cfg.service_threads OpenMP threads (Ray sets 1 in actors otherwise). Ray restarts it
     after a crash and retries calls that were in flight.
     """
+    return _start_shard(store_path, cfg, name, 0, 1, max_concurrency, max_restarts, {})
+
+
+def start_index_shards(store_path: str, cfg: IndexConfig, name: Optional[str] = None,
+                       shards: Optional[int] = None, max_concurrency: int = 4,
+                       max_restarts: int = -1) -> list:
+    """Starts `shards` (default cfg.shards) IndexService actors; returns their handles in
+    shard order. Shard s owns rows shard_rows(N, s, S); actor names are `name` for one
+    shard, `name-shard<s>` for several.
+
+    On a cluster of several nodes the shards go into a placement group with the SPREAD
+    strategy, one bundle per shard, so that they land on different nodes while there are
+    nodes enough (SPREAD is soft: after a node is lost, its bundle and shard are placed on a
+    node that is left). On one node they simply share it.
+    """
+    import ray
+
+    shards = cfg.shards if shards is None else shards
+    if shards < 1:
+        raise ValueError(f"index.shards must be >= 1, got {shards}")
+    n = ExemplarStore(store_path).n
+    if shards > n:
+        raise ValueError(f"index.shards={shards} is more than the {n} exemplars")
+    group = None
+    if shards > 1 and placement_strategy() == "SPREAD":
+        from ray.util.placement_group import placement_group
+
+        # a bundle must reserve something: 1 MiB of Ray's logical `memory`, never a CPU,
+        # so that the shards never take a CPU the training workers need
+        group = placement_group([{"memory": _BUNDLE_MEMORY}] * shards, strategy="SPREAD")
+        ray.get(group.ready(), timeout=120)
+    handles = []
+    for s in range(shards):
+        extra = {}
+        if group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            extra = {"memory": _BUNDLE_MEMORY,
+                     "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                         group, placement_group_bundle_index=s)}
+        handles.append(_start_shard(store_path, cfg, name if shards == 1 or not name
+                                    else f"{name}-shard{s}", s, shards, max_concurrency,
+                                    max_restarts, extra))
+    return handles
+
+
+_BUNDLE_MEMORY = 1 << 20
+
+
+def placement_strategy() -> str:
+    """"SPREAD" when the Ray cluster has several live nodes, else "PACK" (Ray must be up):
+    how index shards (and, through the driver's hook, training workers) are placed."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    return "SPREAD" if len(alive) > 1 else "PACK"
+
+
+def _start_shard(store_path, cfg: IndexConfig, name, shard, shards, max_concurrency,
+                 max_restarts, extra: dict):
     import ray  # the only Ray import: everything above works without it
 
     ExemplarStore(store_path)  # fail here, in the caller, if the store does not exist
     threads = str(max(1, cfg.service_threads))
-    actor = ray.remote(IndexService).options(
-        name=name, num_cpus=0, max_concurrency=max_concurrency, max_restarts=max_restarts,
-        max_task_retries=3, runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
-    return actor.remote(str(store_path), dataclasses.asdict(cfg))
+    options = dict(name=name, num_cpus=0, max_concurrency=max_concurrency,
+                   max_restarts=max_restarts, max_task_retries=3,
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
+    options.update(extra)
+    actor = ray.remote(IndexService).options(**options)
+    return actor.remote(str(store_path), dataclasses.asdict(cfg), shard, shards)
 
 
 def wait_for_version(handle, version: int, timeout: float = 120.0, poll_s: float = 0.05) -> dict:

@@ -302,6 +302,19 @@ class ExemplarStore:
                              f"it holds NaN/inf (unwritten rows?)")
         return table
 
+    def read_latent_rows(self, version: int, start: int, stop: int) -> np.ndarray:
+        """float32 [stop - start, d]: rows [start, stop) of a complete version (an index
+        shard's block), with read_latents' checks."""
+        arr = self._version_array(version)
+        problem = self._check(arr, require_complete=True)
+        if problem:
+            raise StoreError(f"latent version {version} of {self.path} is unusable: {problem}")
+        block = arr[start:stop]
+        if not np.isfinite(block).all():
+            raise StoreError(f"latent version {version} of {self.path} is corrupt: rows "
+                             f"[{start}, {stop}) hold NaN/inf")
+        return block
+
     def read_newest(self) -> Optional[tuple[int, np.ndarray]]:
         """(version, latents [N, d]) of the newest version that reads back whole, or None.
 

@@ -94,6 +94,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..retrieval.service import placement_strategy  # hook: issue12
     from .worker import train_loop_per_worker
 
     run = cfg.run_path()
@@ -114,7 +115,8 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=placement_strategy()),  # hook: issue12
         run_config=RunConfig(
             name=cfg.run_name(),
             storage_path=str(run.parent),  # absolute; the same name resumes its checkpoints
@@ -155,15 +157,15 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
 
     service = None
     if cfg.prior.kind == "exemplar" and cfg.prior.rat:
-        from ..retrieval.service import start_index_service
+        from ..retrieval.service import start_index_shards  # hook: issue12
 
-        service = start_index_service(str(store_path(cfg)), cfg.index,
-                                      name=index_actor_name(cfg))
+        service = start_index_shards(str(store_path(cfg)), cfg.index,  # hook: issue12
+                                     name=index_actor_name(cfg))  # a list of cfg.index.shards
     try:
         result = make_trainer(cfg, splits, service).fit()
     finally:
-        if service is not None:
-            ray.kill(service)
+        for handle in service or []:  # hook: issue12
+            ray.kill(handle)
         if started:
             ray.shutdown()
     if result.error is not None:

@@ -28,7 +28,7 @@ from ..retrieval.store import ExemplarStore
 from ..tracking import make_tracker
 from .exemplars import StoredImages, from_bytes
 from .refresh import LatentRefresh
-from .service_client import ServiceSearch
+from .service_client import ShardedSearch
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class StoreCache:
     every rank (LatentRefresh), and the index service that serves them (None for the exact
     prior, which only needs the centres)."""
 
-    def __init__(self, refresh: LatentRefresh, service: Optional[ServiceSearch], group: Group,
+    def __init__(self, refresh: LatentRefresh, service: Optional[ShardedSearch], group: Group,
                  wait_for_refresh: bool = False):
         self._refresh = refresh
         self.images = refresh.images
@@ -69,10 +69,8 @@ class StoreCache:
         version, for every version with index.wait_for_refresh."""
         if self._served and not self.wait_for_refresh:
             return
-        if self.group.rank == 0:
-            from ..retrieval.service import wait_for_version
-
-            wait_for_version(self.search.handle, version, timeout=FIRST_VERSION_TIMEOUT_S)
+        if self.group.rank == 0:  # fails at once when the service reports a failed build
+            self.search.wait_served(version, timeout=FIRST_VERSION_TIMEOUT_S)
         self.group.barrier()
         self._served = True
 
@@ -155,7 +153,7 @@ def wrap(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn
 
 
 def build_parts(cfg: config_mod.ExperimentConfig, run: Path, store: ExemplarStore,
-                valid_x: torch.Tensor, dynamic: bool, image_shape, service: Optional[ServiceSearch],
+                valid_x: torch.Tensor, dynamic: bool, image_shape, service: Optional[ShardedSearch],
                 group: Group, device: torch.device = torch.device("cpu"),
                 progress=None) -> Parts:
     """The loop's parts on one rank (also used by tests with a 1-rank gloo group)."""
@@ -190,8 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     group = Group.current(device)
     torch.set_num_threads(cfg.train.threads or max(1, int(cfg.ray.cpus_per_worker)))
-    service = (ServiceSearch(config["service"], cfg.ray.search_retries)
-               if config.get("service") is not None else None)
+    service = (ShardedSearch(config["service"], cfg.ray.search_retries,
+                             timeout_s=cfg.index.query_timeout_s)
+               if config.get("service") else None)
     parts = build_parts(cfg, Path(config["run_path"]), ExemplarStore(config["store_path"]),
                         from_bytes(ray.get(config["valid"])), config["dynamic"],
                         config["image_shape"], service, group, device, progress_bar)
