@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,41 @@ log = logging.getLogger(__name__)
 
 FORMAT = "exvae-exemplar-store/1"
 DEFAULT_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How the images array is cut on disk.
+
+    chunk_rows: rows per chunk, the unit one read decompresses (None = the store's chunk_rows).
+    shard_rows: rows per shard file holding many chunks (Zarr's sharding codec); None = no
+                shards, one file per chunk. Writers must own whole shards.
+    Random reads of a few thousand rows per step want small chunks inside large shards
+    (bench/README.md, "Exemplar store layout").
+    """
+
+    chunk_rows: Optional[int] = None
+    shard_rows: Optional[int] = None
+
+
+# Measured best for a few thousand random rows per step (bench/bench_store_layout.py).
+RANDOM_READ_LAYOUT = ImageLayout(chunk_rows=16, shard_rows=8192)
+
+
+def create_images_array(root: zarr.Group, shape: tuple[int, ...], chunk_rows: int,
+                        layout: Optional[ImageLayout] = None) -> zarr.Array:
+    """The uint8 images array of a new store (shared by create and the streaming ingest)."""
+    layout = layout or ImageLayout()
+    inner = layout.chunk_rows or chunk_rows
+    shards = None
+    if layout.shard_rows is not None:
+        if layout.shard_rows % inner:
+            raise StoreError(f"shard_rows={layout.shard_rows} must be a multiple of "
+                             f"chunk_rows={inner}")
+        shards = (layout.shard_rows, *shape[1:])
+    return root.create_array(
+        "images", shape=shape, dtype=np.uint8, chunks=(inner, *shape[1:]), shards=shards,
+        compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
 
 
 class StoreError(ValueError):
@@ -93,10 +129,13 @@ class ExemplarStore:
 
     @classmethod
     def create(cls, path: str | Path, images: np.ndarray, latent_dim: int,
-               chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False) -> "ExemplarStore":
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False,
+               image_layout: Optional[ImageLayout] = None) -> "ExemplarStore":
         """Writes `images` (uint8 [N, ...]) into a new store at `path` and opens it.
 
-        Refuses to replace an existing store unless overwrite=True.
+        Refuses to replace an existing store unless overwrite=True. image_layout: how the
+        images are chunked (default: chunk_rows rows per chunk, unsharded; pass
+        RANDOM_READ_LAYOUT when workers read random rows from the store).
         """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim < 2 or images.shape[0] == 0:
@@ -110,10 +149,7 @@ class ExemplarStore:
             raise FileExistsError(f"{path} already exists: open it with ExemplarStore(path) "
                                   f"or pass overwrite=True to replace it")
         root = zarr.open_group(str(path), mode="w")
-        arr = root.create_array(
-            "images", shape=images.shape, dtype=np.uint8,
-            chunks=(chunk_rows, *images.shape[1:]),
-            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+        arr = create_images_array(root, images.shape, chunk_rows, image_layout)
         arr[...] = images
         root.create_group("latents")
         # the format attributes go last: a store is only recognised once its images exist
