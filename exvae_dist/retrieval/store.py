@@ -43,16 +43,20 @@ class ImageLayout:
     chunk_rows: rows per chunk, the unit one read decompresses (None = the store's chunk_rows).
     shard_rows: rows per shard file holding many chunks (Zarr's sharding codec); None = no
                 shards, one file per chunk. Writers must own whole shards.
-    Random reads of a few thousand rows per step want small chunks inside large shards
-    (bench/README.md, "Exemplar store layout").
+    compress:   Blosc-zstd chunks (True) or raw bytes (False). Raw unsharded chunks are
+                plain C-order row files that retrieval/store_rows.py reads row by row with
+                pread, without Zarr's per-chunk cost (bench/README.md, "Exemplar store
+                layout": ~1 ms per chunk touched, and a random row touches its own chunk).
     """
 
     chunk_rows: Optional[int] = None
     shard_rows: Optional[int] = None
+    compress: bool = True
 
 
-# Measured best for a few thousand random rows per step (bench/bench_store_layout.py).
-RANDOM_READ_LAYOUT = ImageLayout(chunk_rows=16, shard_rows=8192)
+# Measured best for a few thousand random rows per step (bench/bench_store_layout.py):
+# uncompressed 8192-row chunk files (784 bytes a row on disk), read by pread.
+RANDOM_READ_LAYOUT = ImageLayout(chunk_rows=8192, compress=False)
 
 
 def create_images_array(root: zarr.Group, shape: tuple[int, ...], chunk_rows: int,
@@ -66,9 +70,11 @@ def create_images_array(root: zarr.Group, shape: tuple[int, ...], chunk_rows: in
             raise StoreError(f"shard_rows={layout.shard_rows} must be a multiple of "
                              f"chunk_rows={inner}")
         shards = (layout.shard_rows, *shape[1:])
+    compressors = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle") if layout.compress else None
+    # every chunk file exists, even an all-zero one: raw readers and completion checks rely on it
     return root.create_array(
         "images", shape=shape, dtype=np.uint8, chunks=(inner, *shape[1:]), shards=shards,
-        compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+        compressors=compressors, config={"write_empty_chunks": True})
 
 
 class StoreError(ValueError):
