@@ -118,6 +118,10 @@ class ExemplarStore:
         self._root = zarr.open_group(str(self.path), mode=mode)
         self._warned: set[tuple[int, str]] = set()
         attrs = dict(self._root.attrs)
+        if attrs.get("ingest_state") == "writing":  # retrieval/store_ingest.py
+            raise StoreError(f"{self.path} is a half-written store (an ingest was interrupted): "
+                             f"re-run the same `python -m exvae_dist.ingest` command to resume "
+                             f"it, or delete {self.path}")
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.path} is a Zarr group but not an exemplar store "
                              f"(format={attrs.get('format')!r}, expected {FORMAT!r})")

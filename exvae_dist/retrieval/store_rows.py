@@ -139,13 +139,15 @@ class CachedChunkRows:
                 size = min(self.n, (c + 1) * self.chunk_rows) - c * self.chunk_rows
                 fetched[c] = block[offset:offset + size]
                 offset += size
+        # take every chunk before remembering any: a request wider than the cache would
+        # otherwise evict chunks it still needs
+        data = {int(c): fetched[int(c)] if int(c) in fetched else self._cache[int(c)]
+                for c in wanted}
         out = np.empty((ids.size, *self.image_shape), np.uint8)
-        for c in wanted:
-            c = int(c)
-            data = fetched[c] if c in fetched else self._cache[c]
+        for c, rows in data.items():
             sel = chunks == c
-            out[sel] = data[ids[sel] - c * self.chunk_rows]
-            self._remember(c, data)
+            out[sel] = rows[ids[sel] - c * self.chunk_rows]
+            self._remember(c, rows)
         return out
 
     def _remember(self, chunk: int, data: np.ndarray) -> None:
