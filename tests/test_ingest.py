@@ -247,3 +247,40 @@ def test_store_images_allocate_nothing_of_size_n(tmp_path):
     # 1,100 rows as uint8 + float32 is ~4.3 MB; all of N = 100,000 would be 78 MB (uint8)
     assert large < 8e6, large
     assert large < 2 * small + 1e6, (small, large)
+
+
+@pytest.mark.slow
+def test_run_trained_on_a_store_evaluates_on_its_test_split_and_refuses_another(
+        tmp_path, data_dir, monkeypatch, capsys):
+    from exvae_dist.evaluate import main as evaluate
+    from exvae_dist.trainer import fit
+
+    x = read_idx(data_dir / "mnist" / "train-images-idx3-ubyte.gz")[:700]
+    y = read_idx(data_dir / "mnist" / "train-labels-idx1-ubyte.gz")[:700]
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    args = Args()
+    args.labels = str(tmp_path / "y.npy")
+    run(ingest_mod.open_source(str(tmp_path / "x.npy"), args), tmp_path / "s",
+        n_valid=100, n_test=60)
+    np.save(tmp_path / "x2.npy", x[::-1].copy())
+    run(ingest_mod.open_source(str(tmp_path / "x2.npy"), Args()), tmp_path / "s2",
+        n_valid=100, n_test=60)
+    root = tmp_path / "runs"
+    cfg = config_mod.load("smoke", [f"train.run_dir={root}", "train.epochs=1",
+                                    "train.max_steps_per_epoch=5", "train.progress=false",
+                                    "train.threads=1", "tracking.sample_grid=false",
+                                    "data.name=store", f"data.store={tmp_path / 's'}",
+                                    "data.n_train=null", "data.n_valid=null",
+                                    "data.n_test=null"], env={})
+    fit(cfg)
+    run_dir = cfg.run_path()
+    monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
+    common = ["eval.n_samples=20", "eval.n_test=10", "eval.sample_chunk=20",
+              "eval.pictures=false", "eval.knn_ks=[1,3]"]
+    assert evaluate([str(run_dir), *common]) == 0
+    summary = (run_dir / "eval" / "summary.json").read_text()
+    assert '"log_likelihood"' in summary
+    # the run's checkpoint recorded its store: evaluating it on other data is refused
+    with pytest.raises(StoreMismatchError, match="trained on store"):
+        evaluate([str(run_dir), *common, f"data.store={tmp_path / 's2'}"])
