@@ -176,7 +176,7 @@ class FolderSource:
         try:
             from PIL import Image  # noqa: F401
         except ImportError:
-            raise IngestError("reading image folders needs Pillow: pip install 'pillow>=10,<13'") \
+            raise IngestError("reading image folders needs Pillow: pip install 'pillow>=10,<14'") \
                 from None
         self.where = str(path)
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -291,7 +291,7 @@ def train_rows(positions: np.ndarray, held_sorted: np.ndarray) -> np.ndarray:
 
 def ingest(source, store_path: str | Path, *, n_valid: int = 0, n_test: int = 0,
            split_seed: int = 0, block_rows: int = 8192, progress: bool = True,
-           stop_after_blocks: Optional[int] = None) -> str:
+           latent_dim: int = 40, stop_after_blocks: Optional[int] = None) -> str:
     """Streams `source` into the store at `store_path`; returns the store's fingerprint.
 
     stop_after_blocks: write at most that many blocks, then return "" (tests of resuming).
@@ -308,7 +308,7 @@ def ingest(source, store_path: str | Path, *, n_valid: int = 0, n_test: int = 0,
     spec = {**source.spec, "valid": n_valid, "test": n_test, "split_seed": split_seed}
     builder = StoreBuilder(store_path, n_train, source.image_shape,
                            labelled=source.labels is not None, source=spec,
-                           block_rows=block_rows)
+                           block_rows=block_rows, latent_dim=latent_dim)
     done = builder.done_blocks()
     todo = [b for b in range(builder.n_blocks) if not done[b]]
     if done.any():
@@ -359,6 +359,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="deformed-mnist: deformation seed")
     ap.add_argument("--block-rows", type=int, default=8192,
                     help="rows per written block = per chunk file (default 8192)")
+    ap.add_argument("--latent-dim", type=int, default=40,
+                    help="size of the latent tables the store will hold (= model.z_dim)")
     ap.add_argument("--data-root", default=None,
                     help="deformed-mnist: folder with the MNIST files (default "
                          "$EXVAE_DATA_DIR, else ~/.cache/exvae_dist/data)")
@@ -374,7 +376,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              n_valid=args.valid if args.valid is not None else default,
                              n_test=args.test if args.test is not None else default,
                              split_seed=args.split_seed, block_rows=args.block_rows,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, latent_dim=args.latent_dim)
     except (IngestError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
