@@ -284,3 +284,16 @@ def test_run_trained_on_a_store_evaluates_on_its_test_split_and_refuses_another(
     # the run's checkpoint recorded its store: evaluating it on other data is refused
     with pytest.raises(StoreMismatchError, match="trained on store"):
         evaluate([str(run_dir), *common, f"data.store={tmp_path / 's2'}"])
+
+
+def test_deformation_resampling_matches_scipy_map_coordinates():
+    from scipy import ndimage
+
+    from exvae_dist.data.deformed import _bilinear
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    sy, sx = rng.uniform(-3, 31, (2, 4, 28, 28))  # some samples fall outside the image
+    expect = np.stack([ndimage.map_coordinates(images[i].astype(np.float64), [sy[i], sx[i]],
+                                               order=1, mode="constant", cval=0.0,
+                                               prefilter=False) for i in range(4)])
+    np.testing.assert_allclose(_bilinear(images, sy, sx), expect, atol=1e-3)
