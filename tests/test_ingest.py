@@ -292,8 +292,9 @@ def test_deformation_resampling_matches_scipy_map_coordinates():
     from exvae_dist.data.deformed import _bilinear
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
-    sy, sx = rng.uniform(-3, 31, (2, 4, 28, 28))  # some samples fall outside the image
+    sy, sx = rng.uniform(-3, 31, (2, 4, 28, 28))
+    sy[0, 0, :4] = [-1.0, 27.0, 27.5, 28.0]  # on and just past the edges  # some samples fall outside the image
     expect = np.stack([ndimage.map_coordinates(images[i].astype(np.float64), [sy[i], sx[i]],
-                                               order=1, mode="constant", cval=0.0,
+                                               order=1, mode="grid-constant", cval=0.0,
                                                prefilter=False) for i in range(4)])
     np.testing.assert_allclose(_bilinear(images, sy, sx), expect, atol=1e-3)
