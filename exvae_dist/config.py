@@ -35,7 +35,13 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     # mnist (dynamic binarization) | fashion_mnist | binarized_mnist (static) | omniglot
+    # | store (an ingested exemplar store, data.store)
     name: str = "mnist"
+    # data.name=store: path of a store made by `python -m exvae_dist.ingest SOURCE PATH`
+    store: Optional[str] = None
+    # Content hash of that store. null: taken from the store and recorded with the run;
+    # set (a saved run): the store must match it, or loading refuses.
+    store_fingerprint: Optional[str] = None
     # Folder with the dataset files. None: $EXVAE_DATA_DIR, else ~/.cache/exvae_dist/data.
     root: Optional[str] = None
     # Fetch missing files from the official sources (checksums verified).
@@ -244,7 +250,7 @@ class ExperimentConfig:
 
 
 CHOICES = {
-    "data.name": ("mnist", "fashion_mnist", "binarized_mnist", "omniglot"),
+    "data.name": ("mnist", "fashion_mnist", "binarized_mnist", "omniglot", "store"),
     "model.arch": ("vae", "hvae", "convhvae"),
     "prior.kind": ("gaussian", "vampprior", "exemplar"),
     "prior.normalizer": ("subset", "union"),
@@ -320,6 +326,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if not cfg.eval.knn_ks or min(cfg.eval.knn_ks) < 1:
         raise ConfigError(f"eval.knn_ks={cfg.eval.knn_ks} must list neighbour counts >= 1 "
                           f"(to skip kNN set eval.knn=false)")
+    if cfg.data.name == "store" and not cfg.data.store:
+        raise ConfigError("data.name=store needs data.store=PATH (make one with "
+                          "`python -m exvae_dist.ingest SOURCE PATH`)")
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError("model.logvar_min must be below model.logvar_max")
     if cfg.index.kind == "ivfpq" and cfg.model.z_dim % cfg.index.pq_m:

@@ -92,6 +92,9 @@ def load_dataset(cfg, *, fetch: Optional[Fetch] = None) -> DataSplits:
 
     `fetch(url, dest)` replaces the HTTP download (tests, mirrors).
     """
+    if cfg.name == "store":  # an ingested exemplar store (python -m exvae_dist.ingest)
+        from .store_data import load_store_splits
+        return _take_first(load_store_splits(cfg), cfg)
     loaders = {"mnist": _load_idx_dataset, "fashion_mnist": _load_idx_dataset,
                "binarized_mnist": _load_binarized_mnist, "omniglot": _load_omniglot}
     if cfg.name not in loaders:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -66,21 +67,55 @@ def assemble_candidates(neighbour_ids: np.ndarray, batch_ids: np.ndarray, coins:
     neighbour_ids = np.asarray(neighbour_ids)
     batch_ids = np.asarray(batch_ids, dtype=np.int64)
     coins = np.asarray(coins, dtype=bool)
+    _check_inputs(neighbour_ids, batch_ids, k, coins.shape[0])
+    valid = neighbour_ids >= 0
+    safe = np.where(valid, neighbour_ids, 0)
+    return _assemble(neighbour_ids, batch_ids, valid & coins[safe], coins[batch_ids],
+                     int(coins.sum()), k)
+
+
+def assemble_candidates_keyed(neighbour_ids: np.ndarray, batch_ids: np.ndarray,
+                              coin: Callable[[np.ndarray], np.ndarray], k: int, n: int,
+                              subset_size: int) -> Candidates:
+    """assemble_candidates with the subset given as a function over ids, not an [N] vector.
+
+    coin:        ids int64 [R] -> bool [R], e.g. `lambda ids: keyed.coins_for(ids, step, m,
+                 n, seed)`; it is asked only about the retrieved ids and the batch ids, so a
+                 step costs O(B k') whatever N is.
+    n:           the number of exemplars (ids must lie in 0..n-1).
+    subset_size: |S| (keyed.coins_for draws exactly m, so pass m).
+    Equals assemble_candidates(neighbour_ids, batch_ids, coin(arange(n)), k) when
+    subset_size == coin(arange(n)).sum().
+    """
+    neighbour_ids = np.asarray(neighbour_ids)
+    batch_ids = np.asarray(batch_ids, dtype=np.int64)
+    _check_inputs(neighbour_ids, batch_ids, k, n)
+    valid = neighbour_ids >= 0
+    asked, inverse = np.unique(neighbour_ids[valid], return_inverse=True)
+    keep = np.zeros(neighbour_ids.shape, dtype=bool)
+    keep[valid] = np.asarray(coin(asked), dtype=bool)[inverse.reshape(-1)]
+    own = np.asarray(coin(batch_ids), dtype=bool)
+    return _assemble(neighbour_ids, batch_ids, keep, own, int(subset_size), k)
+
+
+def _check_inputs(neighbour_ids: np.ndarray, batch_ids: np.ndarray, k: int, n: int) -> None:
     if neighbour_ids.ndim != 2 or neighbour_ids.shape[0] != batch_ids.shape[0]:
         raise ValueError(f"neighbour_ids must be [B, k'] with B={batch_ids.shape[0]} rows, "
                          f"got shape {neighbour_ids.shape}")
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
-    n = coins.shape[0]
     if neighbour_ids.size and neighbour_ids.max() >= n:
         raise ValueError(f"neighbour id {int(neighbour_ids.max())} out of range for N={n} coins")
     if batch_ids.size and (batch_ids.min() < 0 or batch_ids.max() >= n):
         raise ValueError(f"batch ids must be exemplar rows in 0..{n - 1} (one coin per exemplar), "
                          f"got {int(batch_ids.min())}..{int(batch_ids.max())}")
 
-    valid = neighbour_ids >= 0
-    safe = np.where(valid, neighbour_ids, 0)
-    keep = valid & coins[safe] & (neighbour_ids != batch_ids[:, None])
+
+def _assemble(neighbour_ids: np.ndarray, batch_ids: np.ndarray, in_subset: np.ndarray,
+              own_in_subset: np.ndarray, subset_size: int, k: int) -> Candidates:
+    """The shared core. in_subset: [B, k'] bool, slot is a valid id whose coin came up;
+    own_in_subset: [B] bool, coin of each batch element's own id."""
+    keep = in_subset & (neighbour_ids != batch_ids[:, None])
     # rank of each survivor within its row; keep the first k
     keep &= np.cumsum(keep, axis=1) <= k
 
@@ -93,8 +128,7 @@ def assemble_candidates(neighbour_ids: np.ndarray, batch_ids: np.ndarray, coins:
 
     ids = np.unique(neighbour_ids[keep]).astype(np.int64)
     exclude = ids[None, :] == batch_ids[:, None]
-    subset_size = int(coins.sum())
-    others = subset_size - coins[batch_ids].astype(np.int64)
+    others = subset_size - own_in_subset.astype(np.int64)
     log_norm = np.log(np.maximum(others, 1)).astype(np.float64)
     return Candidates(ids=ids, per_row=per_row, exclude=exclude,
                       n_short=int((counts < k).sum()), log_norm=log_norm)

@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +43,49 @@ log = logging.getLogger(__name__)
 
 FORMAT = "exvae-exemplar-store/1"
 DEFAULT_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How the images array is cut on disk.
+
+    chunk_rows: rows per chunk, the unit one read decompresses (None = the store's chunk_rows).
+    shard_rows: rows per shard file holding many chunks (Zarr's sharding codec); None = no
+                shards, one file per chunk. Writers must own whole shards.
+    compress:   Blosc-zstd chunks (True) or raw bytes (False). Raw unsharded chunks are
+                plain C-order row files that retrieval/store_rows.py reads row by row with
+                pread, without Zarr's per-chunk cost (bench/README.md, "Exemplar store
+                layout": ~1 ms per chunk touched, and a random row touches its own chunk).
+    """
+
+    chunk_rows: Optional[int] = None
+    shard_rows: Optional[int] = None
+    compress: bool = True
+
+
+# Measured best for a few thousand random rows per step (bench/bench_store_layout.py):
+# uncompressed 8192-row chunk files (784 bytes a row on disk), read by pread.
+RANDOM_READ_LAYOUT = ImageLayout(chunk_rows=8192, compress=False)
+
+
+def create_images_array(root: zarr.Group, shape: tuple[int, ...], chunk_rows: int,
+                        layout: Optional[ImageLayout] = None) -> zarr.Array:
+    """The uint8 images array of a new store (shared by create and the streaming ingest)."""
+    layout = layout or ImageLayout()
+    inner = layout.chunk_rows or chunk_rows
+    shards = None
+    if layout.shard_rows is not None:
+        if layout.shard_rows % inner:
+            raise StoreError(f"shard_rows={layout.shard_rows} must be a multiple of "
+                             f"chunk_rows={inner}")
+        shards = (layout.shard_rows, *shape[1:])
+    # CRC32C after compression: a torn or zeroed chunk is an error, never other images
+    compressors = ([BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+                   if layout.compress else []) + [Crc32cCodec()]
+    # every chunk file exists, even an all-zero one: raw readers and completion checks rely on it
+    return root.create_array(
+        "images", shape=shape, dtype=np.uint8, chunks=(inner, *shape[1:]), shards=shards,
+        compressors=compressors, config={"write_empty_chunks": True})
 
 
 class StoreError(ValueError):
@@ -95,6 +139,10 @@ class ExemplarStore:
         self._warned: set[tuple[int, str]] = set()
         self._verified: set[int] = set()  # complete versions whose every chunk verified
         attrs = dict(self._root.attrs)
+        if attrs.get("ingest_state") == "writing":  # retrieval/store_ingest.py
+            raise StoreError(f"{self.path} is a half-written store (an ingest was interrupted): "
+                             f"re-run the same `python -m exvae_dist.ingest` command to resume "
+                             f"it, or delete {self.path}")
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.path} is a Zarr group but not an exemplar store "
                              f"(format={attrs.get('format')!r}, expected {FORMAT!r})")
@@ -112,10 +160,13 @@ class ExemplarStore:
 
     @classmethod
     def create(cls, path: str | Path, images: np.ndarray, latent_dim: int,
-               chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False) -> "ExemplarStore":
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False,
+               image_layout: Optional[ImageLayout] = None) -> "ExemplarStore":
         """Writes `images` (uint8 [N, ...]) into a new store at `path` and opens it.
 
-        Refuses to replace an existing store unless overwrite=True.
+        Refuses to replace an existing store unless overwrite=True. image_layout: how the
+        images are chunked (default: chunk_rows rows per chunk, unsharded; pass
+        RANDOM_READ_LAYOUT when workers read random rows from the store).
         """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim < 2 or images.shape[0] == 0:
@@ -129,11 +180,7 @@ class ExemplarStore:
             raise FileExistsError(f"{path} already exists: open it with ExemplarStore(path) "
                                   f"or pass overwrite=True to replace it")
         root = zarr.open_group(str(path), mode="w")
-        arr = root.create_array(
-            "images", shape=images.shape, dtype=np.uint8,
-            chunks=(chunk_rows, *images.shape[1:]),
-            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
-                         Crc32cCodec()])
+        arr = create_images_array(root, images.shape, chunk_rows, image_layout)
         arr[...] = images
         root.create_group("latents")
         # the format attributes go last: a store is only recognised once its images exist

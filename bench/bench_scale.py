@@ -1,0 +1,185 @@
+"""How the store-backed data path scales with N: build, RAT-step reads, memory, refresh.
+
+    python bench/bench_scale.py --sizes 1e5,1e6,1e7 [--source tiled|deformed] [--workdir DIR]
+
+Per N, in fresh processes (so each peak RSS is its own):
+1. build: the store is ingested (exvae_dist.ingest.ingest) from `deformed` (deformed MNIST,
+   the real generator) or `tiled` (MNIST digit i mod 50,000: the same bytes per row, no
+   deformation cost, so the build time is the store's own write cost). Seconds, GB on disk.
+2. steps: a RAT-like step without the model: the batch of 100 from the keyed epoch order,
+   a [100, k'=40] neighbour ranking of random ids (retrieved ids are scattered over the
+   store, the worst case for locality), keyed coins and assemble_candidates_keyed (k=10),
+   then the batch and candidate rows read as float32 through StoreImages. Median ms over
+   the steps, and the same step's coins done the old way (draw_coins: an [N] vector).
+   Peak RSS of this process after the steps.
+3. refresh: a small MLP encoder (784-300-40, 1 torch thread) streams every row from the
+   store in 8192-row blocks and writes a latent version (bounded memory). Seconds, peak RSS.
+Ratios are against the first size of the same run. The store is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def du_gb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e9
+
+
+def phase_build(n: int, store: Path, source_kind: str) -> dict:
+    from exvae_dist import ingest as ingest_mod
+    from exvae_dist.data.deformed import deformed_rows  # noqa: F401
+
+    class Tiled(ingest_mod.DeformedMnistSource):
+        def read(self, rows):
+            return self.base[rows % len(self.base)][:, None], self.base_labels[
+                rows % len(self.base)].astype(np.int64)
+
+    cls = Tiled if source_kind == "tiled" else ingest_mod.DeformedMnistSource
+    source = cls(n, seed=0, data_root=os.environ.get("EXVAE_DATA_DIR"))
+    t = time.perf_counter()
+    ingest_mod.ingest(source, store, progress=sys.stderr.isatty())
+    return {"build_s": time.perf_counter() - t, "disk_gb": du_gb(store),
+            "build_rss_mb": rss_mb()}
+
+
+def phase_steps(store_path: Path, steps: int) -> dict:
+    from exvae_dist.retrieval import keyed
+    from exvae_dist.retrieval.candidates import (assemble_candidates,
+                                                 assemble_candidates_keyed, draw_coins)
+    from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.train.store_images import StoreImages
+    store = ExemplarStore(store_path)
+    images = StoreImages(store)
+    n = len(images)
+    m, k, depth, b = n // 2, 10, 40, 100
+    rng = np.random.default_rng(0)
+    neighbours = [rng.integers(0, n, (b, depth)) for _ in range(steps + 3)]
+    times, rows = [], []
+    for step in range(steps + 3):  # 3 warm-up steps
+        t = time.perf_counter()
+        batch_ids = keyed.epoch_batch_ids(n, 0, 0, step * b, step * b + b)
+        cand = assemble_candidates_keyed(
+            neighbours[step], batch_ids, lambda ids: keyed.coins_for(ids, step, m, n, 0), k,
+            n, m)
+        x = images[batch_ids]
+        exemplars = images[cand.ids]
+        if step >= 3:
+            times.append(time.perf_counter() - t)
+            rows.append(len(x) + len(exemplars))
+    step_rss = rss_mb()  # before the old path's [N] coin vectors below raise the peak
+    old_coin_times = []
+    for step in range(steps):
+        batch_ids = keyed.epoch_batch_ids(n, 0, 0, step * b, step * b + b)
+        t = time.perf_counter()
+        assemble_candidates(neighbours[step], batch_ids, draw_coins(n, m, rng), k)
+        old_coin_times.append(time.perf_counter() - t)
+    return {"step_ms": 1000 * statistics.median(times),
+            "old_coins_ms": 1000 * statistics.median(old_coin_times),
+            "rows_per_step": statistics.median(rows), "step_rss_mb": step_rss}
+
+
+def phase_refresh(store_path: Path) -> dict:
+    import torch
+    from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.train.store_images import StoreImages
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    store = ExemplarStore(store_path)
+    images = StoreImages(store)
+    net = torch.nn.Sequential(torch.nn.Linear(images.dim, 300), torch.nn.ReLU(),
+                              torch.nn.Linear(300, store.latent_dim))
+    t = time.perf_counter()
+    store.begin_version(1)
+    block = store.chunk_rows
+    with torch.no_grad():
+        for start in range(0, store.n, block):
+            x = images[start:start + block]
+            store.write_rows(1, start, net(x).numpy())
+    store.mark_complete(1)
+    return {"refresh_s": time.perf_counter() - t, "refresh_rss_mb": rss_mb()}
+
+
+def child(args) -> None:
+    store = Path(args.store)
+    if args.phase == "build":
+        out = phase_build(args.n, store, args.source)
+    elif args.phase == "steps":
+        out = phase_steps(store, args.steps)
+    else:
+        out = phase_refresh(store)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_phase(phase: str, n: int, store: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--phase", phase, "--n", str(n), "--store", str(store),
+           "--source", args.source, "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ,
+                          "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{phase} at N={n} failed (exit {proc.returncode})")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1e5,1e6")
+    ap.add_argument("--source", choices=("tiled", "deformed"), default="tiled")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--workdir", default=None, help="where the stores go (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--phase", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        return child(args)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in (int(float(s)) for s in args.sizes.split(",")):
+        store = work / f"store_{n}"
+        shutil.rmtree(store, ignore_errors=True)
+        r = {"n": n}
+        for phase in ("build", "steps", "refresh"):
+            r.update(run_phase(phase, n, store, args))
+            print(f"N={n} {phase}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        rows.append(r)
+        if not args.keep:
+            shutil.rmtree(store, ignore_errors=True)
+    base = rows[0]
+    print(f"\nsource={args.source}, {args.steps} steps, B=100, k'=40, k=10, M=N/2")
+    print("| N | build s | GB on disk | step ms (median) | x | rows read/step | old [N]-coin "
+          "assembly ms | step-process peak RSS MB | x | refresh s | x | refresh peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:.0e} | {r['build_s']:.1f} | {r['disk_gb']:.2f} | {r['step_ms']:.1f} | "
+              f"{r['step_ms'] / base['step_ms']:.2f} | {r['rows_per_step']:.0f} | "
+              f"{r['old_coins_ms']:.1f} | {r['step_rss_mb']:.0f} | "
+              f"{r['step_rss_mb'] / base['step_rss_mb']:.2f} | {r['refresh_s']:.1f} | "
+              f"{r['refresh_s'] / base['refresh_s']:.1f} | {r['refresh_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

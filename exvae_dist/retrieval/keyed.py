@@ -1,0 +1,147 @@
+"""Keyed randomness: random choices that are pure functions of (seed, step or epoch, id).
+
+Every rank evaluates the same function and gets the same answer without communicating, and
+a step only pays for the ids it asks about, never for all N exemplars:
+
+    coins_for(ids, step, m, n, seed)           -> bool [len(ids)]: is exemplar id in S_step?
+    KeyedPermutation(n, seed, epoch)(positions) -> ids: the epoch's training order, per batch
+
+Both rest on a counter-based hash (splitmix64's finaliser on numpy uint64) and a keyed
+bijection on [0, N): a balanced Feistel network on the smallest even number of bits that
+holds N, with cycle walking (re-apply until the value falls inside [0, N)), which stays a
+bijection on [0, N) because it is a bijection on the larger power-of-two domain. The
+domain is at most 4N, so a value needs fewer than 4 walks on average.
+
+The subset S_step of a step holds EXACTLY m exemplars: id is in S_step iff its image under
+the step's permutation is below m. Each id is in S with probability m/N (the marginal the
+subsampled prior needs) and |S| = m, so the RAT normaliser log |S minus {i}| is known
+without counting N coins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+# Domain tags keep the streams of different uses apart for the same seed.
+COINS = 1
+EPOCH_ORDER = 2
+DEFORM = 3
+SPLIT = 4
+ROUNDS = 6  # Feistel rounds; 4 already give a pseudo-random permutation (Luby-Rackoff)
+
+
+def mix64(x: np.ndarray | int) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixing hash of uint64 values (elementwise)."""
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def derive_key(*parts: int) -> np.uint64:
+    """One 64-bit key from a tuple of non-negative integers (seed, domain tag, step, ...)."""
+    key = np.uint64(0)
+    for p in parts:
+        if p < 0:
+            raise ValueError(f"key parts must be non-negative integers, got {parts}")
+        key = mix64(key ^ mix64(np.uint64(p)))
+    return np.uint64(key)
+
+
+def keyed_bits(key: np.uint64, counters: np.ndarray) -> np.ndarray:
+    """uint64 [...] pseudo-random words, one per counter: hash(key, counter)."""
+    return mix64(np.uint64(key) ^ mix64(np.asarray(counters, dtype=np.uint64)))
+
+
+def keyed_uniform(key: np.uint64, counters: np.ndarray) -> np.ndarray:
+    """float64 [...] uniform in [0, 1), one per counter (53 random bits each)."""
+    return (keyed_bits(key, counters) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def keyed_normal(key: np.uint64, counters: np.ndarray) -> np.ndarray:
+    """float64 [...] standard normal draws, one per counter (Box-Muller on two hashes)."""
+    c = np.asarray(counters, dtype=np.uint64) * np.uint64(2)
+    u1 = 1.0 - keyed_uniform(key, c)  # (0, 1]: log is finite
+    u2 = keyed_uniform(key, c + np.uint64(1))
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+
+
+class KeyedPermutation:
+    """A keyed bijection of [0, n): `perm(x)` and `perm.inverse(y)` on int64 arrays.
+
+    Evaluating it costs O(len(x)); nothing of size n is ever built. Different keys give
+    (pseudo-)independent permutations.
+    """
+
+    def __init__(self, n: int, *key_parts: int):
+        if n <= 0:
+            raise ValueError(f"a permutation needs n >= 1, got {n}")
+        self.n = int(n)
+        bits = max(2, int(self.n - 1).bit_length())
+        self.half = (bits + 1) // 2  # each Feistel half has this many bits
+        self.mask = np.uint64((1 << self.half) - 1)
+        base = derive_key(*key_parts)
+        self.round_keys = [derive_key(int(base), r) for r in range(ROUNDS)]
+
+    def _round(self, r: int, half: np.ndarray) -> np.ndarray:
+        return keyed_bits(self.round_keys[r], half) & self.mask
+
+    def _forward_once(self, v: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half)
+        left, right = v >> h, v & self.mask
+        for r in range(ROUNDS):
+            left, right = right, left ^ self._round(r, right)
+        return (left << h) | right
+
+    def _inverse_once(self, v: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half)
+        left, right = v >> h, v & self.mask
+        for r in reversed(range(ROUNDS)):
+            left, right = right ^ self._round(r, left), left
+        return (left << h) | right
+
+    def _walk(self, x: np.ndarray, once) -> np.ndarray:
+        x = np.asarray(x, dtype=np.int64)
+        if x.size and (x.min() < 0 or x.max() >= self.n):
+            raise ValueError(f"values must be in 0..{self.n - 1}, got {x.min()}..{x.max()}")
+        v = once(x.astype(np.uint64))
+        out_of_range = v >= np.uint64(self.n)
+        while out_of_range.any():  # cycle walking: the orbit re-enters [0, n) quickly
+            v[out_of_range] = once(v[out_of_range])
+            out_of_range = v >= np.uint64(self.n)
+        return v.astype(np.int64)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._walk(x, self._forward_once)
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        return self._walk(y, self._inverse_once)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> KeyedPermutation:
+    """The training order of an epoch: position p of the epoch visits exemplar order(p)."""
+    return KeyedPermutation(n, seed, EPOCH_ORDER, epoch)
+
+
+def epoch_batch_ids(n: int, seed: int, epoch: int, start: int, stop: int) -> np.ndarray:
+    """int64 [stop - start]: exemplar ids at positions [start, stop) of the epoch's order."""
+    return epoch_order(n, seed, epoch)(np.arange(start, min(stop, n), dtype=np.int64))
+
+
+def coins_for(ids: np.ndarray, step: int, m: int, n: int, seed: int) -> np.ndarray:
+    """bool [len(ids)]: is exemplar id in the step's subset S (exactly m of the n, each
+    with probability m / n)? The same answer on every rank for the same (seed, step)."""
+    if not 0 < m <= n:
+        raise ValueError(f"subset size m={m} must be in 1..n={n}")
+    ids = np.asarray(ids, dtype=np.int64)
+    if m == n:
+        return np.ones(ids.shape, dtype=bool)
+    return KeyedPermutation(n, seed, COINS, step)(ids) < m
+
+
+__all__ = ["mix64", "derive_key", "keyed_bits", "keyed_uniform", "keyed_normal",
+           "KeyedPermutation", "epoch_order", "epoch_batch_ids", "coins_for"]
