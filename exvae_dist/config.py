@@ -42,6 +42,11 @@ class DataConfig:
     # Exemplars in the prior are encoded from grey-level images, as the reference code does
     # (the only mode implemented: false is refused).
     exemplars_grey: bool = True
+    # Keep only images of these classes in every split (None = all), e.g. [0,1,2,3,4].
+    labels: Optional[list[int]] = None
+    # binary (binarize as above) | 8bit (keep 8-bit levels k/255, nothing binarized) |
+    # auto (8bit when model.likelihood=dlogistic, else binary).
+    pixels: str = "auto"
 
 
 @dataclass
@@ -52,6 +57,9 @@ class ModelConfig:
     # hardtanh bounds of the encoder log-variance (reference code: [-6, 2])
     logvar_min: float = -6.0
     logvar_max: float = 2.0
+    # p(x|z): bernoulli (binary pixels) | dlogistic (discretized logistic mixture, 8-bit levels)
+    likelihood: str = "bernoulli"
+    n_mixtures: int = 5  # logistic components per sub-pixel (likelihood=dlogistic)
 
 
 @dataclass
@@ -127,6 +135,11 @@ class EvalConfig:
     tsne_points: int = 2000  # test means in the t-SNE map (t-SNE is slow on thousands)
     checkpoint: str = "best"  # best | latest: which checkpoint of the run to evaluate
     seed: int = 0  # importance samples, pictures
+    # Exemplar set of evaluate / generate / augment / explain: grown (the newest version made
+    # by `python -m exvae_dist.exemplars add`, else the training set) | original | a version number.
+    exemplars: str = "grown"
+    # Evaluate on the test images of these classes (None = data.labels): e.g. unseen digits.
+    test_labels: Optional[list[int]] = None
 
 
 @dataclass
@@ -216,7 +229,7 @@ class ExperimentConfig:
 
 
 CHOICES = {
-    "data.name": ("mnist", "fashion_mnist", "binarized_mnist", "omniglot"),
+    "data.name": ("mnist", "fashion_mnist", "binarized_mnist", "omniglot", "colour_mnist"),
     "model.arch": ("vae", "hvae", "convhvae"),
     "prior.kind": ("gaussian", "vampprior", "exemplar"),
     "prior.normalizer": ("subset", "union"),
@@ -226,12 +239,14 @@ CHOICES = {
     "index.kind": ("auto", "flat", "ivfpq"),
     "eval.checkpoint": ("best", "latest"),
     "augment.generated": ("mean", "bernoulli"),
+    "model.likelihood": ("bernoulli", "dlogistic"),
+    "data.pixels": ("auto", "binary", "8bit"),
 }
 
 POSITIVE = ("model.z_dim", "model.hidden", "prior.k", "prior.n_pseudo", "train.batch_size",
             "train.epochs", "eval.n_samples", "eval.batch_size", "eval.exemplar_chunk",
             "ray.num_workers", "index.shards", "train.log_every", "ray.cpus_per_worker",
-            "ray.keep_checkpoints")
+            "ray.keep_checkpoints", "model.n_mixtures")
 # evaluate / augment
 POSITIVE += ("eval.sample_chunk", "eval.tsne_points", "augment.hidden", "augment.epochs",
              "augment.batch_size")
@@ -261,6 +276,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                           f"{cfg.eval.validation_samples}")
     if cfg.train.warmup_epochs < 0:
         raise ConfigError("train.warmup_epochs must be >= 0")
+    if cfg.data.pixels == "auto":  # the decoder decides what the data path keeps
+        cfg.data.pixels = "8bit" if cfg.model.likelihood == "dlogistic" else "binary"
+    if cfg.eval.exemplars not in ("grown", "original") and not cfg.eval.exemplars.isdigit():
+        raise ConfigError(f"eval.exemplars={cfg.eval.exemplars!r} is not grown, original or a "
+                          f"version number (python -m exvae_dist.exemplars list RUN)")
     return cfg
 
 
