@@ -303,10 +303,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     add.add_argument("overrides", nargs="*", help="key=value, e.g. train.threads=1")
     lst = sub.add_parser("list", help="the stored versions of a run")
     lst.add_argument("run")
-    args = parser.parse_args(argv)
+    # key=value may follow the options (argparse would not take them as positionals there)
+    args, extra = parser.parse_known_args(argv)
+    if any("=" not in e for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(e for e in extra if '=' not in e)}")
+    overrides = list(getattr(args, "overrides", None) or []) + extra
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        trained = load_run(args.run, getattr(args, "overrides", []) or [])
+        trained = load_run(args.run, overrides)
         if args.command == "list":
             for v in list_versions(trained.path):
                 meta = json.loads((sets_dir(trained.path) / _name(v) / "set.json").read_text())

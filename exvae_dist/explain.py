@@ -260,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default <run>/explain)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.exemplars=original")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         trained = load_run(args.run, args.overrides)

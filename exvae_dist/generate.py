@@ -131,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                      "as a PNG grid here")
     parser.add_argument("--grid-n", type=int, default=100)
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.exemplars=original")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if not args.out.endswith(".npz"):

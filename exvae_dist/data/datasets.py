@@ -323,9 +323,13 @@ def colourize_digits(digits: np.ndarray, seed: int) -> np.ndarray:
     n = len(digits)
     fg = rng.uniform(0.45, 1.0, (n, 3, 1, 1)).astype(np.float32)
     bg = rng.uniform(0.0, 0.45, (n, 3, 1, 1)).astype(np.float32)
-    a = np.pad(digits.astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))[:, None]
-    img = (1 - a) * bg + a * fg
-    return np.rint(img * 255).astype(np.uint8).reshape(n, -1)
+    out = np.empty((n, 3 * 32 * 32), dtype=np.uint8)
+    for start in range(0, n, 5000):  # blocks: float temporaries stay ~60 MB
+        sl = slice(start, start + 5000)
+        a = np.pad(digits[sl].astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))[:, None]
+        img = (1 - a) * bg[sl] + a * fg[sl]
+        out[sl] = np.rint(img * 255).astype(np.uint8).reshape(len(a), -1)
+    return out
 
 
 def _load_colour_mnist(cfg, folder: Path, fetch: Optional[Fetch]) -> DataSplits:
