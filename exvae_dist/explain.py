@@ -294,17 +294,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             report["attribution"] = f"skipped: a {model.prior_kind} prior has no exemplars"
         if args.memorisation > 0:
-            grey = (splits if cfg.data.pixels == "8bit" or cfg.data.name == "binarized_mnist"
-                    else load_dataset(replace(cfg.data, pixels="8bit")))
+            # the training distribution's test images (data.labels), on 8-bit grey levels
+            static = cfg.data.name == "binarized_mnist"  # no grey levels exist
+            grey = load_dataset(cfg.data if static else replace(cfg.data, pixels="8bit"))
             n = args.memorisation
             drawn = generate(model, ex, n, seed=args.seed + 1, how="mean", progress=False)
             numbers, dist = memorisation_check(
                 drawn["images"], grey.train_x, grey.test_x[:n],
                 drawn["exemplar_ids"] if ex.version == 0 and model.prior_kind == "exemplar"
                 else None)
-            numbers["pixels"] = ("8-bit grey levels of train and test; generated: decoder means"
-                                 if grey is not splits or cfg.data.pixels == "8bit" else
-                                 "stored binary pixels; generated: decoder means")
+            numbers["pixels"] = ("binary" if static else "8-bit grey levels") + (
+                " of train and test images; generated: decoder means")
             report["memorisation"] = numbers
             write_strict_json(out_dir / "memorisation.json", numbers)
             report["memorisation_png"] = str(memorisation_histogram(
