@@ -13,8 +13,9 @@ top-k exemplars with weights and labels, the top-k mass and the effective number
 exemplars 1 / sum w^2; for images from `generate`, the exemplar each was drawn from and its
 rank) and attributions.png (the image, then its top exemplars with their weights).
 
-Memorisation check (any prior). N generated images (decoder means) against the training
-images in pixel space: the Euclidean distance of each to its nearest training image, next to
+Memorisation check (any prior). N generated images (decoder means) against the images the
+model draws from (the exemplar set in use: the training images unless it was grown) in pixel
+space: the Euclidean distance of each to its nearest training image, next to
 the same distance for N test images (the typical distance of a new image from the data the
 model saw). Generated images much closer to the training set than test images are, are
 near-copies. Both on 8-bit grey levels (binary datasets are viewed as the grey levels they
@@ -294,15 +295,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             report["attribution"] = f"skipped: a {model.prior_kind} prior has no exemplars"
         if args.memorisation > 0:
-            # the training distribution's test images (data.labels), on 8-bit grey levels
-            static = cfg.data.name == "binarized_mnist"  # no grey levels exist
-            grey = load_dataset(cfg.data if static else replace(cfg.data, pixels="8bit"))
+            # reference: the images the model draws from (the exemplar set in use: the
+            # training images unless grown); test images of the classes in that set, on 8-bit
+            # grey levels (binary where no grey levels exist)
+            static = cfg.data.name == "binarized_mnist"
+            known = ex.labels is not None and (np.asarray(ex.labels) >= 0).all()
+            classes = sorted(set(np.asarray(ex.labels).tolist())) if known else cfg.data.labels
+            grey = load_dataset(replace(cfg.data, labels=classes, n_test=None,
+                                        pixels=cfg.data.pixels if static else "8bit"))
             n = args.memorisation
             drawn = generate(model, ex, n, seed=args.seed + 1, how="mean", progress=False)
             numbers, dist = memorisation_check(
-                drawn["images"], grey.train_x, grey.test_x[:n],
-                drawn["exemplar_ids"] if ex.version == 0 and model.prior_kind == "exemplar"
-                else None)
+                drawn["images"], ex.images, grey.test_x[:n],
+                drawn["exemplar_ids"] if model.prior_kind == "exemplar" else None)
+            numbers["test_classes"] = classes
             numbers["pixels"] = ("binary" if static else "8-bit grey levels") + (
                 " of train and test images; generated: decoder means")
             report["memorisation"] = numbers
