@@ -34,6 +34,8 @@ from .data.datasets import IMAGE_PIXELS, data_root
 from .data.download import ensure_file
 from .data.readers import read_idx
 from .evaluation.runs import TrainedRun, run_command
+from .exemplars import choose_set
+from .generate import draw_images
 from .jsonio import dumps, write_json
 from .objective import VAEWithPrior, encode_means
 from .tracking import open_run_tracker
@@ -54,11 +56,11 @@ class Generator:
     """One fresh sample per real training image and call: ids [B] -> images [B, D] in [0, 1]."""
 
     def __init__(self, model: VAEWithPrior, train_x: torch.Tensor, how: str,
-                 generator: torch.Generator):
+                 generator: torch.Generator, means: Optional[torch.Tensor] = None):
         self.model, self.how, self.gen = model, how, generator
-        self.means = encode_means(model.net, train_x)
+        # the exemplar set's stored latents when given (a grown set), else encoded now
+        self.means = encode_means(model.net, train_x) if means is None else means
         if model.prior_kind == "exemplar":
-            self.scale = torch.exp(0.5 * model.prior.log_var.detach()).expand(self.means.shape[1])
             self.source = "exemplar-conditioned: z ~ Normal(mu(x_i), s^2 I), the exemplar prior's kernel"
         else:
             self.logvars = torch.cat([model.net.encode_top(train_x[s:s + 2000])[1].detach()
@@ -68,11 +70,17 @@ class Generator:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        how = "sample" if self.how == "bernoulli" else "mean"
+        if self.model.prior_kind == "exemplar":  # the generation code of `generate`
+            return draw_images(self.model, len(ids), self.means, ids.cpu(), self.gen,
+                               how)[0].to(self.means.device)
         mu = self.means[ids]
-        scale = self.scale if self.model.prior_kind == "exemplar" else torch.exp(0.5 * self.logvars[ids])
-        z = mu + scale * torch.randn(mu.shape, generator=self.gen, device=mu.device)
-        pixels = self.model.net.decode_top(z)
-        return torch.bernoulli(pixels, generator=self.gen) if self.how == "bernoulli" else pixels
+        z = mu + torch.exp(0.5 * self.logvars[ids]) * torch.randn(mu.shape, generator=self.gen
+                                                                   ).to(mu.device)
+        params = self.model.net.decoder_params(z)
+        lik = self.model.net.likelihood
+        return (lik.mean(params) if how == "mean"
+                else lik.sample(params.cpu(), self.gen).to(mu.device))
 
 
 def grey_test_set(cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -150,15 +158,24 @@ def augment(trained: TrainedRun) -> dict:
     device = resolve_device(cfg.train.device)  # generation and both classifiers run there
     trained.model.to(device)
     splits = load_dataset(cfg.data)
-    train_x = torch.from_numpy(splits.train_x).to(device)
-    train_y = torch.from_numpy(splits.train_y).to(device)
+    # the classifier's real images are the exemplar set in use (eval.exemplars: a grown set
+    # adds its images, with their labels)
+    exemplar_set = choose_set(trained, splits)
+    if exemplar_set.labels is None or (np.asarray(exemplar_set.labels) < 0).any():
+        raise ValueError(f"augmentation needs a label for every exemplar; "
+                         f"{exemplar_set.description} has unlabelled ones")
+    train_x = torch.from_numpy(np.ascontiguousarray(exemplar_set.images)).to(device)
+    train_y = torch.from_numpy(np.asarray(exemplar_set.labels, dtype=np.int64)).to(device)
     tx, ty = grey_test_set(cfg)
     test_x, test_y = torch.from_numpy(tx).to(device), torch.from_numpy(ty).to(device)
     log.info("augment: classifiers trained on %d %s images, tested on %d grey test images%s",
              train_x.shape[0], splits.name, test_x.shape[0],
              f" (data.n_test={cfg.data.n_test})" if cfg.data.n_test is not None else "")
+    means = (None if exemplar_set.latents is None
+             else torch.from_numpy(exemplar_set.latents).to(device))
+    # a CPU generator: the draws are made on the CPU and moved (the same on every device)
     generate = Generator(trained.model, train_x, a.generated,
-                         torch.Generator(device=device).manual_seed(a.seed + 1))
+                         torch.Generator().manual_seed(a.seed + 1), means)
     progress = cfg.train.progress
     real = train_classifier(train_x, train_y, test_x, test_y, a, None, "real only", progress)
     log.info("real only: test error %.2f%%", 100 * real["test_error"])
@@ -167,6 +184,7 @@ def augment(trained: TrainedRun) -> dict:
     summary = {
         "run": str(trained.path), "checkpoint": str(trained.checkpoint), "epoch": trained.epoch,
         "dataset": splits.name, "n_train": int(train_x.shape[0]), "n_test": int(test_x.shape[0]),
+        "exemplars": exemplar_set.description,
         "classifier": f"MLP {train_x.shape[1]}-{a.hidden}-{a.hidden}-10 ReLU",
         "optimizer": (f"SGD momentum {a.momentum}, lr {a.lr} decaying linearly to 1% over "
                       f"{a.epochs} epochs, batch {a.batch_size}"),
@@ -197,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "images only and with one fresh exemplar-conditioned sample per real image and step. "
         "Writes <run dir>/augment/summary.json.",
         ("augment", "data.root", "train.threads", "train.progress", "train.device",
-         "eval.checkpoint"),
+         "eval.checkpoint", "eval.exemplars"),
         "augment.hidden=1024 augment.epochs=100 augment.seed=0", argv)
     if trained is None:
         return 2

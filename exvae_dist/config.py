@@ -52,6 +52,11 @@ class DataConfig:
     n_test: Optional[int] = None
     # Seed of the one-off binarization of validation and test images.
     binarize_seed: int = 0
+    # Keep only images of these classes in every split (None = all), e.g. [0,1,2,3,4].
+    labels: Optional[list[int]] = None
+    # binary (binarize as above) | 8bit (keep 8-bit levels k/255, nothing binarized) |
+    # auto (8bit when model.likelihood=dlogistic, else binary).
+    pixels: str = "auto"
 
 
 @dataclass
@@ -62,6 +67,9 @@ class ModelConfig:
     # hardtanh bounds of the encoder log-variance (reference code: [-6, 2])
     logvar_min: float = -6.0
     logvar_max: float = 2.0
+    # p(x|z): bernoulli (binary pixels) | dlogistic (discretized logistic mixture, 8-bit levels)
+    likelihood: str = "bernoulli"
+    n_mixtures: int = 5  # logistic components per sub-pixel (likelihood=dlogistic)
 
 
 @dataclass
@@ -148,6 +156,11 @@ class EvalConfig:
     # Subfolder of <run>/eval/ this evaluation writes (None: the UTC start time, so runs never
     # overwrite each other); an existing subfolder of that name is replaced as a whole.
     name: Optional[str] = None
+    # Exemplar set of evaluate / generate / augment / explain: grown (the newest version made
+    # by `python -m exvae_dist.exemplars add`, else the training set) | original | a version number.
+    exemplars: str = "grown"
+    # Evaluate on the test images of these classes (None = data.labels): e.g. unseen digits.
+    test_labels: Optional[list[int]] = None
 
 
 @dataclass
@@ -250,7 +263,8 @@ class ExperimentConfig:
 
 
 CHOICES = {
-    "data.name": ("mnist", "fashion_mnist", "binarized_mnist", "omniglot", "store"),
+    "data.name": ("mnist", "fashion_mnist", "binarized_mnist", "omniglot", "colour_mnist",
+                  "store"),
     "model.arch": ("vae", "hvae", "convhvae"),
     "prior.kind": ("gaussian", "vampprior", "exemplar"),
     "prior.normalizer": ("subset", "union"),
@@ -260,12 +274,14 @@ CHOICES = {
     "index.kind": ("auto", "flat", "ivfpq"),
     "eval.checkpoint": ("best", "latest"),
     "augment.generated": ("mean", "bernoulli"),
+    "model.likelihood": ("bernoulli", "dlogistic"),
+    "data.pixels": ("auto", "binary", "8bit"),
 }
 
 POSITIVE = ("model.z_dim", "model.hidden", "prior.k", "prior.n_pseudo", "train.batch_size",
             "train.epochs", "eval.n_samples", "eval.batch_size", "eval.exemplar_chunk",
             "ray.num_workers", "index.shards", "train.log_every", "ray.cpus_per_worker",
-            "ray.keep_checkpoints", "train.lr")
+            "ray.keep_checkpoints", "train.lr", "model.n_mixtures")
 # evaluate / augment
 POSITIVE += ("eval.sample_chunk", "eval.tsne_points", "augment.hidden", "augment.epochs",
              "augment.batch_size", "augment.lr", "eval.prior_tolerance")
@@ -337,6 +353,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.train.allow_changed and cfg.train.overwrite:
         raise ConfigError("train.allow_changed=true and train.overwrite=true contradict each "
                           "other: resume with the new settings, or start over; pick one")
+    if cfg.data.pixels == "auto":  # the decoder decides what the data path keeps
+        cfg.data.pixels = "8bit" if cfg.model.likelihood == "dlogistic" else "binary"
+    if cfg.eval.exemplars not in ("grown", "original") and not cfg.eval.exemplars.isdigit():
+        raise ConfigError(f"eval.exemplars={cfg.eval.exemplars!r} is not grown, original or a "
+                          f"version number (python -m exvae_dist.exemplars list RUN)")
     return cfg
 
 

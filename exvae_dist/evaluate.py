@@ -28,14 +28,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .data import DataSplits, binarize_once, load_dataset
+from .data import DataSplits, binarize_once
 from .evaluation import knn, pictures
 from .evaluation.likelihood import describe_prior, estimate_log_likelihood
-from .evaluation.runs import TrainedRun, run_command
+from .evaluation.runs import TrainedRun, load_splits, run_command
+from .exemplars import ExemplarSet, choose_set
 from .jsonio import dumps, write_json
 from .objective import encode_means
 from .priors import DEFAULT_CHUNK
-from .step import exemplar_centres, validation_elbo
+from .step import validation_elbo
 from .tracking import open_run_tracker
 from .trainer import resolve_device
 
@@ -91,9 +92,13 @@ def log_likelihood(trained: TrainedRun, x: torch.Tensor, centres: Optional[torch
     v = torch.cat(values)
     truncated = (model.prior_kind == "exemplar" and e.prior_neighbours is not None
                  and e.prior_neighbours < n_exemplars)
+    dims = x.shape[1]
     out = {
         "value": v.mean().item(),
         "stderr": (v.std().item() / math.sqrt(len(v))) if len(v) > 1 else 0.0,
+        # -log2 p(x) per sub-pixel: binary pixels for Bernoulli, 8-bit levels for dlogistic
+        "bits_per_dim": -v.mean().item() / (dims * math.log(2.0)),
+        "units": f"nats per image; bits_per_dim over {dims} dimensions",
         "prior": describe_prior(model.prior_kind, n_exemplars, e.prior_neighbours,
                                 e.prior_tolerance, e.prior_pool),
         "is_lower_bound": truncated,
@@ -111,10 +116,12 @@ def log_likelihood(trained: TrainedRun, x: torch.Tensor, centres: Optional[torch
 
 
 def make_pictures(trained: TrainedRun, splits: DataSplits, centres: Optional[torch.Tensor],
-                  test_x: torch.Tensor, test_means: torch.Tensor, out: Path) -> dict:
-    """Every picture of the evaluation; returns {name: path}."""
+                  test_x: torch.Tensor, test_means: torch.Tensor, out: Path,
+                  exemplar_images: Optional[np.ndarray] = None) -> dict:
+    """Every picture of the evaluation; returns {name: path}. exemplar_images: [N, D] of the
+    exemplar set in use (default: the training images)."""
     e, model, shape = trained.cfg.eval, trained.model, trained.image_shape
-    train_x = torch.from_numpy(splits.train_x)
+    train_x = torch.from_numpy(splits.train_x if exemplar_images is None else exemplar_images)
     gen = torch.Generator().manual_seed(e.seed)
     files = {"samples": pictures.random_samples(model, centres, out / "samples.png", shape,
                                                 seed=e.seed)}
@@ -146,19 +153,25 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
     # pictures on the CPU
     device = resolve_device(cfg.train.device)
     model.to(device)
-    splits = splits or load_dataset(cfg.data)
+    splits = splits or load_splits(cfg)
     out = output_folder(trained.path, e.name)
-    train_x = torch.from_numpy(splits.train_x).to(device)
     test_x = torch.from_numpy(splits.test_x).to(device)
     if e.n_test is not None:
         test_x = test_x[:e.n_test]
     t_start = time.perf_counter()
-    centres = exemplar_centres(model, train_x)  # grey-level exemplars, as in training
+    # grey-level exemplars, as in training; eval.exemplars picks a grown set
+    exemplar_set: ExemplarSet = choose_set(trained, splits)
+    centres = (None if exemplar_set.latents is None
+               else torch.from_numpy(exemplar_set.latents).to(device))
     summary: dict = {
         "run": str(trained.path), "checkpoint": str(trained.checkpoint), "epoch": trained.epoch,
         "written_to": str(out),
         "dataset": splits.name, "dataset_note": splits.note, "arch": cfg.model.arch,
-        "prior_kind": model.prior_kind, "n_exemplars": int(train_x.shape[0]),
+        "prior_kind": model.prior_kind, "likelihood": cfg.model.likelihood,
+        "n_exemplars": int(len(exemplar_set.images)) if centres is not None else 0,
+        "exemplars": exemplar_set.description, "exemplar_set_version": exemplar_set.version,
+        "data_labels": cfg.data.labels,
+        "test_labels": cfg.eval.test_labels if cfg.eval.test_labels is not None else cfg.data.labels,
         "n_test": int(test_x.shape[0]),
     }
     if model.prior_kind == "exemplar":
@@ -206,7 +219,8 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
         model.cpu()
         summary["pictures"] = make_pictures(trained, splits,
                                             None if centres is None else centres.cpu(),
-                                            test_x.cpu(), test_means, out)
+                                            test_x.cpu(), test_means, out,
+                                            exemplar_set.images)
     summary["seconds"] = time.perf_counter() - t_start
     # summary.json last: its presence marks a complete evaluation folder
     path = write_json(out / "summary.json", summary)
@@ -268,7 +282,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      "active_units") if k in summary}
     if "log_likelihood" in summary:
         brief["log_likelihood"] = {k: summary["log_likelihood"][k]
-                                   for k in ("value", "stderr", "prior", "n_samples")}
+                                   for k in ("value", "stderr", "bits_per_dim", "prior",
+                                             "n_samples", "n_images")}
+    brief["exemplars"] = summary["exemplars"]
     brief["knn_error"] = summary.get("knn_error")
     brief["written_to"] = summary["written_to"]
     print(dumps(brief))

@@ -6,10 +6,10 @@ and binarization. Pure numpy / scipy / stdlib (no torch, Ray, Zarr or MLflow).
 """
 
 from .datasets import (DataSplits, binarize_once, data_root, dynamic_binarize,  # noqa: F401
-                       load_dataset)
+                       eight_bit, keep_labels, load_dataset)
 from .download import (ChecksumMismatchError, DataFileMissingError, download_file,  # noqa: F401
                        ensure_file, verify_file)
 
-__all__ = ["DataSplits", "load_dataset", "data_root", "dynamic_binarize", "binarize_once",
+__all__ = ["DataSplits", "load_dataset", "keep_labels", "eight_bit", "data_root", "dynamic_binarize", "binarize_once",
            "ChecksumMismatchError", "DataFileMissingError", "download_file", "ensure_file",
            "verify_file"]

@@ -11,6 +11,14 @@
   character train, last 5 test). Either way the 24,345 training images are shuffled with a
   fixed seed into 23,000 train and 1,345 validation.
 
+- colour_mnist (3x32x32, made here, no download): every MNIST digit padded to 32x32 and
+  painted with a foreground and a background colour drawn per image from a fixed seed,
+  stored as 8-bit levels; the same 50k / 10k / 10k split as mnist.
+
+`data.pixels=8bit` (or `auto` with `model.likelihood=dlogistic`) keeps every split as 8-bit
+levels k/255 (`dynamic=False`: nothing is binarized, the discretized-logistic decoder models
+the levels); `data.labels=[...]` keeps only images of those classes in every split.
+
 Validation and test images of the dynamic datasets are binarized ONCE, Bernoulli(grey), from
 `DataConfig.binarize_seed` (one random stream per split, drawn over the whole split before
 `n_valid` / `n_test` cut it, so a smoke run sees the same first images as a full run).
@@ -87,6 +95,38 @@ def binarize_once(x: np.ndarray, seed: int, stream: int) -> np.ndarray:
     return dynamic_binarize(x, np.random.default_rng([seed, stream]))
 
 
+def eight_bit(cfg) -> bool:
+    """True when the splits keep 8-bit levels (data.pixels=8bit; config.validate resolves
+    `auto` from model.likelihood)."""
+    return getattr(cfg, "pixels", "binary") == "8bit"
+
+
+def _evaluation_split(x: np.ndarray, cfg, stream: int) -> np.ndarray:
+    """A validation / test split: binarized once, or kept as 8-bit levels."""
+    return x if eight_bit(cfg) else binarize_once(x, cfg.binarize_seed, stream)
+
+
+def keep_labels(s: DataSplits, labels) -> DataSplits:
+    """Only the images whose class is in `labels` (None: all), in every split."""
+    if labels is None:
+        return s
+    if s.train_y is None:
+        raise ValueError(f"data.labels={list(labels)}, but {s.name} has no labels; "
+                         f"leave data.labels null")
+    wanted = np.asarray(sorted(set(int(v) for v in labels)), dtype=np.int64)
+
+    def cut(x, y):
+        keep = np.isin(y, wanted)
+        return x[keep], y[keep]
+
+    s.train_x, s.train_y = cut(s.train_x, s.train_y)
+    s.valid_x, s.valid_y = cut(s.valid_x, s.valid_y)
+    s.test_x, s.test_y = cut(s.test_x, s.test_y)
+    if not len(s.train_x):
+        raise ValueError(f"data.labels={wanted.tolist()} keeps no training image of {s.name}")
+    return s
+
+
 def load_dataset(cfg, *, fetch: Optional[Fetch] = None) -> DataSplits:
     """cfg: exvae_dist.config.DataConfig -> DataSplits, files fetched if missing and allowed.
 
@@ -96,11 +136,16 @@ def load_dataset(cfg, *, fetch: Optional[Fetch] = None) -> DataSplits:
         from .store_data import load_store_splits
         return _take_first(load_store_splits(cfg), cfg)
     loaders = {"mnist": _load_idx_dataset, "fashion_mnist": _load_idx_dataset,
-               "binarized_mnist": _load_binarized_mnist, "omniglot": _load_omniglot}
+               "binarized_mnist": _load_binarized_mnist, "omniglot": _load_omniglot,
+               "colour_mnist": _load_colour_mnist}
     if cfg.name not in loaders:
         raise ValueError(f"data.name={cfg.name!r} is not one of {', '.join(loaders)}")
     folder = data_root(cfg) / sources.FOLDERS[cfg.name]
+    if eight_bit(cfg) and cfg.name == "binarized_mnist":
+        raise ValueError("data.pixels=8bit: binarized_mnist has binary pixels only; use "
+                         "data.name=mnist for 8-bit levels, or data.pixels=binary")
     splits = loaders[cfg.name](cfg, folder, fetch)
+    splits = keep_labels(splits, getattr(cfg, "labels", None))
     splits = _take_first(splits, cfg)
     log.info("%s: %d train / %d validation / %d test images from %s", splits.name,
              len(splits.train_x), len(splits.valid_x), len(splits.test_x), folder)
@@ -131,12 +176,12 @@ def _load_idx_dataset(cfg, folder: Path, fetch: Optional[Fetch]) -> DataSplits:
         name=cfg.name,
         train_x=grey(train_images[:n]),
         train_y=train_labels[:n].astype(np.int64),
-        valid_x=binarize_once(grey(train_images[n:]), cfg.binarize_seed, 1),
+        valid_x=_evaluation_split(grey(train_images[n:]), cfg, 1),
         valid_y=train_labels[n:].astype(np.int64),
-        test_x=binarize_once(grey(test_images), cfg.binarize_seed, 2),
+        test_x=_evaluation_split(grey(test_images), cfg, 2),
         test_y=test_labels.astype(np.int64),
         image_shape=IMAGE_SHAPE,
-        dynamic=True,
+        dynamic=not eight_bit(cfg),
     )
 
 
@@ -176,12 +221,12 @@ def _load_omniglot(cfg, folder: Path, fetch: Optional[Fetch]) -> DataSplits:
         name=cfg.name,
         train_x=train_x[tr],
         train_y=train_y[tr],
-        valid_x=binarize_once(train_x[va], cfg.binarize_seed, 1),
+        valid_x=_evaluation_split(train_x[va], cfg, 1),
         valid_y=train_y[va],
-        test_x=binarize_once(test_x, cfg.binarize_seed, 2),
+        test_x=_evaluation_split(test_x, cfg, 2),
         test_y=test_y,
         image_shape=IMAGE_SHAPE,
-        dynamic=True,
+        dynamic=not eight_bit(cfg),
         note=note,
     )
 
@@ -266,6 +311,52 @@ def _write_omniglot_cache(cache: Path, stamp: str, arrays: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+COLOUR_SHAPE = (3, 32, 32)
+COLOUR_SEED = 32  # fixed: the colours must not move with any other seed
+
+
+def colourize_digits(digits: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 [n, 28, 28] grey digits -> uint8 [n, 3 * 32 * 32] colour images (C, H, W order).
+
+    Each image is padded to 32x32 and painted: pixel = (1 - a) * background + a * foreground,
+    a the digit's grey level, both colours drawn per image (foreground bright, background
+    dark, so the digit stays visible); deterministic in `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(digits)
+    fg = rng.uniform(0.45, 1.0, (n, 3, 1, 1)).astype(np.float32)
+    bg = rng.uniform(0.0, 0.45, (n, 3, 1, 1)).astype(np.float32)
+    out = np.empty((n, 3 * 32 * 32), dtype=np.uint8)
+    for start in range(0, n, 5000):  # blocks: float temporaries stay ~60 MB
+        sl = slice(start, start + 5000)
+        a = np.pad(digits[sl].astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))[:, None]
+        img = (1 - a) * bg[sl] + a * fg[sl]
+        out[sl] = np.rint(img * 255).astype(np.uint8).reshape(len(a), -1)
+    return out
+
+
+def _load_colour_mnist(cfg, folder: Path, fetch: Optional[Fetch]) -> DataSplits:
+    """colour_mnist, made from the MNIST files in <root>/mnist (see the module docstring)."""
+    mnist_folder = data_root(cfg) / sources.FOLDERS["mnist"]
+    paths = {key: ensure_file(remote, mnist_folder, download=cfg.download, fetch=fetch)
+             for key, remote in sources.MNIST.items()}
+    train = colourize_digits(read_idx(paths["train_images"]), COLOUR_SEED)
+    test = colourize_digits(read_idx(paths["test_images"]), COLOUR_SEED + 1)
+    train_y = read_idx(paths["train_labels"]).astype(np.int64)
+    test_y = read_idx(paths["test_labels"]).astype(np.int64)
+
+    def levels(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32) / np.float32(255)
+
+    n = N_TRAIN_MNIST
+    return DataSplits(name=cfg.name, train_x=levels(train[:n]), train_y=train_y[:n],
+                      valid_x=_evaluation_split(levels(train[n:]), cfg, 1), valid_y=train_y[n:],
+                      test_x=_evaluation_split(levels(test), cfg, 2), test_y=test_y,
+                      image_shape=COLOUR_SHAPE, dynamic=not eight_bit(cfg),
+                      note="colour_mnist: MNIST digits painted with per-image colours, made "
+                           "here (not a published dataset)")
+
+
 # ------------------------------------------------------------------------ helpers
 
 def _take_first(s: DataSplits, cfg) -> DataSplits:
@@ -286,4 +377,5 @@ def _take_first(s: DataSplits, cfg) -> DataSplits:
     return s
 
 
-__all__ = ["DataSplits", "load_dataset", "data_root", "dynamic_binarize", "binarize_once"]
+__all__ = ["DataSplits", "load_dataset", "data_root", "dynamic_binarize", "binarize_once",
+           "keep_labels", "eight_bit", "colourize_digits"]

@@ -46,6 +46,7 @@ FOLDERS = {
     "fashion_mnist": "fashion_mnist",
     "binarized_mnist": "binarized_mnist",
     "omniglot": "omniglot",
+    "colour_mnist": "mnist",  # made from the MNIST files (datasets.colourize_digits)
 }
 
 IDX_NAMES = {

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .. import config as config_mod
 from ..checkpoint import BEST, LATEST, find_checkpoint, load_checkpoint
-from ..jsonio import write_json  # re-exported: strict JSON, atomic
+from ..jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
 from ..objective import VAEWithPrior, build_model
 from ..tracking import RUN_FILE
 
@@ -120,8 +120,27 @@ def load_run(run: str, overrides: Sequence[str] = (),
                       epoch=state.get("epoch"))
 
 
+def load_splits(cfg):
+    """The run's data: training (the original exemplars) and validation images of
+    data.labels, test images of eval.test_labels (data.labels when null)."""
+    from dataclasses import replace
+
+    from ..data import keep_labels, load_dataset
+    from ..data.datasets import _take_first
+
+    wanted = cfg.eval.test_labels
+    if wanted is None or wanted == cfg.data.labels:
+        return load_dataset(cfg.data)
+    full = load_dataset(replace(cfg.data, labels=None, n_train=None, n_valid=None, n_test=None))
+    test = keep_labels(replace(full), wanted)
+    splits = _take_first(keep_labels(replace(full), cfg.data.labels), cfg.data)
+    n = cfg.data.n_test
+    splits.test_x, splits.test_y = test.test_x[:n], test.test_y[:n]
+    return splits
+
+
 __all__ = ["TrainedRun", "RunNotFoundError", "resolve_run", "load_run", "config_with_overrides",
-           "write_json", "BEST", "LATEST"]
+           "write_json", "load_splits", "BEST", "LATEST"]
 
 
 def run_command(prog: str, description: str, keys: Sequence[str], example: str,

@@ -11,8 +11,12 @@ def build_net(cfg, image_shape=(1, 28, 28)) -> LatentVariableModel:
     x_dim = 1
     for s in image_shape:
         x_dim *= s
+    from .likelihoods import build_likelihood
+
     common = dict(hidden=cfg.hidden, z_dim=cfg.z_dim, logvar_min=cfg.logvar_min,
-                  logvar_max=cfg.logvar_max)
+                  logvar_max=cfg.logvar_max,
+                  likelihood=build_likelihood(getattr(cfg, "likelihood", "bernoulli"),
+                                              getattr(cfg, "n_mixtures", 5)))
     if cfg.arch == "vae":
         return MLPVAE(x_dim=x_dim, **common)
     if cfg.arch == "hvae":

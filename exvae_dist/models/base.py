@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .likelihoods import BernoulliLikelihood
+
 
 @dataclass
 class LatentTerms:
@@ -43,6 +45,20 @@ class LatentVariableModel(nn.Module):
         """Samples n_samples posterior draws per image; `top` reuses an encode_top(x) result."""
         raise NotImplementedError
 
-    def decode_top(self, z_top: torch.Tensor) -> torch.Tensor:
-        """z_top: [B, top_dim] -> pixel probabilities [B, D] (lower latents at their means)."""
+    # p(x|z): models/likelihoods.py (Bernoulli unless the architecture was given another)
+    likelihood = BernoulliLikelihood()
+
+    def decoder_params(self, z_top: torch.Tensor) -> torch.Tensor:
+        """z_top: [..., B, top_dim] -> the likelihood's parameters [..., B, P * D] (lower
+        latents at their means)."""
         raise NotImplementedError
+
+    def decode_top(self, z_top: torch.Tensor) -> torch.Tensor:
+        """z_top: [B, top_dim] -> pixel means [B, D] in [0, 1] (lower latents at their means);
+        for the Bernoulli likelihood the pixel probabilities."""
+        return self.likelihood.mean(self.decoder_params(z_top))
+
+    def sample_pixels(self, z_top: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """z_top: [B, top_dim] -> one draw x ~ p(x | z) [B, D] (binary or k/255 levels)."""
+        return self.likelihood.sample(self.decoder_params(z_top), generator)

@@ -36,8 +36,8 @@ FEATURE_CHANNELS = 6  # channels of the last encoder conv, as in the paper
 class ConvHVAE(TwoLevelVAE):
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), hidden: int = 300,
                  z_dim: int = 40, logvar_min: float = -6.0, logvar_max: float = 2.0,
-                 decoder_channels: int = 64, decode_chunk: int = 1024):
-        super().__init__(hidden, z_dim, logvar_min, logvar_max)
+                 decoder_channels: int = 64, decode_chunk: int = 1024, likelihood=None):
+        super().__init__(hidden, z_dim, logvar_min, logvar_max, likelihood)
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (channels, height, width), got {image_shape}")
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -64,7 +64,8 @@ class ConvHVAE(TwoLevelVAE):
         self.p_x_convs = nn.Sequential(
             GatedConv2d(c, decoder_channels, 3, 1, 1),
             *[GatedConv2d(decoder_channels, decoder_channels, 3, 1, 1) for _ in range(3)],
-            nn.Conv2d(decoder_channels, c, 1))
+            # parameter-major output channels: channel p * c + ch is parameter p of channel ch
+            nn.Conv2d(decoder_channels, c * self.likelihood.params_per_dim, 1))
         he_init(self)
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,4 +94,4 @@ class ConvHVAE(TwoLevelVAE):
         # sampling) never hold 64-channel full-resolution activations all at once.
         out = [self.p_x_convs(images[i:i + self.decode_chunk])
                for i in range(0, max(images.shape[0], 1), self.decode_chunk)]
-        return torch.cat(out).reshape(lead + (self.x_dim,))
+        return torch.cat(out).reshape(lead + (self.x_dim * self.likelihood.params_per_dim,))

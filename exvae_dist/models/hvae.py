@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .base import LatentTerms, LatentVariableModel
-from .layers import GatedDense, GaussianHead, bernoulli_log_prob, diag_normal_log_prob, he_init
+from .layers import GatedDense, GaussianHead, diag_normal_log_prob, he_init
+from .likelihoods import BernoulliLikelihood
 
 
 def _reparameterize(mean: torch.Tensor, logvar: torch.Tensor,
@@ -35,8 +36,10 @@ class TwoLevelVAE(LatentVariableModel):
     Every method broadcasts over leading sample axes of the latents: z [..., B, d].
     """
 
-    def __init__(self, hidden: int, z_dim: int, logvar_min: float, logvar_max: float):
+    def __init__(self, hidden: int, z_dim: int, logvar_min: float, logvar_max: float,
+                 likelihood=None):
         super().__init__()
+        self.likelihood = likelihood or BernoulliLikelihood()
         self.top_dim = z_dim
         self.p_z1_net = nn.Sequential(GatedDense(z_dim, hidden), GatedDense(hidden, hidden))
         self.p_z1_head = GaussianHead(hidden, z_dim, logvar_min, logvar_max)
@@ -46,7 +49,7 @@ class TwoLevelVAE(LatentVariableModel):
         raise NotImplementedError
 
     def decoder_logits(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """z1, z2: [..., B, d] -> Bernoulli logits of p(x | z1, z2), [..., B, D]."""
+        """z1, z2: [..., B, d] -> parameters of p(x | z1, z2), [..., B, P * D] (Bernoulli: logits)."""
         raise NotImplementedError
 
     def prior_z1(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,24 +69,24 @@ class TwoLevelVAE(LatentVariableModel):
         z1 = _reparameterize(mean1, logvar1)  # [S, B, d]
         p_mean1, p_logvar1 = self.prior_z1(z2)
         logits = self.decoder_logits(z1, z2)
-        return LatentTerms(log_px=bernoulli_log_prob(logits, x),
+        return LatentTerms(log_px=self.likelihood.log_prob(logits, x),
                            log_q=diag_normal_log_prob(z2, mean2, logvar2)
                            + diag_normal_log_prob(z1, mean1, logvar1),
                            log_p_cond=diag_normal_log_prob(z1, p_mean1, p_logvar1),
                            z_top=z2)
 
-    def decode_top(self, z_top):
-        """z_top = z2: [..., B, d] -> pixel probabilities [..., B, D], with z1 at the mean of p(z1|z2)."""
+    def decoder_params(self, z_top):
+        """z_top = z2: [..., B, d] -> decoder parameters, with z1 at the mean of p(z1|z2)."""
         z1, _ = self.prior_z1(z_top)
-        return torch.sigmoid(self.decoder_logits(z1, z_top))
+        return self.decoder_logits(z1, z_top)
 
 
 class HVAE(TwoLevelVAE):
     """The MLP HVAE: every hidden layer a gated dense layer of width `hidden` (300 in the paper)."""
 
     def __init__(self, x_dim: int = 784, hidden: int = 300, z_dim: int = 40,
-                 logvar_min: float = -6.0, logvar_max: float = 2.0):
-        super().__init__(hidden, z_dim, logvar_min, logvar_max)
+                 logvar_min: float = -6.0, logvar_max: float = 2.0, likelihood=None):
+        super().__init__(hidden, z_dim, logvar_min, logvar_max, likelihood)
         self.q_z2_net = nn.Sequential(GatedDense(x_dim, hidden), GatedDense(hidden, hidden))
         self.q_z2_head = GaussianHead(hidden, z_dim, logvar_min, logvar_max)
         self.q_z1_x = GatedDense(x_dim, hidden)
@@ -92,7 +95,7 @@ class HVAE(TwoLevelVAE):
         self.q_z1_head = GaussianHead(hidden, z_dim, logvar_min, logvar_max)
         self.p_x_z1 = GatedDense(z_dim, hidden)
         self.p_x_z2 = GatedDense(z_dim, hidden)
-        self.p_x_joint = nn.Sequential(GatedDense(2 * hidden, hidden), nn.Linear(hidden, x_dim))
+        self.p_x_joint = nn.Sequential(GatedDense(2 * hidden, hidden), nn.Linear(hidden, x_dim * self.likelihood.params_per_dim))
         he_init(self)
 
     def encode_top(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
