@@ -66,6 +66,7 @@ RUN set -eu; \
     rm -rf /tmp/build /root/.cache
 # The code, tests, configs and docs (.dockerignore keeps host venvs, runs and data out).
 COPY README.md ./
+COPY .ci .ci
 COPY scripts scripts
 COPY exvae_dist exvae_dist
 COPY configs configs

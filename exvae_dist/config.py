@@ -315,8 +315,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{section.name}.{f.name}={value} must be a finite number")
     for key in POSITIVE:
-        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {_get(cfg, key)}")
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            bound = ">= 1" if isinstance(value, int) else "positive"
+            raise ConfigError(f"{key} must be {bound}, got {value}")
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
