@@ -118,3 +118,12 @@ def test_no_ray_trains_in_one_process(tmp_path, data_dir):
                           "ray.num_workers=2"], capture_output=True, text=True, cwd=REPO,
                          env=env, timeout=120)
     assert bad.returncode == 2 and "no effect in the one-process trainer" in bad.stderr
+
+
+def test_the_pure_core_imports_no_ray_zarr_or_mlflow():
+    code = ("import sys; import exvae_dist.loop, exvae_dist.step, exvae_dist.objective, "
+            "exvae_dist.priors, exvae_dist.retrieval.candidates, exvae_dist.retrieval.exact; "
+            "print(sorted(m for m in ('ray', 'zarr', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
