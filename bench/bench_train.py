@@ -87,7 +87,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     base = [f"train.epochs={args.epochs}", "train.warmup_epochs=100", "train.progress=false",
-            "tracking.enabled=false", "ray.controller_failure_limit=0", "train.log_every=100"]
+            "tracking.enabled=false", "train.log_every=100"]
     if args.n_train:
         base.append(f"data.n_train={args.n_train}")
     skip = set(args.skip.split(",")) - {""}
@@ -101,8 +101,8 @@ def main() -> int:
                 continue
             extra = [e.format(refresh_every=args.refresh_every) for e in extra]
             cfg = variant(base, root, name, f"train.threads={threads}", *extra,
-                          *([f"ray.num_workers={ray_workers}", f"ray.cpus_per_worker={cpus}"]
-                            if ray_workers else []))
+                          *([f"ray.num_workers={ray_workers}", f"ray.cpus_per_worker={cpus}",
+                             "ray.controller_failure_limit=0"] if ray_workers else []))
             if ray_workers:
                 run(cfg)
             else:
