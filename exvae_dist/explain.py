@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
@@ -39,6 +38,8 @@ import torch
 
 from .objective import VAEWithPrior
 from .priors import squared_distances
+from .evaluation.pictures import save_figure
+from .jsonio import write_json
 from .sampling import as_rgb
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def attribution_grid(images: np.ndarray, rows: list[dict], exemplar_images: np.n
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(title, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------ memorisation
@@ -184,29 +185,7 @@ def memorisation_histogram(dist: dict, path: Path, title: str) -> Path:
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def write_strict_json(path: Path, data: dict) -> Path:
-    """JSON without NaN / Infinity (allow_nan=False raises instead), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -286,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "images": desc, "samples_per_image": args.samples, "top": args.top,
                 "estimator": "mean over z ~ q(z|x) of softmax_n(-|z - mu_n|^2 / 2 s^2)",
                 "prior_log_var": model.prior.log_var.item(), "per_image": rows}
-            report["attribution_json"] = str(write_strict_json(out_dir / "attributions.json",
+            report["attribution_json"] = str(write_json(out_dir / "attributions.json",
                                                                report["attribution"]))
             report["attribution_png"] = str(attribution_grid(
                 x, rows, ex.images, trained.image_shape, out_dir / "attributions.png",
@@ -311,7 +290,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             numbers["pixels"] = ("binary" if static else "8-bit grey levels") + (
                 " of train and test images; generated: decoder means")
             report["memorisation"] = numbers
-            write_strict_json(out_dir / "memorisation.json", numbers)
+            write_json(out_dir / "memorisation.json", numbers)
             report["memorisation_png"] = str(memorisation_histogram(
                 dist, out_dir / "memorisation.png",
                 f"{model.prior_kind} prior: median generated/test NN distance "

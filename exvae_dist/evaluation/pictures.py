@@ -94,6 +94,13 @@ def tsne_map(means: np.ndarray, labels: Optional[np.ndarray], path: Path, seed: 
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure as a PNG, written through a temp name (never half a picture)."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
