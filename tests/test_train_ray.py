@@ -22,7 +22,9 @@ from exvae_dist import loop
 from exvae_dist.checkpoint import load_checkpoint
 from exvae_dist.data import load_dataset
 from exvae_dist.group import Group
-from exvae_dist.train.exemplars import StoredImages, ensure_store
+from exvae_dist.train.exemplars import ensure_store
+from exvae_dist.train.refresh import StoreLatents
+from exvae_dist.train.store_images import StoreImages
 from exvae_dist.train.service_client import ServiceSearch
 from exvae_dist.train.worker import build_parts
 
@@ -80,7 +82,7 @@ def test_one_worker_ddp_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_l
     cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "index.kind=flat",
                 "train.max_steps_per_epoch=3", "tracking.enabled=false",
                 "tracking.sample_grid=false", "prior.refresh_every=2",
-                "index.wait_for_refresh=true")
+                "index.wait_for_refresh=true", "ray.resident_mb=0")
     splits = load_dataset(cfg.data)
     defaults = config_mod.to_dict(config_mod.ExperimentConfig())
     # the one-process trainer has no index and no Ray: those sections at their defaults
@@ -99,7 +101,10 @@ def test_one_worker_ddp_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_l
                             splits.dynamic, splits.image_shape, ServiceSearch(handle),
                             Group.current())
         assert parts.wrapped is not parts.model  # really wrapped in DDP
+        # ray.resident_mb=0: images read from the store by id, centres streamed in blocks
+        assert parts.train_images.resident is None
         state_b, summary_b = one_epoch(parts)
+        assert isinstance(parts.cache.centres(), StoreLatents)
     finally:
         dist.destroy_process_group()
         if handle is not None:
@@ -329,7 +334,7 @@ def test_store_of_another_training_set_is_refused(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (300, 784)).astype(np.float32) / 255
     store = ensure_store(tmp_path / "s.zarr", x, (1, 28, 28), latent_dim=8)
     assert store.chunk_rows * 4 <= store.n  # several chunks, so several writers
-    assert torch.equal(StoredImages.from_store(store)[np.arange(300)], torch.from_numpy(x))
+    assert torch.equal(StoreImages(store)[np.arange(300)], torch.from_numpy(x))
     ensure_store(tmp_path / "s.zarr", x, (1, 28, 28), latent_dim=8)  # the same set: reopened
     with pytest.raises(ValueError, match="does not belong to this run"):
         ensure_store(tmp_path / "s.zarr", x[:200], (1, 28, 28), latent_dim=8)
@@ -394,3 +399,43 @@ def test_one_worker_resumed_run_equals_an_uninterrupted_one(tmp_path, data_dir, 
     ra = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "whole")]
     rb = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "parts")]
     assert len(ra) == 14 and ra == rb
+
+
+# ------------------------------------- (e) an ingested store is the data path of a Ray run
+
+def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_split(
+        tmp_path, data_dir, ray_local, monkeypatch):
+    """data.name=store on Ray: the driver loads no training image (train_x None), the workers
+    read rows by id from the ingested store (ray.resident_mb=0) and write their latent
+    versions into it, validation streams the centres from it, and the run evaluates on the
+    store's own test split."""
+    from types import SimpleNamespace
+
+    from exvae_dist import ingest as ingest_mod
+    from exvae_dist.data.readers import read_idx
+    from exvae_dist.evaluate import main as evaluate
+    from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.train.driver import run
+
+    over = [f"train.run_dir={tmp_path / 'runs'}", "train.progress=false", "train.epochs=1",
+            "train.max_steps_per_epoch=4", "ray.controller_failure_limit=0",
+            "ray.resident_mb=0", "index.kind=flat", "tracking.sample_grid=true",
+            "data.name=store", f"data.store={tmp_path / 's'}", "data.n_train=null",
+            "data.n_valid=null", "data.n_test=null"]
+    cfg = config_mod.load("smoke", over, env={})
+    np.save(tmp_path / "x.npy", read_idx(data_dir / "mnist" / "train-images-idx3-ubyte.gz")[:800])
+    args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
+    ingest_mod.ingest(ingest_mod.open_source(str(tmp_path / "x.npy"), args), tmp_path / "s",
+                      n_valid=100, n_test=60, progress=False, latent_dim=cfg.model.z_dim)
+    assert load_dataset(cfg.data, train_in_memory=False).train_x is None
+    summary = run(cfg)
+    assert summary["epoch"] == 1 and np.isfinite(summary["val_elbo"])
+    assert ExemplarStore(tmp_path / "s").latest_complete() is not None  # versions beside it
+    assert not (cfg.run_path() / "store.zarr").exists()
+    assert list((cfg.run_path() / "samples").glob("*.png"))  # grid from streamed centres
+    monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
+    assert evaluate([str(cfg.run_path()), "eval.n_samples=20", "eval.n_test=10",
+                     "eval.sample_chunk=20", "eval.pictures=false", "eval.knn_ks=[1]",
+                     "eval.name=store_test"]) == 0
+    assert "log_likelihood" in (cfg.run_path() / "eval" / "store_test" /
+                                "summary.json").read_text()
