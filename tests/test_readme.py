@@ -59,6 +59,8 @@ def shorten(block: str, ports: dict[str, int]) -> str:
         found = COMMAND.search(line)
         if found:
             short = TRAIN_SHORT if found.group(1) in ("train", "trainer") else EVAL_SHORT
+            if "data.name=store" in line:  # an ingested store is used whole on Ray
+                short = tuple(o for o in short if not o.startswith("data.n_"))
             line = re.sub(r"\s+#\s.*$", "", line) + " " + " ".join(short)
         if "ray start --head" in line:
             line += (f" --port {ports['gcs']} --dashboard-port {ports['dashboard']}"

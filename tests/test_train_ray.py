@@ -3,12 +3,9 @@ index, survives an index crash, resumes, and runs as a `ray job submit` job."""
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -267,65 +264,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, data_dir, r
     assert np.isfinite(summary["val_elbo"])
 
 
-# --------------------------------------------------- (d) `ray job submit` to a loopback head
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_a_local_head(tmp_path, data_dir):
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    dash = free_port()
-    # a short temp dir: Ray's socket paths must stay under ~107 characters
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "2",
-         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
-         "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp,
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)  # its own process group: stopped below by id, nothing else
-    try:
-        # hidden folders (.venv, .git, local caches) are not needed by the job, and Ray refuses
-        # uploads over 100 MB; Ray honours .gitignore but not .git/info/exclude
-        runtime_env = {"env_vars": {"EXVAE_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled"},
-                       "excludes": [".*", "runs", "bench/out", "mlruns", "*.zarr",
-                                    "*.db"]}
-        cmd = [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-               "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-               sys.executable, "-m", "exvae_dist.train", "--config", "smoke",
-               f"train.run_dir={tmp_path}", "train.epochs=1", "data.n_train=1000",
-               "data.n_valid=200", "train.progress=false", "ray.controller_failure_limit=0"]
-        deadline = time.monotonic() + 180  # a loaded box: the dashboard can take a minute
-        while True:  # the job server answers a few seconds after `ray start`
-            out = subprocess.run([ray_cli, "job", "list", "--address",
-                                  f"http://127.0.0.1:{dash}"], env=env, capture_output=True,
-                                 text=True)
-            if out.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
-                             cwd=tmp_path)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-        summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
-        assert summary["epoch"] == 1 and summary["step"] == 10
-    finally:
-        # a graceful `ray start --block` shutdown takes ~30 s here; after 5 s kill the
-        # group (the head's workers then exit on their own when their raylet is gone)
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
-        shutil.rmtree(temp, ignore_errors=True)
+# (d) `ray job submit` to a loopback head: the README's job block, run as written by
+# tests/test_readme.py (ray start --head, job submit with the venv's python, ray stop)
 
 
 # ------------------------------------------------------------------------ small, no Ray
