@@ -434,3 +434,27 @@ def test_worker_peak_memory_does_not_grow_with_n(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         peaks[n] = float(out.stdout.split("RSS_MB")[-1])
     assert peaks[200_000] < peaks[20_000] + 50, peaks
+
+
+def test_mid_epoch_refreshes_on_encoder_actors(tmp_path, data_dir, ray_local):
+    """index.refresh_workers=1: mid-epoch versions are encoded by an actor while the worker
+    keeps stepping (steps search the older version meanwhile), completed between steps, and
+    served; the epoch-end refresh still runs on the worker."""
+    from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.train.driver import run, store_path
+
+    cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "train.epochs=1",
+                "train.max_steps_per_epoch=10", "train.log_every=1", "index.kind=flat",
+                "prior.refresh_every=3", "index.refresh_workers=1", "tracking.enabled=false",
+                "tracking.sample_grid=false")
+    summary = run(cfg)
+    recs = [r for r in records(cfg.run_path()) if "loss" in r and "step" in r]
+    seen = [r["index_version"] for r in recs]
+    assert seen == sorted(seen) and seen[0] == 1
+    assert max(seen) > 1, seen  # an actor-encoded version was served mid-epoch
+    store = ExemplarStore(store_path(cfg))
+    assert summary["index_version"] == store.latest_complete() >= 3
+    for v in store.complete_versions():
+        assert np.isfinite(store.read_latents(v)).all()
+    with pytest.raises(config_mod.ConfigError, match="refresh_workers"):
+        smoke(data_dir, tmp_path, "index.refresh_workers=1", "index.wait_for_refresh=true")
