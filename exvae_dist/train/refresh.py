@@ -132,8 +132,11 @@ class LatentRefresh:
         self._next = version + 1
         self.group.barrier()
         start, stop = self.rows
-        if stop > start:
-            self.store.write_rows(version, start, self.encode_rows(net, start, stop).numpy())
+        # rows in, latents out, a whole number of chunks at a time: memory stays one block
+        block = self.store.chunk_rows * max(1, self.batch_size * 4 // self.store.chunk_rows)
+        for a in range(start, stop, block):
+            b = min(stop, a + block)
+            self.store.write_rows(version, a, self.encode_rows(net, a, b).numpy())
         self.group.barrier()
         if self.group.rank == 0:
             self.store.mark_complete(version, keep=self.keep_versions)
@@ -165,7 +168,7 @@ class StoreLatents:
     """priors.CentreBlocks over one complete latent version in the store: the validation
     pass and the sample grids over all N exemplar means, holding one block at a time."""
 
-    def __init__(self, store: ExemplarStore, version: int, block_rows: int = 1 << 18,
+    def __init__(self, store: ExemplarStore, version: int, block_rows: int = 1 << 16,
                  device: torch.device = torch.device("cpu")):
         self.store, self.version, self.block_rows = store, version, block_rows
         self.shape = (store.n, store.latent_dim)
