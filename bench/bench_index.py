@@ -65,7 +65,27 @@ def qps(parts, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
     return len(queries) / best, ids
 
 
-def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2)) -> dict:
+def nprobe_sweep(index, queries: np.ndarray, truth: np.ndarray, nprobes) -> list[dict]:
+    """queries/s and recall@10 of one built IVF at other nprobe values (HNSW efSearch =
+    max(64, 2 nprobe), as build_index sets it); the index is left as it was."""
+    import faiss
+
+    from exvae_dist.retrieval.index import recall_at_k
+
+    ivf = faiss.extract_index_ivf(index)
+    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
+    saved = ivf.nprobe, hnsw.efSearch
+    out = []
+    for nprobe in nprobes:
+        ivf.nprobe, hnsw.efSearch = nprobe, max(64, 2 * nprobe)
+        rate, ids = qps([(index, 0)], queries, repeats=3)
+        out.append({"nprobe": nprobe, "qps": rate, "recall": recall_at_k(ids, truth)})
+    ivf.nprobe, hnsw.efSearch = saved
+    return out
+
+
+def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2),
+               nprobes: tuple[int, ...] = ()) -> dict:
     """One N: exact search, then kind=auto's IVF over each of shard_counts, in this process."""
     import faiss
 
@@ -97,6 +117,8 @@ def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2)) -> 
                      "qps": rate, "recall": recall_at_k(ids, truth), "ndis": ndis,
                      "coarse_ms": coarse_ms, "lists_ms": stats.search_time / len(queries),
                      "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+        if shards == 1 and cfg.kind == "auto" and nprobes:
+            rows[-1]["sweep"] = nprobe_sweep(parts[0][0], queries, truth, nprobes)
         del parts
     auto = IndexConfig()
     rows.append({"n": n, "auto_kind": "flat" if n < auto.auto_exact_below else "ivfhnsw"})
@@ -173,13 +195,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads")
     parser.add_argument("--shards", default="1,2",
                         help="comma-separated shard counts of the IVF, e.g. 1 to skip 2 shards")
+    parser.add_argument("--nprobe-sweep", default="",
+                        help="also search the 1-shard IVF at these nprobe values, e.g. 128,256")
     parser.add_argument("--json", help="also write the per-N results to this JSON file")
     parser.add_argument("--child-size", help=argparse.SUPPRESS)
     parser.add_argument("--child-service", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_size:
         shard_counts = tuple(int(s) for s in args.shards.split(",") if s)
-        print(json.dumps(bench_size(int(float(args.child_size)), args.threads, shard_counts)))
+        nprobes = tuple(int(p) for p in args.nprobe_sweep.split(",") if p)
+        print(json.dumps(bench_size(int(float(args.child_size)), args.threads, shard_counts,
+                                    nprobes)))
         return
     if args.child_service:
         print(json.dumps(bench_service(int(float(args.child_service)), args.threads)))
@@ -195,7 +221,7 @@ def main() -> None:
           "scanned / query | HNSW walk share of search CPU |\n|---|---|---|---|---|---|---|---|", flush=True)
     for n in sizes:
         res = run_child(["--child-size", str(n), "--threads", str(args.threads),
-                         "--shards", args.shards])
+                         "--shards", args.shards, "--nprobe-sweep", args.nprobe_sweep])
         results[n] = res
         if args.json:  # after every N, so that a long run killed later keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=1))
@@ -206,6 +232,13 @@ def main() -> None:
                       f"{row['ndis']:,.0f} | "
                       f"{row['coarse_ms'] / max(1e-9, row['coarse_ms'] + row['lists_ms']):.0%} |",
                       flush=True)
+    if args.nprobe_sweep:
+        print("\nnprobe sweep, 1-shard IVF (HNSW efSearch = max(64, 2 nprobe)):\n"
+              "| N | nprobe | queries/s | recall@10 |\n|---|---|---|---|")
+        for n in sizes:
+            for row in results[n]["rows"]:
+                for p in row.get("sweep", []):
+                    print(f"| {n:.0e} | {p['nprobe']} | {p['qps']:,.0f} | {p['recall']:.3f} |")
     if len(sizes) > 1:
         lo, hi = min(sizes), max(sizes)
         rate = lambda n, kind: next(r["qps"] for r in results[n]["rows"]  # noqa: E731
