@@ -8,7 +8,7 @@ Per N, in fresh processes (so each peak RSS is its own):
    deformation cost, so the build time is the store's own write cost). Seconds, GB on disk.
 2. steps: a RAT-like step without the model: the batch of 100 from the keyed epoch order,
    a [100, k'=40] neighbour ranking of random ids (retrieved ids are scattered over the
-   store, the worst case for locality), keyed coins and assemble_candidates_keyed (k=10),
+   store, the worst case for locality), keyed coins and assemble_candidates (k=10),
    then the batch and candidate rows read as float32 through StoreImages. Median ms over
    the steps, and the same step's coins done the old way (draw_coins: an [N] vector).
    Peak RSS of this process after the steps.
@@ -64,8 +64,7 @@ def phase_build(n: int, store: Path, source_kind: str) -> dict:
 
 def phase_steps(store_path: Path, steps: int) -> dict:
     from exvae_dist.retrieval import keyed
-    from exvae_dist.retrieval.candidates import (assemble_candidates,
-                                                 assemble_candidates_keyed, draw_coins)
+    from exvae_dist.retrieval.candidates import assemble_candidates, draw_coins
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.store_images import StoreImages
     store = ExemplarStore(store_path)
@@ -78,7 +77,7 @@ def phase_steps(store_path: Path, steps: int) -> dict:
     for step in range(steps + 3):  # 3 warm-up steps
         t = time.perf_counter()
         batch_ids = keyed.epoch_batch_ids(n, 0, 0, step * b, step * b + b)
-        cand = assemble_candidates_keyed(
+        cand = assemble_candidates(
             neighbours[step], batch_ids, lambda ids: keyed.coins_for(ids, step, m, n, 0), k,
             n, m)
         x = images[batch_ids]

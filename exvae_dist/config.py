@@ -85,7 +85,11 @@ class PriorConfig:
     safety: float = 2.0
     # Initial value of the learned log-variance lambda of the Parzen window.
     init_log_var: float = -2.0
-    # Re-encode the exemplar cache every this many steps (None = once per epoch).
+    # Re-encode the exemplar cache every this many steps, besides the end of every epoch.
+    # None = auto: max(500, ceil(3 N / (B (k + 1)))) steps, the steps whose training
+    # encodes (with gradients, ~3 passes each) about 9x the N images a refresh encodes, so
+    # refreshing stays at ~10% of encoder work, and never more often than every 500 steps
+    # (REALM's cadence). MNIST: 500 = once per epoch; N = 1e7: every 27,273 steps.
     refresh_every: Optional[int] = None
     # RAT normalizer: "subset" = log|S \ {i}| (a lower bound of the subsampled prior, the
     # default); "union" = log of the retrieved union size (the reference code's choice).
@@ -197,7 +201,9 @@ class IndexConfig:
     nprobe: int = 64  # IVF lists visited per query
     refine_factor: int = 10  # exact re-ranking of k * refine_factor candidates (0 = off)
     shards: int = 1  # IndexService actors, each over a contiguous block of rows
-    query_timeout_s: float = 300.0  # a search waits this long for a dead / rebuilding shard
+    # a search waits this long for a dead / rebuilding shard, and a worker this long for the
+    # first index build (at N = 1e7 an IVF build takes longer: raise it)
+    query_timeout_s: float = 300.0
     use_gpu: bool = False  # FAISS on the GPU: needs faiss-gpu instead of faiss-cpu (README)
     train_size: int = 100_000  # vectors used to train the coarse quantizer and PQ
     store_path: Optional[str] = None  # Zarr store (None = <run_dir>/<name>/store.zarr)
@@ -226,6 +232,12 @@ class RayConfig:
     # Index-service calls are retried this many times when the actor died or is restarting
     # (backoff 0.2 s doubling, capped at 2 s): an index crash costs seconds, not the run.
     search_retries: int = 10
+    # What a worker holds of the N exemplars: all images when they fit in this many MB
+    # (MNIST's 50,000 take 39 MB), else each step reads its batch and candidate rows from the
+    # store by id (a pread per row, or an LRU of chunks of this size for compressed layouts);
+    # all latent means for validation when they fit, else they are streamed from the store a
+    # block at a time (0: always). Either way a worker's memory does not grow with N.
+    resident_mb: int = 512
 
 
 @dataclass
@@ -293,7 +305,7 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
              "index.train_size", "index.keep_versions", "index.service_threads",
              "index.build_threads")
 # may be 0 (seeds, counts of nothing, "off")
-NON_NEGATIVE = ("train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
+NON_NEGATIVE = ("ray.resident_mb", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",
                 "index.refine_factor", "ray.search_retries")
 AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}

@@ -14,7 +14,7 @@ Nothing here knows about Ray, Zarr or MLflow. A trainer is a shell that builds `
     tracker  MLflow on rank 0 (tracking.py), a NullTracker elsewhere
 
 Randomness is keyed, not carried: the global batches of epoch e come from (seed, e), the
-coins of global step t from (seed, t), and the binarization and reparameterization noise of
+exemplar subset of global step t from (seed, t) (retrieval/keyed.py: O(ids asked), never N), and the binarization and reparameterization noise of
 step t on rank r from (seed, stream, t, r). No random state is saved or restored, a resumed
 run draws exactly what an uninterrupted one draws, and the batches and coins do not depend on
 the number of workers (each rank takes its slice of the same global batch).
@@ -28,6 +28,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Optional, Protocol
 
 import numpy as np
@@ -36,13 +37,14 @@ import torch
 from . import config as config_mod
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
+from .retrieval import keyed
 from .sampling import sample_images, save_grid
 from .step import NeighbourSearch, PriorSampler, log_var_value, train_step, validation_elbo
 
 log = logging.getLogger(__name__)
 
-# random stream ids (stream 1 is step.COINS)
-ORDER, BINARIZE, NOISE = 0, 2, 3
+# random stream ids of torch's generators (the epoch order and coins are keyed.py's)
+BINARIZE, NOISE = 2, 3
 
 
 def stream_seed(seed: int, stream: int, *key: int) -> int:
@@ -51,14 +53,36 @@ def stream_seed(seed: int, stream: int, *key: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
-                  max_steps: Optional[int] = None) -> list[np.ndarray]:
-    """The global batches of `epoch`: a shuffle keyed by (seed, epoch), last short batch dropped."""
-    perm = np.random.default_rng([seed, ORDER, epoch]).permutation(n)
-    steps = n // batch_size if n >= batch_size else 1
-    if max_steps:
-        steps = min(steps, max_steps)
-    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+class EpochBatches(Sequence):
+    """The global batches of `epoch`: a keyed shuffle of (seed, epoch) (keyed.epoch_order),
+    last short batch dropped. Batch i is computed when asked for, in O(batch_size): nothing
+    of size N is built, whatever the number of exemplars."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int,
+                 max_steps: Optional[int] = None):
+        self.n, self.batch_size = n, batch_size
+        self.order = keyed.epoch_order(n, seed, epoch)
+        steps = n // batch_size if n >= batch_size else 1
+        self.steps = min(steps, max_steps) if max_steps else steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.steps <= i < self.steps:
+            raise IndexError(f"batch {i} of an epoch of {self.steps}")
+        i %= self.steps
+        start = i * self.batch_size
+        return self.order(np.arange(start, min(start + self.batch_size, self.n), dtype=np.int64))
+
+
+
+def refresh_interval(prior_cfg, n: int, batch_size: int) -> int:
+    """Steps between mid-epoch refreshes: prior.refresh_every, or its auto default (config.py:
+    refreshing at ~10% of the encoder work of training, at most every 500 steps)."""
+    if prior_cfg.refresh_every:
+        return int(prior_cfg.refresh_every)
+    return max(500, math.ceil(3 * n / (batch_size * (prior_cfg.k + 1))))
 
 
 def rank_slice(ids: np.ndarray, group: Group) -> np.ndarray:
@@ -165,7 +189,8 @@ class ExemplarCache(Protocol):
         """Re-encodes all exemplars with `net` into a new version (all ranks call it)."""
 
     def centres(self) -> torch.Tensor:
-        """[N, d] means of the newest version (validation, sample grids)."""
+        """[N, d] means of the newest version (validation, sample grids): a tensor, or
+        priors.CentreBlocks when N of them should not be held at once."""
 
     def state(self) -> dict:
         """What a checkpoint records to reuse the newest version on resume."""
@@ -292,9 +317,11 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
     t0 = time.perf_counter()
     beta = kl_beta(epoch, cfg.train.warmup_epochs)
     p.model.train()
-    batches = epoch_batches(len(p.train_images), cfg.train.batch_size, seed, epoch,
+    batches = EpochBatches(len(p.train_images), cfg.train.batch_size, seed, epoch,
                             cfg.train.max_steps_per_epoch)
     last_refresh = state.step  # a version of these weights exists (start or epoch end)
+    interval = refresh_interval(cfg.prior, len(p.train_images), cfg.train.batch_size)
+    mid_refresh_seconds = 0.0
     keys = ("loss", "log_px", "kl", "candidates", "short_rows")
     sums = dict.fromkeys(keys, 0.0)
     # step seconds while the index serves an older version than the newest written, and not
@@ -304,9 +331,10 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
     if p.progress is not None and group.rank == 0 and cfg.train.progress:
         items = p.progress(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
     for ids in items:
-        if uses_index and cfg.prior.refresh_every and \
-                state.step - last_refresh >= cfg.prior.refresh_every:
+        if uses_index and state.step - last_refresh >= interval:
+            tr = time.perf_counter()
             cache.refresh(p.model.net, state.step)
+            mid_refresh_seconds += time.perf_counter() - tr
             last_refresh = state.step
         local = rank_slice(ids, group)
         ts = time.perf_counter()
@@ -362,14 +390,16 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
                **{f"train_{k}": v / (n_steps * group.world) for k, v in zip(keys, totals)},
                **{f"val_{k}": v for k, v in val.items()},
                "log_var": log_var_value(p.model), "train_seconds": train_seconds,
-               "refresh_seconds": refresh_seconds,
+               "refresh_seconds": refresh_seconds + mid_refresh_seconds,
                "epoch_seconds": time.perf_counter() - t0,
                "examples_per_second": len(batches) * cfg.train.batch_size / train_seconds,
                "best_val_elbo": state.stopper.best, "best_epoch": state.stopper.best_epoch + 1,
                "improved": float(improved), "num_workers": group.world}
+    # the share of the epoch spent re-encoding exemplars (mid-epoch and epoch-end refreshes)
+    summary["refresh_share"] = summary["refresh_seconds"] / max(summary["epoch_seconds"], 1e-9)
     if uses_index:
         r_s, r_n, s_s, s_n = totals[len(keys):]
-        summary.update({"index_version": cache.latest,
+        summary.update({"index_version": cache.latest, "refresh_every": interval,
                         "step_ms_during_rebuild": 1e3 * r_s / r_n if r_n else math.nan,
                         "steps_during_rebuild": r_n / group.world,
                         "step_ms_steady": 1e3 * s_s / s_n if s_n else math.nan})

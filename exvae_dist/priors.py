@@ -6,12 +6,14 @@ Pure torch. The exemplar prior's density is
 
 computed in blocks of centres with a running logsumexp so memory stays O(B * chunk), and from
 squared distances (never from exp of a density) so far-away centres cannot underflow it.
+Centres too many to hold (validation over 1e7 exemplars) come as `CentreBlocks`, read one
+block at a time (train/refresh.StoreLatents reads them from the store).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Protocol, Union
 
 import torch
 from torch import nn
@@ -98,6 +100,37 @@ def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Ten
     return lse - (0.5 * inv_var) * (z * z).sum(1) - log_norm - 0.5 * d * (LOG_2PI + log_var)
 
 
+class CentreBlocks(Protocol):
+    """[N, d] centres read a block at a time: the exact prior over all N without holding N."""
+
+    shape: tuple  # (N, d)
+    device: torch.device
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        """The centres in row order, as [rows, d] tensors on `device`."""
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        """[len(ids), d]: the centres of the given rows (prior samples)."""
+
+
+Centres = Union[torch.Tensor, CentreBlocks]
+
+
+def streamed_exemplar_log_prob(z: torch.Tensor, centres: CentreBlocks, log_var: torch.Tensor,
+                               chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """exemplar_log_prob over ALL N centres (no leave-one-out, normalizer N), one block at a
+    time: each block's mixture without its normalizer, combined by logsumexp (the constant
+    terms are the same in every block), minus log N. z [B, d] -> [B]."""
+    n = int(centres.shape[0])
+    parts = [exemplar_log_prob(z, block, log_var, log_norm=torch.zeros((), dtype=z.dtype,
+                                                                         device=z.device),
+                               chunk=chunk)
+             for block in centres.blocks()]
+    if not parts or n == 0:
+        return z.new_full((z.shape[0],), float("-inf"))
+    return torch.logsumexp(torch.stack(parts, 1), dim=1) - math.log(n)
+
+
 def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:
     """Uniform mixture of diagonal Gaussians (the VampPrior): z [B, d], means/logvars [K, d] -> [B]."""
     log_comp = diag_normal_log_prob(z[:, None, :], means[None], logvars[None])  # [B, K]
@@ -138,9 +171,14 @@ class ExemplarPrior(nn.Module):
         super().__init__()
         self.log_var = nn.Parameter(torch.tensor(float(init_log_var)))
 
-    def log_prob(self, z: torch.Tensor, centres: torch.Tensor,
+    def log_prob(self, z: torch.Tensor, centres: Centres,
                  exclude: Optional[torch.Tensor] = None, log_norm: Optional[torch.Tensor] = None,
                  chunk: int = DEFAULT_CHUNK, **_) -> torch.Tensor:
+        if not isinstance(centres, torch.Tensor):
+            if exclude is not None or log_norm is not None:
+                raise ValueError("streamed centres (CentreBlocks) score the full prior over "
+                                 "all N: no exclude / log_norm")
+            return streamed_exemplar_log_prob(z, centres, self.log_var, chunk)
         return exemplar_log_prob(z, centres, self.log_var, exclude, log_norm, chunk)
 
 

@@ -6,8 +6,10 @@
 The neighbour search sits behind the small `NeighbourSearch` interface: an in-memory latent
 cache (retrieval/exact.py) in the one-process trainer, the FAISS index service on Ray.
 
-The subsampling coins are a keyed function of (seed, global step): the same on every rank and
-after a resume, with no random state to save (METHOD.md section 3 fixes them per minibatch).
+The exemplar subset S of a step is a keyed function of (seed, global step, id)
+(retrieval/keyed.py): the same on every rank and after a resume, with no random state to save
+(METHOD.md section 3 fixes it per minibatch), and a step asks it only about the ids it touches,
+so nothing of size N is drawn per step.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 import torch
 
 from .objective import VAEWithPrior, encode_means
-from .retrieval.candidates import assemble_candidates, draw_coins, query_depth
+from .retrieval import keyed
+from .retrieval.candidates import assemble_candidates, query_depth
 
 
 class NeighbourSearch(Protocol):
@@ -42,20 +45,13 @@ class PriorBatch:
     index_version: int = -1
 
 
-COINS = 1  # random stream id of the subsampling coins (see loop.stream_seed)
-
-
-def minibatch_rng(seed: int, step: int) -> np.random.Generator:
-    """The generator of global step `step`'s exemplar subset: a function of (seed, step) only."""
-    return np.random.default_rng([seed, COINS, step])
-
-
 class PriorSampler:
     """Chooses each minibatch's exemplars: the exact M-subset, or RAT's retrieved union.
 
     train_images: [N, D] float images of the exemplars as the prior encodes them (grey levels
     for dynamically binarized data, as the reference code does); indexed by exemplar ids.
-    seed: the run's seed; the subset of global step t is drawn from minibatch_rng(seed, t).
+    seed: the run's seed; the subset S of global step t holds exactly M exemplars, each with
+    probability M/N: keyed.coins_for(ids, t, M, N, seed) (keyed.subset_for lists all of it).
     """
 
     def __init__(self, prior_cfg, train_images: torch.Tensor,
@@ -75,26 +71,25 @@ class PriorSampler:
         if self.cfg.kind != "exemplar":
             return PriorBatch()
         batch_ids = np.asarray(batch_ids, dtype=np.int64)
-        rng = minibatch_rng(self.seed, step)
         if self.cfg.rat:
-            return self._retrieved(model, batch_ids, x, rng)
-        return self._exact_subset(batch_ids, x, rng)
+            return self._retrieved(model, batch_ids, x, step)
+        return self._exact_subset(batch_ids, x, step)
 
-    def _exact_subset(self, batch_ids: np.ndarray, x: torch.Tensor,
-                      rng: np.random.Generator) -> PriorBatch:
-        subset = np.sort(rng.choice(self.n, size=self.m, replace=False))
+    def _exact_subset(self, batch_ids: np.ndarray, x: torch.Tensor, step: int) -> PriorBatch:
+        subset = keyed.subset_for(step, self.m, self.n, self.seed)
         exclude = torch.from_numpy(subset[None, :] == batch_ids[:, None]).to(x.device)
         return PriorBatch(exemplars=self.images[torch.from_numpy(subset)].to(x.device),
                           exclude=exclude, n_candidates=len(subset))
 
     def _retrieved(self, model: VAEWithPrior, batch_ids: np.ndarray, x: torch.Tensor,
-                   rng: np.random.Generator) -> PriorBatch:
+                   step: int) -> PriorBatch:
         with torch.no_grad():
             queries = model.net.encode_top(x)[0].float().cpu().numpy()
-        coins = draw_coins(self.n, self.m, rng)
         depth = query_depth(self.cfg.k, self.n, self.m, self.cfg.safety)
         ids, version = self.search.search(queries, depth)
-        cand = assemble_candidates(ids, batch_ids, coins, self.cfg.k)
+        n, m, seed = self.n, self.m, self.seed
+        cand = assemble_candidates(ids, batch_ids, lambda rows: keyed.coins_for(rows, step, m, n, seed),
+                                   self.cfg.k, n, subset_size=m)
         exclude = torch.from_numpy(cand.exclude).to(x.device)
         log_norm = (torch.from_numpy(cand.log_norm).to(x.device, x.dtype)
                     if self.cfg.normalizer == "subset" else None)
@@ -138,8 +133,12 @@ def validation_elbo(model: VAEWithPrior, x: torch.Tensor, centres: Optional[torc
     posterior draws per image (eval.validation_samples in training).
 
     Exemplar prior: `centres` = the encoder means of ALL training exemplars (normalizer N, no
-    leave-one-out: validation images are not exemplars).
+    leave-one-out: validation images are not exemplars): a tensor, or priors.CentreBlocks
+    read from the store a block at a time, then scored against all of x in one pass (each
+    block is read once per pass, not once per batch).
     """
+    if centres is not None and not isinstance(centres, torch.Tensor):
+        batch_size = max(1, x.shape[0])
     sums = {"elbo": 0.0, "log_px": 0.0, "kl": 0.0}
     for start in range(0, x.shape[0], batch_size):
         for _ in range(samples):

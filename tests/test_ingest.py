@@ -233,7 +233,7 @@ def _peak_bytes_reading(tmp_path, n):
     store = ExemplarStore(tmp_path / f"s{n}")
     ids = np.random.default_rng(0).integers(0, n, 1100)
     tracemalloc.start()
-    images = StoreImages(store)
+    images = StoreImages(store, cache_bytes=4 << 20)  # below N x D: read by id
     for _ in range(3):
         batch = images[ids]
     peak = tracemalloc.get_traced_memory()[1]
@@ -247,6 +247,20 @@ def test_store_images_allocate_nothing_of_size_n(tmp_path):
     # 1,100 rows as uint8 + float32 is ~4.3 MB; all of N = 100,000 would be 78 MB (uint8)
     assert large < 8e6, large
     assert large < 2 * small + 1e6, (small, large)
+
+
+def test_store_images_within_the_bound_are_read_once_into_memory(tmp_path):
+    x, _ = make_images(500)
+    store = ExemplarStore.create(tmp_path / "s", x, 4, chunk_rows=128,
+                                 image_layout=RANDOM_READ_LAYOUT)
+    images = StoreImages(store, cache_bytes=500 * 120)
+    assert images.resident is not None and images.resident.shape == (500, 120)
+    expect = torch.from_numpy(x.reshape(500, -1)).float() / 255
+    ids = np.array([499, 0, 7, 7])
+    assert torch.equal(images[ids], expect[ids])
+    assert torch.equal(images[torch.from_numpy(ids)], expect[ids])
+    assert torch.equal(images[10:20], expect[10:20])
+    assert StoreImages(store, cache_bytes=500 * 120 - 1).resident is None
 
 
 @pytest.mark.slow

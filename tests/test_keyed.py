@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from exvae_dist.retrieval import keyed
-from exvae_dist.retrieval.candidates import assemble_candidates, assemble_candidates_keyed
+from exvae_dist.retrieval.candidates import assemble_candidates
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1000, 4097])
@@ -67,24 +67,43 @@ def test_keyed_normal_is_standard_normal():
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_keyed_assembly_equals_vector_assembly_on_the_same_coins(seed):
+def test_keyed_assembly_equals_a_brute_force_walk_of_each_ranking(seed):
+    """Row by row, in plain Python: walk the ranking, skip -1, self and coin losers, keep the
+    first k; the normalizer is log(m - [own coin])."""
     rng = np.random.default_rng(seed)
     n, b, depth, k, m = 300, 12, 40, 5, 120
     neighbour_ids = np.stack([rng.permutation(n)[:depth] for _ in range(b)]).astype(np.int64)
     neighbour_ids[0, -6:] = -1
     batch_ids = rng.choice(n, b, replace=False).astype(np.int64)
     neighbour_ids[1, 3] = batch_ids[1]
+    in_s = set(keyed.subset_for(seed, m, n, seed=4).tolist())
 
     def coin(ids):
         return keyed.coins_for(ids, seed, m, n, seed=4)
 
-    old = assemble_candidates(neighbour_ids, batch_ids, coin(np.arange(n)), k)
-    new = assemble_candidates_keyed(neighbour_ids, batch_ids, coin, k, n, subset_size=m)
-    assert np.array_equal(old.ids, new.ids)
-    assert np.array_equal(old.per_row, new.per_row)
-    assert np.array_equal(old.exclude, new.exclude)
-    assert old.n_short == new.n_short
-    np.testing.assert_array_equal(old.log_norm, new.log_norm)
+    cand = assemble_candidates(neighbour_ids, batch_ids, coin, k, n, subset_size=m)
+    union = set()
+    for row in range(b):
+        kept = [int(j) for j in neighbour_ids[row]
+                if j >= 0 and j != batch_ids[row] and int(j) in in_s][:k]
+        assert cand.per_row[row].tolist() == kept + [-1] * (k - len(kept))
+        union.update(kept)
+        assert cand.log_norm[row] == pytest.approx(np.log(m - (int(batch_ids[row]) in in_s)))
+    assert cand.ids.tolist() == sorted(union)
+    assert np.array_equal(cand.exclude, cand.ids[None, :] == batch_ids[:, None])
+    assert cand.n_short == int((cand.per_row[:, -1] < 0).sum())
+    # the dense form of the same subset gives the same candidates
+    dense = assemble_candidates(neighbour_ids, batch_ids, coin(np.arange(n)), k)
+    assert np.array_equal(dense.per_row, cand.per_row)
+
+
+def test_subset_for_is_the_set_of_coin_winners():
+    n, m = 1000, 300
+    for step in range(5):
+        subset = keyed.subset_for(step, m, n, seed=9)
+        assert np.array_equal(subset, np.flatnonzero(keyed.coins_for(np.arange(n), step, m, n, 9)))
+        assert len(subset) == m and np.all(np.diff(subset) > 0)
+    assert np.array_equal(keyed.subset_for(0, n, n, 9), np.arange(n))
 
 
 def test_keyed_assembly_asks_only_about_retrieved_and_batch_ids():
@@ -96,6 +115,6 @@ def test_keyed_assembly_asks_only_about_retrieved_and_batch_ids():
         asked.append(np.asarray(ids).copy())
         return keyed.coins_for(ids, 0, n // 2, n, seed=0)
 
-    cand = assemble_candidates_keyed(neighbour_ids, np.array([7]), coin, 2, n, n // 2)
+    cand = assemble_candidates(neighbour_ids, np.array([7]), coin, 2, n, n // 2)
     assert sum(a.size for a in asked) <= 4
     assert 7 not in cand.ids

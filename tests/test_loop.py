@@ -12,7 +12,7 @@ import torch
 
 from exvae_dist import config as config_mod
 from exvae_dist.group import Group
-from exvae_dist.loop import binarize, epoch_batches, rank_slice
+from exvae_dist.loop import binarize, EpochBatches, rank_slice
 from exvae_dist.objective import build_model
 from exvae_dist.step import PriorSampler
 
@@ -28,9 +28,9 @@ def test_global_batches_and_coins_do_not_depend_on_the_number_of_workers():
     model = build_model(cfg)
     images = torch.rand(200, 784)
     sampler = PriorSampler(cfg.prior, images, seed=5)
-    one = epoch_batches(200, 20, seed=5, epoch=3)
-    assert epoch_batches(200, 20, seed=5, epoch=3)[4].tolist() == one[4].tolist()
-    assert epoch_batches(200, 20, seed=5, epoch=4)[0].tolist() != one[0].tolist()
+    one = EpochBatches(200, 20, seed=5, epoch=3)
+    assert EpochBatches(200, 20, seed=5, epoch=3)[4].tolist() == one[4].tolist()
+    assert EpochBatches(200, 20, seed=5, epoch=4)[0].tolist() != one[0].tolist()
     assert sorted(np.concatenate(one).tolist()) == list(range(200))
     for world in (1, 2, 3):
         for step, ids in enumerate(one):

@@ -10,7 +10,8 @@ import torch
 from scipy import stats
 from scipy.special import logsumexp
 
-from exvae_dist.priors import VampPrior, exemplar_log_prob, mixture_log_prob
+from exvae_dist.priors import (ExemplarPrior, VampPrior, exemplar_log_prob, mixture_log_prob,
+                               streamed_exemplar_log_prob)
 from exvae_dist.retrieval import candidates as cand_mod
 
 F64 = torch.float64
@@ -66,6 +67,41 @@ def test_exemplar_log_prob_matches_scipy_with_exclude_and_a_single_kept_centre()
     # one kept centre: the mixture is that one Gaussian, normalizer 1
     single = stats.multivariate_normal.logpdf(z[0], centres[5], np.exp(log_var) * np.eye(d))
     assert got[0].item() == pytest.approx(single, rel=1e-12)
+
+
+class _Blocks:
+    """priors.CentreBlocks over an in-memory array, `rows` centres per block."""
+
+    def __init__(self, centres, rows):
+        self.centres, self.rows = _t(centres), rows
+        self.shape, self.device = tuple(self.centres.shape), torch.device("cpu")
+        self.reads = 0
+
+    def blocks(self):
+        for start in range(0, self.shape[0], self.rows):
+            self.reads += 1
+            yield self.centres[start:start + self.rows]
+
+    def __getitem__(self, ids):
+        return self.centres[ids]
+
+
+@pytest.mark.parametrize("rows", [1, 4, 11, 50])
+def test_streamed_centres_match_scipy_over_all_centres(rows):
+    """Centres read block by block (validation over N too many to hold) give the full
+    Parzen density with normalizer N, whatever the block size."""
+    rng = np.random.default_rng(3)
+    z, centres = rng.normal(size=(6, 3)), rng.normal(size=(11, 3)) * 2.0
+    blocks = _Blocks(centres, rows)
+    got = streamed_exemplar_log_prob(_t(z), blocks, torch.tensor(-0.75, dtype=F64), chunk=3)
+    np.testing.assert_allclose(got.numpy(), _scipy_parzen(z, centres, -0.75), rtol=1e-10,
+                               atol=1e-10)
+    assert blocks.reads == -(-11 // rows)
+    prior = ExemplarPrior(-0.75).double()  # exact in float32
+    np.testing.assert_allclose(prior.log_prob(_t(z), centres=blocks).detach().numpy(),
+                               got.numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match="CentreBlocks"):
+        prior.log_prob(_t(z), centres=blocks, exclude=torch.zeros(6, 11, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 10])

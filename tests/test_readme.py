@@ -30,7 +30,7 @@ TRAIN_SHORT = ("train.epochs=1", "train.max_steps_per_epoch=2", "data.n_train=30
 EVAL_SHORT = ("eval.n_samples=4", "eval.n_test=4", "eval.sample_chunk=4", "eval.pictures=false",
               "eval.knn=false", "train.progress=false", "data.n_train=300")
 COMMAND = re.compile(r"-m exvae_dist\.(train|trainer|evaluate|augment)\b")
-IGNORED = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.egg-info",
+IGNORED = shutil.ignore_patterns(".git", ".venv", "runs", "stores", "__pycache__", "*.egg-info",
                                  ".pytest_cache", ".docker-build", "mlruns", "out")
 
 
@@ -59,6 +59,8 @@ def shorten(block: str, ports: dict[str, int]) -> str:
         found = COMMAND.search(line)
         if found:
             short = TRAIN_SHORT if found.group(1) in ("train", "trainer") else EVAL_SHORT
+            if "data.name=store" in line:  # an ingested store is used whole on Ray
+                short = tuple(o for o in short if not o.startswith("data.n_"))
             line = re.sub(r"\s+#\s.*$", "", line) + " " + " ".join(short)
         if "ray start --head" in line:
             line += (f" --port {ports['gcs']} --dashboard-port {ports['dashboard']}"

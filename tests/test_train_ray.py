@@ -3,12 +3,9 @@ index, survives an index crash, resumes, and runs as a `ray job submit` job."""
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,7 +19,9 @@ from exvae_dist import loop
 from exvae_dist.checkpoint import load_checkpoint
 from exvae_dist.data import load_dataset
 from exvae_dist.group import Group
-from exvae_dist.train.exemplars import StoredImages, ensure_store
+from exvae_dist.train.exemplars import ensure_store
+from exvae_dist.train.refresh import StoreLatents
+from exvae_dist.train.store_images import StoreImages
 from exvae_dist.train.service_client import ServiceSearch
 from exvae_dist.train.worker import build_parts
 
@@ -80,7 +79,7 @@ def test_one_worker_ddp_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_l
     cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "index.kind=flat",
                 "train.max_steps_per_epoch=3", "tracking.enabled=false",
                 "tracking.sample_grid=false", "prior.refresh_every=2",
-                "index.wait_for_refresh=true")
+                "index.wait_for_refresh=true", "ray.resident_mb=0")
     splits = load_dataset(cfg.data)
     defaults = config_mod.to_dict(config_mod.ExperimentConfig())
     # the one-process trainer has no index and no Ray: those sections at their defaults
@@ -99,7 +98,10 @@ def test_one_worker_ddp_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_l
                             splits.dynamic, splits.image_shape, ServiceSearch(handle),
                             Group.current())
         assert parts.wrapped is not parts.model  # really wrapped in DDP
+        # ray.resident_mb=0: images read from the store by id, centres streamed in blocks
+        assert parts.train_images.resident is None
         state_b, summary_b = one_epoch(parts)
+        assert isinstance(parts.cache.centres(), StoreLatents)
     finally:
         dist.destroy_process_group()
         if handle is not None:
@@ -262,65 +264,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, data_dir, r
     assert np.isfinite(summary["val_elbo"])
 
 
-# --------------------------------------------------- (d) `ray job submit` to a loopback head
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_a_local_head(tmp_path, data_dir):
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    dash = free_port()
-    # a short temp dir: Ray's socket paths must stay under ~107 characters
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--port", str(free_port()), "--num-cpus", "2",
-         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
-         "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp,
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)  # its own process group: stopped below by id, nothing else
-    try:
-        # hidden folders (.venv, .git, local caches) are not needed by the job, and Ray refuses
-        # uploads over 100 MB; Ray honours .gitignore but not .git/info/exclude
-        runtime_env = {"env_vars": {"EXVAE_DATA_DIR": str(data_dir), "RAY_AUTH_MODE": "disabled"},
-                       "excludes": [".*", "runs", "bench/out", "mlruns", "*.zarr",
-                                    "*.db"]}
-        cmd = [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-               "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-               sys.executable, "-m", "exvae_dist.train", "--config", "smoke",
-               f"train.run_dir={tmp_path}", "train.epochs=1", "data.n_train=1000",
-               "data.n_valid=200", "train.progress=false", "ray.controller_failure_limit=0"]
-        deadline = time.monotonic() + 180  # a loaded box: the dashboard can take a minute
-        while True:  # the job server answers a few seconds after `ray start`
-            out = subprocess.run([ray_cli, "job", "list", "--address",
-                                  f"http://127.0.0.1:{dash}"], env=env, capture_output=True,
-                                 text=True)
-            if out.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
-                             cwd=tmp_path)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-        summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
-        assert summary["epoch"] == 1 and summary["step"] == 10
-    finally:
-        # a graceful `ray start --block` shutdown takes ~30 s here; after 5 s kill the
-        # group (the head's workers then exit on their own when their raylet is gone)
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
-        shutil.rmtree(temp, ignore_errors=True)
+# (d) `ray job submit` to a loopback head: the README's job block, run as written by
+# tests/test_readme.py (ray start --head, job submit with the venv's python, ray stop)
 
 
 # ------------------------------------------------------------------------ small, no Ray
@@ -329,7 +274,7 @@ def test_store_of_another_training_set_is_refused(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (300, 784)).astype(np.float32) / 255
     store = ensure_store(tmp_path / "s.zarr", x, (1, 28, 28), latent_dim=8)
     assert store.chunk_rows * 4 <= store.n  # several chunks, so several writers
-    assert torch.equal(StoredImages.from_store(store)[np.arange(300)], torch.from_numpy(x))
+    assert torch.equal(StoreImages(store)[np.arange(300)], torch.from_numpy(x))
     ensure_store(tmp_path / "s.zarr", x, (1, 28, 28), latent_dim=8)  # the same set: reopened
     with pytest.raises(ValueError, match="does not belong to this run"):
         ensure_store(tmp_path / "s.zarr", x[:200], (1, 28, 28), latent_dim=8)
@@ -394,3 +339,98 @@ def test_one_worker_resumed_run_equals_an_uninterrupted_one(tmp_path, data_dir, 
     ra = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "whole")]
     rb = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "parts")]
     assert len(ra) == 14 and ra == rb
+
+
+# ------------------------------------- (e) an ingested store is the data path of a Ray run
+
+def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_split(
+        tmp_path, data_dir, ray_local, monkeypatch):
+    """data.name=store on Ray: the driver loads no training image (train_x None), the workers
+    read rows by id from the ingested store (ray.resident_mb=0) and write their latent
+    versions into it, validation streams the centres from it, and the run evaluates on the
+    store's own test split."""
+    from types import SimpleNamespace
+
+    from exvae_dist import ingest as ingest_mod
+    from exvae_dist.data.readers import read_idx
+    from exvae_dist.evaluate import main as evaluate
+    from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.train.driver import run
+
+    over = [f"train.run_dir={tmp_path / 'runs'}", "train.progress=false", "train.epochs=1",
+            "train.max_steps_per_epoch=4", "ray.controller_failure_limit=0",
+            "ray.resident_mb=0", "index.kind=flat", "tracking.sample_grid=true",
+            "data.name=store", f"data.store={tmp_path / 's'}", "data.n_train=null",
+            "data.n_valid=null", "data.n_test=null"]
+    cfg = config_mod.load("smoke", over, env={})
+    np.save(tmp_path / "x.npy", read_idx(data_dir / "mnist" / "train-images-idx3-ubyte.gz")[:800])
+    args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
+    ingest_mod.ingest(ingest_mod.open_source(str(tmp_path / "x.npy"), args), tmp_path / "s",
+                      n_valid=100, n_test=60, progress=False, latent_dim=cfg.model.z_dim)
+    assert load_dataset(cfg.data, train_in_memory=False).train_x is None
+    summary = run(cfg)
+    assert summary["epoch"] == 1 and np.isfinite(summary["val_elbo"])
+    assert ExemplarStore(tmp_path / "s").latest_complete() is not None  # versions beside it
+    assert not (cfg.run_path() / "store.zarr").exists()
+    assert list((cfg.run_path() / "samples").glob("*.png"))  # grid from streamed centres
+    monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
+    assert evaluate([str(cfg.run_path()), "eval.n_samples=20", "eval.n_test=10",
+                     "eval.sample_chunk=20", "eval.pictures=false", "eval.knn_ks=[1]",
+                     "eval.name=store_test"]) == 0
+    assert "log_likelihood" in (cfg.run_path() / "eval" / "store_test" /
+                                "summary.json").read_text()
+
+
+WORKER_RSS = r"""
+import sys
+from pathlib import Path
+import numpy as np, torch
+from exvae_dist import config as config_mod, loop
+from exvae_dist.group import Group
+from exvae_dist.retrieval.store import ExemplarStore
+from exvae_dist.train.worker import build_parts
+
+root = Path(sys.argv[1])
+cfg = config_mod.load("smoke", [f"train.run_dir={root}", "train.progress=false",
+    "tracking.enabled=false", "tracking.sample_grid=false", "prior.rat=false",
+    "prior.subsample=200", "model.hidden=32", "model.z_dim=8", "train.max_steps_per_epoch=20",
+    "train.epochs=1", "ray.resident_mb=0", "train.threads=1"], env={})
+torch.set_num_threads(1)
+valid = torch.bernoulli(torch.full((200, 784), 0.2))
+parts = build_parts(cfg, root, ExemplarStore(root / "store"), valid, True, (1, 28, 28), None,
+                    Group())
+
+class NoCheckpoints:
+    def load(self): return None
+    def save(self, *a): pass
+
+parts.sink = NoCheckpoints()
+state, sampler, _ = loop.start(parts)   # a refresh pass over all N rows
+summary = loop.run_epoch(parts, state, sampler, None)  # steps, refresh, streamed validation
+assert np.isfinite(summary["val_elbo"])
+# VmHWM: this process image's peak (ru_maxrss would carry the forking parent's across exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print("RSS_MB", int(hwm.split()[1]) / 1024)
+"""
+
+
+def test_worker_peak_memory_does_not_grow_with_n(tmp_path):
+    """A worker's parts at N = 20,000 and 200,000 (ray.resident_mb=0): refresh pass, steps
+    and validation; the images alone would differ by 141 MB, the latents by 6 MB."""
+    from exvae_dist.retrieval.store import RANDOM_READ_LAYOUT, ExemplarStore
+
+    # glibc's dynamic mmap threshold lets freed 6 MB batch buffers pile up in the heap (RSS
+    # then tracks how many batches ran, not what is live): a fixed threshold returns them
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    peaks = {}
+    for n in (20_000, 200_000):
+        images = np.random.default_rng(0).integers(0, 2, (n, 1, 28, 28), dtype=np.uint8) * 255
+        ExemplarStore.create(tmp_path / str(n) / "store", images, 8, chunk_rows=8192,
+                             image_layout=RANDOM_READ_LAYOUT)
+        del images
+        # the worker's process sees only the store
+        out = subprocess.run([sys.executable, "-c", WORKER_RSS, str(tmp_path / str(n))],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        peaks[n] = float(out.stdout.split("RSS_MB")[-1])
+    assert peaks[200_000] < peaks[20_000] + 50, peaks

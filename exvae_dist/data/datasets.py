@@ -127,14 +127,21 @@ def keep_labels(s: DataSplits, labels) -> DataSplits:
     return s
 
 
-def load_dataset(cfg, *, fetch: Optional[Fetch] = None) -> DataSplits:
+def load_dataset(cfg, *, fetch: Optional[Fetch] = None, train_in_memory: bool = True
+                 ) -> DataSplits:
     """cfg: exvae_dist.config.DataConfig -> DataSplits, files fetched if missing and allowed.
 
-    `fetch(url, dest)` replaces the HTTP download (tests, mirrors).
+    `fetch(url, dest)` replaces the HTTP download (tests, mirrors). train_in_memory=False
+    (the Ray driver on an ingested store) leaves train_x None: the workers read the training
+    rows from the store itself.
     """
     if cfg.name == "store":  # an ingested exemplar store (python -m exvae_dist.ingest)
         from .store_data import load_store_splits
-        return _take_first(load_store_splits(cfg), cfg)
+        if not train_in_memory and (cfg.n_train is not None or cfg.labels is not None):
+            raise ValueError("data.n_train / data.labels cut the training set in memory, but "
+                             "the Ray trainer reads an ingested store's training rows where "
+                             "they are: ingest the subset you want into a store of its own")
+        return _take_first(load_store_splits(cfg, train_in_memory), cfg)
     loaders = {"mnist": _load_idx_dataset, "fashion_mnist": _load_idx_dataset,
                "binarized_mnist": _load_binarized_mnist, "omniglot": _load_omniglot,
                "colour_mnist": _load_colour_mnist}
@@ -371,7 +378,8 @@ def _take_first(s: DataSplits, cfg) -> DataSplits:
         # Copies, so that a small smoke-run split does not pin the full arrays in memory.
         return x[:n].copy(), (None if y is None else y[:n].copy())
 
-    s.train_x, s.train_y = cut(s.train_x, s.train_y, cfg.n_train, "n_train")
+    if s.train_x is not None:
+        s.train_x, s.train_y = cut(s.train_x, s.train_y, cfg.n_train, "n_train")
     s.valid_x, s.valid_y = cut(s.valid_x, s.valid_y, cfg.n_valid, "n_valid")
     s.test_x, s.test_y = cut(s.test_x, s.test_y, cfg.n_test, "n_test")
     return s

@@ -49,44 +49,32 @@ def query_depth(k: int, n: int, m: int, safety: float = 2.0) -> int:
 
 
 def draw_coins(n: int, m: int, rng: np.random.Generator) -> np.ndarray:
-    """[N] bool: exemplar n is in this minibatch's subset S with probability M/N."""
+    """[N] bool Bernoulli(M/N) coins: the dense form of a subset, for tests and benchmarks
+    (training uses retrieval/keyed.coins_for, which never builds an [N] vector)."""
     if m >= n:
         return np.ones(n, dtype=bool)
     return rng.random(n) < (m / n)
 
 
-def assemble_candidates(neighbour_ids: np.ndarray, batch_ids: np.ndarray, coins: np.ndarray,
-                        k: int) -> Candidates:
+def assemble_candidates(neighbour_ids: np.ndarray, batch_ids: np.ndarray,
+                        coin: Callable[[np.ndarray], np.ndarray] | np.ndarray, k: int,
+                        n: int | None = None, subset_size: int | None = None) -> Candidates:
     """Leave-one-out, coin-subsampled, first-k-survivor candidate set of a minibatch.
 
     neighbour_ids: [B, k'] int64, each row ranked nearest first over all N exemplars;
                    -1 marks an empty slot (FAISS returns -1 when it finds fewer than k').
     batch_ids:     [B] int64, the exemplar id of each batch element (its own training row).
-    coins:         [N] bool, the minibatch's subset S.
+    coin:          the minibatch's subset S, either as a function ids int64 [R] -> bool [R]
+                   (e.g. `lambda ids: keyed.coins_for(ids, step, m, n, seed)`: asked only
+                   about the retrieved ids and the batch ids, so a step costs O(B k') whatever
+                   N is), with `n` and `subset_size` = |S| given; or as a dense bool [N]
+                   vector (n and |S| are then read off it).
     """
-    neighbour_ids = np.asarray(neighbour_ids)
-    batch_ids = np.asarray(batch_ids, dtype=np.int64)
-    coins = np.asarray(coins, dtype=bool)
-    _check_inputs(neighbour_ids, batch_ids, k, coins.shape[0])
-    valid = neighbour_ids >= 0
-    safe = np.where(valid, neighbour_ids, 0)
-    return _assemble(neighbour_ids, batch_ids, valid & coins[safe], coins[batch_ids],
-                     int(coins.sum()), k)
-
-
-def assemble_candidates_keyed(neighbour_ids: np.ndarray, batch_ids: np.ndarray,
-                              coin: Callable[[np.ndarray], np.ndarray], k: int, n: int,
-                              subset_size: int) -> Candidates:
-    """assemble_candidates with the subset given as a function over ids, not an [N] vector.
-
-    coin:        ids int64 [R] -> bool [R], e.g. `lambda ids: keyed.coins_for(ids, step, m,
-                 n, seed)`; it is asked only about the retrieved ids and the batch ids, so a
-                 step costs O(B k') whatever N is.
-    n:           the number of exemplars (ids must lie in 0..n-1).
-    subset_size: |S| (keyed.coins_for draws exactly m, so pass m).
-    Equals assemble_candidates(neighbour_ids, batch_ids, coin(arange(n)), k) when
-    subset_size == coin(arange(n)).sum().
-    """
+    if not callable(coin):
+        coins = np.asarray(coin, dtype=bool)
+        n, subset_size, coin = coins.shape[0], int(coins.sum()), coins.__getitem__
+    if n is None or subset_size is None:
+        raise ValueError("a coin function needs n (the number of exemplars) and subset_size")
     neighbour_ids = np.asarray(neighbour_ids)
     batch_ids = np.asarray(batch_ids, dtype=np.int64)
     _check_inputs(neighbour_ids, batch_ids, k, n)

@@ -4,6 +4,7 @@ Every rank evaluates the same function and gets the same answer without communic
 a step only pays for the ids it asks about, never for all N exemplars:
 
     coins_for(ids, step, m, n, seed)           -> bool [len(ids)]: is exemplar id in S_step?
+    subset_for(step, m, n, seed)               -> the ids of S_step, sorted (O(m))
     KeyedPermutation(n, seed, epoch)(positions) -> ids: the epoch's training order, per batch
 
 Both rest on a counter-based hash (splitmix64's finaliser on numpy uint64) and a keyed
@@ -143,5 +144,17 @@ def coins_for(ids: np.ndarray, step: int, m: int, n: int, seed: int) -> np.ndarr
     return KeyedPermutation(n, seed, COINS, step)(ids) < m
 
 
+def subset_for(step: int, m: int, n: int, seed: int) -> np.ndarray:
+    """int64 [m], sorted: the whole subset S of the step, {id : coins_for(id) is True}, in
+    O(m) (the exact prior encodes all of S anyway): the step permutation's preimage of
+    0..m-1."""
+    if not 0 < m <= n:
+        raise ValueError(f"subset size m={m} must be in 1..n={n}")
+    if m == n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(KeyedPermutation(n, seed, COINS, step).inverse(np.arange(m, dtype=np.int64)))
+
+
 __all__ = ["mix64", "derive_key", "keyed_bits", "keyed_uniform", "keyed_normal",
-           "KeyedPermutation", "epoch_order", "epoch_batch_ids", "coins_for"]
+           "KeyedPermutation", "epoch_order", "epoch_batch_ids", "coins_for",
+           "subset_for"]

@@ -20,7 +20,7 @@ from .. import run_folder
 from ..tracking import probe
 from ..data import DataSplits, load_dataset
 from ..objective import build_model
-from .exemplars import ensure_store, to_bytes
+from .exemplars import ensure_store, open_exemplar_store, to_bytes
 from .. import preflight  # hook: issue16
 from ..run_lock import exclusive_run  # hook: issue16
 
@@ -55,9 +55,13 @@ def index_actor_name(cfg: config_mod.ExperimentConfig) -> str:
 
 
 def store_path(cfg: config_mod.ExperimentConfig) -> Path:
-    """index.store_path, else <run folder>/store.zarr."""
+    """index.store_path, else the ingested store itself (data.name=store: its images are
+    read where they are, its latent versions are written beside them), else
+    <run folder>/store.zarr."""
     if cfg.index.store_path:
         return Path(cfg.index.store_path).expanduser().resolve()
+    if cfg.data.name == "store":
+        return Path(cfg.data.store).expanduser().resolve()
     return cfg.run_path() / "store.zarr"
 
 
@@ -149,9 +153,13 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     cfg = absolute(cfg)
     run_path = cfg.run_path()
 
-    splits = splits or load_dataset(cfg.data)
+    # an ingested store's N training images stay on disk: the driver holds none of them
+    splits = splits or load_dataset(cfg.data, train_in_memory=cfg.data.name != "store")
     latent_dim = build_model(cfg, splits.image_shape).net.top_dim
-    ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
+    if splits.train_x is None:
+        open_exemplar_store(store_path(cfg), latent_dim)
+    else:
+        ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
     check_resources(cfg)
     preflight.check_cluster(cfg)  # hook: issue16
 

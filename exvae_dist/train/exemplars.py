@@ -1,7 +1,7 @@
 """The exemplars of a distributed run: the training images, kept in the exemplar store.
 
 The driver ingests the training images into the store once (`ensure_store`); each worker
-reads them back (`StoredImages`) for its training batches, the candidates it re-encodes and
+reads them back (`store_images.StoreImages`) for its training batches, the candidates it re-encodes and
 its rows of the refresh pass. Workers therefore need the store, not the dataset files.
 
 Images are stored as uint8 grey levels (x * 255). For MNIST and Fashion-MNIST (grey = byte
@@ -39,35 +39,6 @@ def from_bytes(b: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(b, np.ndarray) and not b.flags.writeable:  # e.g. from the object store
         b = b.copy()
     return torch.as_tensor(b).float().div_(255)
-
-
-class StoredImages:
-    """The exemplar images [N, D] in memory as uint8, read as float32 in [0, 1].
-
-    Indexing (`images[ids]`, `images[a:b]`) returns float32 [len, D] tensors: what
-    step.PriorSampler and trainer.batch_images expect of a float image tensor, at a quarter
-    of its memory.
-    """
-
-    def __init__(self, data: np.ndarray | torch.Tensor):
-        data = torch.as_tensor(np.asarray(data))
-        if data.dtype != torch.uint8:
-            raise TypeError(f"StoredImages holds uint8 images, got {data.dtype}")
-        self.data = data.reshape(data.shape[0], -1)
-
-    @classmethod
-    def from_store(cls, store: ExemplarStore) -> "StoredImages":
-        return cls(store.images())
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def __getitem__(self, rows) -> torch.Tensor:
-        return from_bytes(self.data[rows])
 
 
 def default_chunk_rows(n: int) -> int:
@@ -112,4 +83,18 @@ def ensure_store(path: str | Path, train_x: np.ndarray, image_shape, latent_dim:
         raise ValueError(f"the exemplar store {path} does not belong to this run: {problem}. "
                          f"Delete it (it is rebuilt from the data), or use another train.name "
                          f"or index.store_path")
+    return store
+
+
+def open_exemplar_store(path: str | Path, latent_dim: int) -> ExemplarStore:
+    """An existing store (made by `python -m exvae_dist.ingest`) as a run's exemplar store:
+    its images are the exemplars; the run writes its latent versions into it."""
+    if not (Path(path) / "zarr.json").is_file():
+        raise ValueError(f"{path} is not an exemplar store: make one with "
+                         f"`python -m exvae_dist.ingest SOURCE {path}`")
+    store = ExemplarStore(path)
+    if store.latent_dim != latent_dim:
+        raise ValueError(f"the store {path} keeps latents of size {store.latent_dim}, the "
+                         f"model's are {latent_dim}: set model.z_dim={store.latent_dim}, or "
+                         f"re-ingest with --latent-dim {latent_dim}")
     return store

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..models import LatentVariableModel
 from ..objective import encode_means
 from ..retrieval.store import ExemplarStore
 from ..group import Group
-from .exemplars import StoredImages
+from .store_images import StoreImages
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,14 @@ class LatentRefresh:
     """Writes latent versions of the exemplar cache from all ranks; rank 0 publishes them.
 
     store:   the run's ExemplarStore (every rank opens the same path)
-    images:  all exemplar images (rows of the store)
+    images:  the exemplar images (StoreImages: rows of the store, read a batch at a time, so the
+             pass streams: rows in, latents out, memory bounded whatever N is)
     service: a ServiceSearch (or None when no index is served, e.g. the exact prior)
     """
 
-    def __init__(self, store: ExemplarStore, images: StoredImages, group: Group,
+    def __init__(self, store: ExemplarStore, images: StoreImages, group: Group,
                  service=None, keep_versions: int = 3, batch_size: int = 2000,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), resident_bytes: int = 512 << 20):
         if len(images) != store.n:
             raise ValueError(f"{len(images)} images for a store of {store.n} exemplars")
         self.store = store
@@ -47,6 +49,7 @@ class LatentRefresh:
         self.keep_versions = keep_versions
         self.batch_size = batch_size
         self.device = device
+        self.resident_bytes = resident_bytes
         self.rows = store.row_range(group.rank, group.world)
         self.built_at: dict[int, int] = {}  # version -> step whose model encoded it
         self.latest: Optional[int] = None  # newest version written (and asked of the service)
@@ -114,13 +117,42 @@ class LatentRefresh:
                   version, step)
         return version
 
-    def centres(self, version: Optional[int] = None) -> torch.Tensor:
-        """All N exemplar means of a complete version (default: the newest written): [N, d]."""
+    def centres(self, version: Optional[int] = None):
+        """All N exemplar means of a complete version (default: the newest written): a [N, d]
+        tensor when it fits in resident_bytes, else StoreLatents (read block by block)."""
         version = self.latest if version is None else version
         if version is None:
             raise RuntimeError("no latent version written yet")
+        if self.store.n * self.store.latent_dim * 4 > self.resident_bytes:
+            return StoreLatents(self.store, version)
         return torch.from_numpy(self.store.read_latents(version))
 
     def staleness(self, version: int, step: int) -> int:
         """Steps since `version` was encoded (0 for an unknown version, e.g. -1)."""
         return step - self.built_at.get(version, step)
+
+
+class StoreLatents:
+    """priors.CentreBlocks over one complete latent version in the store: the validation
+    pass and the sample grids over all N exemplar means, holding one block at a time."""
+
+    def __init__(self, store: ExemplarStore, version: int, block_rows: int = 1 << 18,
+                 device: torch.device = torch.device("cpu")):
+        self.store, self.version, self.block_rows = store, version, block_rows
+        self.shape = (store.n, store.latent_dim)
+        self.device = torch.device(device)
+
+    def to(self, device) -> "StoreLatents":
+        return StoreLatents(self.store, self.version, self.block_rows, device)
+
+    def blocks(self):
+        for start in range(0, self.shape[0], self.block_rows):
+            stop = min(self.shape[0], start + self.block_rows)
+            rows = self.store.read_latent_rows(self.version, start, stop)
+            yield torch.from_numpy(rows).to(self.device)
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        rows = [self.store.read_latent_rows(self.version, i, i + 1) for i in ids.tolist()]
+        out = np.concatenate(rows) if rows else np.empty((0, self.shape[1]), np.float32)
+        return torch.from_numpy(out).to(self.device)

@@ -1,7 +1,7 @@
 """The Ray Train worker: a shell around loop.fit, run by every rank of a TorchTrainer.
 
 It builds the loop's parts from what Ray gives it: the process group and device, the model in
-DDP, the exemplars from the store, a latent cache written by every rank into the store and
+DDP, the exemplar images read from the store by id (StoreImages: bounded memory), a latent cache written by every rank into the store and
 searched through the index service (`StoreCache`), and Ray Train checkpoints (`RaySink`).
 `train.batch_size` is the GLOBAL batch: every rank takes its slice of each global batch, so a
 run trains on the same batches and coins whatever the number of workers (loop.py).
@@ -26,14 +26,12 @@ from ..loop import Parts, fit
 from ..objective import build_model
 from ..retrieval.store import ExemplarStore
 from ..tracking import make_tracker
-from .exemplars import StoredImages, from_bytes
+from .exemplars import from_bytes
 from .refresh import LatentRefresh
 from .service_client import ShardedSearch
+from .store_images import StoreImages
 
 log = logging.getLogger(__name__)
-
-FIRST_VERSION_TIMEOUT_S = 300  # the very first index build: there is no older one to train on
-
 
 class StoreCache:
     """loop.ExemplarCache on Ray: versions of the latent table in the Zarr store, written by
@@ -41,13 +39,14 @@ class StoreCache:
     prior, which only needs the centres)."""
 
     def __init__(self, refresh: LatentRefresh, service: Optional[ShardedSearch], group: Group,
-                 wait_for_refresh: bool = False):
+                 wait_for_refresh: bool = False, build_timeout_s: float = 300.0):
         self._refresh = refresh
         self.images = refresh.images
         self.search = service
         self.group = group
         self.wait_for_refresh = wait_for_refresh and service is not None
         self._served = service is None  # the first version must be served before a search
+        self.build_timeout_s = build_timeout_s  # the first build has no older one to serve
 
     @property
     def latest(self) -> Optional[int]:
@@ -70,7 +69,7 @@ class StoreCache:
         if self._served and not self.wait_for_refresh:
             return
         if self.group.rank == 0:  # fails at once when the service reports a failed build
-            self.search.wait_served(version, timeout=FIRST_VERSION_TIMEOUT_S)
+            self.search.wait_served(version, timeout=self.build_timeout_s)
         self.group.barrier()
         self._served = True
 
@@ -157,16 +156,17 @@ def build_parts(cfg: config_mod.ExperimentConfig, run: Path, store: ExemplarStor
                 group: Group, device: torch.device = torch.device("cpu"),
                 progress=None) -> Parts:
     """The loop's parts on one rank (also used by tests with a 1-rank gloo group)."""
-    images = StoredImages.from_store(store)
+    images = StoreImages(store, cfg.ray.resident_mb << 20)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg, image_shape).to(device)
     cache = None
     if model.prior_kind == "exemplar":
         uses_index = cfg.prior.rat
         refresh = LatentRefresh(store, images, group, service if uses_index else None,
-                                cfg.index.keep_versions, device=device)
+                                cfg.index.keep_versions, device=device,
+                                resident_bytes=cfg.ray.resident_mb << 20)
         cache = StoreCache(refresh, service if uses_index else None, group,
-                           cfg.index.wait_for_refresh)
+                           cfg.index.wait_for_refresh, cfg.index.query_timeout_s)
     return Parts(cfg=cfg, model=model, wrapped=wrap(model, group, device), train_images=images,
                  valid_x=valid_x, dynamic=dynamic, image_shape=tuple(image_shape), cache=cache,
                  sink=RaySink(run, group), tracker=make_tracker(cfg, run, group.rank), run=run,
