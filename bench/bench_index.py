@@ -65,8 +65,28 @@ def qps(parts, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
     return len(queries) / best, ids
 
 
-def bench_size(n: int, threads: int) -> dict:
-    """One N: exact search, then kind=auto's IVF over 1 and 2 shards, in this process."""
+def nprobe_sweep(index, queries: np.ndarray, truth: np.ndarray, nprobes) -> list[dict]:
+    """queries/s and recall@10 of one built IVF at other nprobe values (HNSW efSearch =
+    max(64, 2 nprobe), as build_index sets it); the index is left as it was."""
+    import faiss
+
+    from exvae_dist.retrieval.index import recall_at_k
+
+    ivf = faiss.extract_index_ivf(index)
+    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
+    saved = ivf.nprobe, hnsw.efSearch
+    out = []
+    for nprobe in nprobes:
+        ivf.nprobe, hnsw.efSearch = nprobe, max(64, 2 * nprobe)
+        rate, ids = qps([(index, 0)], queries, repeats=3)
+        out.append({"nprobe": nprobe, "qps": rate, "recall": recall_at_k(ids, truth)})
+    ivf.nprobe, hnsw.efSearch = saved
+    return out
+
+
+def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2),
+               nprobes: tuple[int, ...] = ()) -> dict:
+    """One N: exact search, then kind=auto's IVF over each of shard_counts, in this process."""
     import faiss
 
     from exvae_dist.config import IndexConfig
@@ -76,8 +96,8 @@ def bench_size(n: int, threads: int) -> dict:
     data = clustered(n + BATCH, seed=1)
     latents, queries = data[:n], data[n:]
     ivf = IndexConfig(kind="auto", auto_exact_below=0)  # the IVF at every N, 1e5 included
-    kinds = {"flat (exact)": (IndexConfig(kind="flat"), 1),
-             "auto IVF, 1 shard": (ivf, 1), "auto IVF, 2 shards": (ivf, 2)}
+    kinds = {"flat (exact)": (IndexConfig(kind="flat"), 1)}
+    kinds.update({f"auto IVF, {s} shard{'s' if s > 1 else ''}": (ivf, s) for s in shard_counts})
     rows, truth = [], None
     for name, (cfg, shards) in kinds.items():
         bounds = [n * s // shards for s in range(shards + 1)]
@@ -85,11 +105,20 @@ def bench_size(n: int, threads: int) -> dict:
         parts = [(build_index(latents[lo:hi], cfg), lo) for lo, hi in zip(bounds, bounds[1:])]
         build_s = time.perf_counter() - start
         rate, ids = qps(parts, queries, repeats=5)
+        stats = faiss.cvar.indexIVF_stats
+        stats.reset()
+        qps(parts, queries, repeats=1)  # one more pass, counted: work per query
+        ndis = stats.ndis / len(queries)  # vectors compared in the lists (0 for flat)
+        # CPU ms per query (summed over threads): the HNSW walk over the centroids, the lists
+        coarse_ms = stats.quantization_time / len(queries)
         if truth is None:
             truth = ids  # the exact index comes first
         rows.append({"n": n, "kind": name, "index": describe(parts[0][0]), "build_s": build_s,
-                     "qps": rate, "recall": recall_at_k(ids, truth),
+                     "qps": rate, "recall": recall_at_k(ids, truth), "ndis": ndis,
+                     "coarse_ms": coarse_ms, "lists_ms": stats.search_time / len(queries),
                      "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+        if shards == 1 and cfg.kind == "auto" and nprobes:
+            rows[-1]["sweep"] = nprobe_sweep(parts[0][0], queries, truth, nprobes)
         del parts
     auto = IndexConfig()
     rows.append({"n": n, "auto_kind": "flat" if n < auto.auto_exact_below else "ivfhnsw"})
@@ -164,11 +193,19 @@ def main() -> None:
     parser.add_argument("--service-size", default="1e5",
                         help="N for the Ray service measurements (0 = skip)")
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads")
+    parser.add_argument("--shards", default="1,2",
+                        help="comma-separated shard counts of the IVF, e.g. 1 to skip 2 shards")
+    parser.add_argument("--nprobe-sweep", default="",
+                        help="also search the 1-shard IVF at these nprobe values, e.g. 128,256")
+    parser.add_argument("--json", help="also write the per-N results to this JSON file")
     parser.add_argument("--child-size", help=argparse.SUPPRESS)
     parser.add_argument("--child-service", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_size:
-        print(json.dumps(bench_size(int(float(args.child_size)), args.threads)))
+        shard_counts = tuple(int(s) for s in args.shards.split(",") if s)
+        nprobes = tuple(int(p) for p in args.nprobe_sweep.split(",") if p)
+        print(json.dumps(bench_size(int(float(args.child_size)), args.threads, shard_counts,
+                                    nprobes)))
         return
     if args.child_service:
         print(json.dumps(bench_service(int(float(args.child_service)), args.threads)))
@@ -176,23 +213,37 @@ def main() -> None:
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
     results = {}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     print(f"d={D}, k={K}, {BATCH} queries in batches of {BATCH}, {args.threads} FAISS threads; "
           f"recall@10 against the exact flat index of the same run", flush=True)
-    print("| N | index | build s | queries/s | recall@10 | peak RSS GB so far |\n"
-          "|---|---|---|---|---|---|", flush=True)
+    print("| N | index | build s | queries/s | recall@10 | peak RSS GB so far | vectors "
+          "scanned / query | HNSW walk share of search CPU |\n|---|---|---|---|---|---|---|---|", flush=True)
     for n in sizes:
-        res = run_child(["--child-size", str(n), "--threads", str(args.threads)])
+        res = run_child(["--child-size", str(n), "--threads", str(args.threads),
+                         "--shards", args.shards, "--nprobe-sweep", args.nprobe_sweep])
         results[n] = res
+        if args.json:  # after every N, so that a long run killed later keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=1))
         for row in res["rows"]:
             if "kind" in row:
                 print(f"| {n:.0e} | {row['kind']}: {row['index']} | {row['build_s']:.1f} | "
-                      f"{row['qps']:,.0f} | {row['recall']:.3f} | {row['rss_gb']:.2f} |",
+                      f"{row['qps']:,.0f} | {row['recall']:.3f} | {row['rss_gb']:.2f} | "
+                      f"{row['ndis']:,.0f} | "
+                      f"{row['coarse_ms'] / max(1e-9, row['coarse_ms'] + row['lists_ms']):.0%} |",
                       flush=True)
+    if args.nprobe_sweep:
+        print("\nnprobe sweep, 1-shard IVF (HNSW efSearch = max(64, 2 nprobe)):\n"
+              "| N | nprobe | queries/s | recall@10 |\n|---|---|---|---|")
+        for n in sizes:
+            for row in results[n]["rows"]:
+                for p in row.get("sweep", []):
+                    print(f"| {n:.0e} | {p['nprobe']} | {p['qps']:,.0f} | {p['recall']:.3f} |")
     if len(sizes) > 1:
         lo, hi = min(sizes), max(sizes)
         rate = lambda n, kind: next(r["qps"] for r in results[n]["rows"]  # noqa: E731
                                     if r.get("kind") == kind)
-        for kind in ("auto IVF, 1 shard", "auto IVF, 2 shards", "flat (exact)"):
+        for kind in [r["kind"] for r in results[lo]["rows"] if "kind" in r][::-1]:
             print(f"query time at N={hi:.0e} / at N={lo:.0e}, {kind}: "
                   f"{rate(lo, kind) / rate(hi, kind):.2f}x (target for the IVF <= 1.5x)")
         pick = lambda n: ("flat (exact)" if results[n]["rows"][-1]["auto_kind"] == "flat"  # noqa

@@ -6,14 +6,15 @@ Per N, in fresh processes (so each peak RSS is its own):
 1. build: the store is ingested (exvae_dist.ingest.ingest) from `deformed` (deformed MNIST,
    the real generator) or `tiled` (MNIST digit i mod 50,000: the same bytes per row, no
    deformation cost, so the build time is the store's own write cost). Seconds, GB on disk.
-2. steps: a RAT-like step without the model: the batch of 100 from the keyed epoch order,
-   a [100, k'=40] neighbour ranking of random ids (retrieved ids are scattered over the
-   store, the worst case for locality), keyed coins and assemble_candidates (k=10),
-   then the batch and candidate rows read as float32 through StoreImages. Median ms over
-   the steps, and the same step's coins done the old way (draw_coins: an [N] vector).
-   Peak RSS of this process after the steps.
-3. refresh: a small MLP encoder (784-300-40, 1 torch thread) streams every row from the
-   store in 8192-row blocks and writes a latent version (bounded memory). Seconds, peak RSS.
+2. steps: a RAT step as a worker runs it, minus the index query (bench_index.py): the batch
+   of 100 from the keyed epoch order, a [100, k'=40] neighbour ranking of random ids
+   (retrieved ids are scattered over the store, the worst case for locality), keyed coins
+   and assemble_candidates (k=10), the batch and candidate rows read by id through
+   StoreImages (the data path), then train_step of the paper's MLP VAE (1 torch thread).
+   Median ms over the steps (whole step, and its data path), and the same step's coins done
+   the old way (draw_coins: an [N] vector). Peak RSS of this process after the steps.
+3. refresh: the paper's MLP encoder (1 torch thread) streams every row from the store in
+   chunk-sized blocks and writes a latent version (bounded memory). Seconds, peak RSS.
 Ratios are against the first size of the same run. The store is deleted afterwards.
 """
 
@@ -63,27 +64,43 @@ def phase_build(n: int, store: Path, source_kind: str) -> dict:
 
 
 def phase_steps(store_path: Path, steps: int) -> dict:
+    import torch
+
+    from exvae_dist import config as config_mod
+    from exvae_dist.loop import make_optimizer
+    from exvae_dist.objective import build_model
     from exvae_dist.retrieval import keyed
     from exvae_dist.retrieval.candidates import assemble_candidates, draw_coins
     from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.step import PriorBatch, train_step
     from exvae_dist.train.store_images import StoreImages
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
     store = ExemplarStore(store_path)
-    images = StoreImages(store)
+    images = StoreImages(store, cache_bytes=0)  # read by id: what a worker does at scale
     n = len(images)
     m, k, depth, b = n // 2, 10, 40, 100
+    # the paper's MLP VAE (gated 784-300-300, z = 40) and Adam, as a worker trains it
+    model = build_model(config_mod.load(None, [], env={}), tuple(store.image_shape))
+    optimizer = make_optimizer(model, config_mod.load(None, [], env={}))
     rng = np.random.default_rng(0)
     neighbours = [rng.integers(0, n, (b, depth)) for _ in range(steps + 3)]
-    times, rows = [], []
+    times, data_times, rows = [], [], []
     for step in range(steps + 3):  # 3 warm-up steps
         t = time.perf_counter()
         batch_ids = keyed.epoch_batch_ids(n, 0, 0, step * b, step * b + b)
         cand = assemble_candidates(
             neighbours[step], batch_ids, lambda ids: keyed.coins_for(ids, step, m, n, 0), k,
             n, m)
-        x = images[batch_ids]
+        x = torch.bernoulli(images[batch_ids])
         exemplars = images[cand.ids]
+        t_data = time.perf_counter()
+        train_step(model, optimizer, x, PriorBatch(
+            exemplars=exemplars, exclude=torch.from_numpy(cand.exclude),
+            log_norm=torch.from_numpy(cand.log_norm).float(), n_candidates=len(cand.ids)), 1.0)
         if step >= 3:
             times.append(time.perf_counter() - t)
+            data_times.append(t_data - t)
             rows.append(len(x) + len(exemplars))
     step_rss = rss_mb()  # before the old path's [N] coin vectors below raise the peak
     old_coin_times = []
@@ -93,28 +110,30 @@ def phase_steps(store_path: Path, steps: int) -> dict:
         assemble_candidates(neighbours[step], batch_ids, draw_coins(n, m, rng), k)
         old_coin_times.append(time.perf_counter() - t)
     return {"step_ms": 1000 * statistics.median(times),
+            "data_ms": 1000 * statistics.median(data_times),
             "old_coins_ms": 1000 * statistics.median(old_coin_times),
             "rows_per_step": statistics.median(rows), "step_rss_mb": step_rss}
 
 
 def phase_refresh(store_path: Path) -> dict:
     import torch
+
+    from exvae_dist import config as config_mod
+    from exvae_dist.objective import build_model, encode_means
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.store_images import StoreImages
     torch.set_num_threads(1)
     torch.manual_seed(0)
     store = ExemplarStore(store_path)
-    images = StoreImages(store)
-    net = torch.nn.Sequential(torch.nn.Linear(images.dim, 300), torch.nn.ReLU(),
-                              torch.nn.Linear(300, store.latent_dim))
+    images = StoreImages(store, cache_bytes=0)
+    net = build_model(config_mod.load(None, [], env={}), tuple(store.image_shape)).net
     t = time.perf_counter()
-    store.begin_version(1)
-    block = store.chunk_rows
-    with torch.no_grad():
-        for start in range(0, store.n, block):
-            x = images[start:start + block]
-            store.write_rows(1, start, net(x).numpy())
-    store.mark_complete(1)
+    version = store.claim_version()  # above any version a training run left in the store
+    block = store.chunk_rows  # rows in, latents out: one chunk-aligned block at a time
+    for start in range(0, store.n, block):
+        x = images[start:start + block]
+        store.write_rows(version, start, encode_means(net, x).numpy())
+    store.mark_complete(version)
     return {"refresh_s": time.perf_counter() - t, "refresh_rss_mb": rss_mb()}
 
 
@@ -148,6 +167,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--workdir", default=None, help="where the stores go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--reuse", default="", help="comma-separated N=PATH: an existing store of N "
+                    "rows (e.g. an ingested deformed-mnist:1e7) is used instead of building one "
+                    "(no build figures for that N); it is never deleted")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
@@ -156,25 +178,31 @@ def main() -> None:
         return child(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
     work.mkdir(parents=True, exist_ok=True)
+    reuse = {int(float(k)): Path(v) for k, v in
+             (item.split("=", 1) for item in args.reuse.split(",") if item)}
     rows = []
     for n in (int(float(s)) for s in args.sizes.split(",")):
-        store = work / f"store_{n}"
-        shutil.rmtree(store, ignore_errors=True)
-        r = {"n": n}
-        for phase in ("build", "steps", "refresh"):
+        store = reuse.get(n, work / f"store_{n}")
+        r = {"n": n, "build_s": float("nan"), "disk_gb": du_gb(store) if n in reuse else 0}
+        phases = ("steps", "refresh") if n in reuse else ("build", "steps", "refresh")
+        if n not in reuse:
+            shutil.rmtree(store, ignore_errors=True)
+        for phase in phases:
             r.update(run_phase(phase, n, store, args))
             print(f"N={n} {phase}: {json.dumps(r)}", file=sys.stderr, flush=True)
         rows.append(r)
-        if not args.keep:
+        if not args.keep and n not in reuse:
             shutil.rmtree(store, ignore_errors=True)
     base = rows[0]
     print(f"\nsource={args.source}, {args.steps} steps, B=100, k'=40, k=10, M=N/2")
-    print("| N | build s | GB on disk | step ms (median) | x | rows read/step | old [N]-coin "
-          "assembly ms | step-process peak RSS MB | x | refresh s | x | refresh peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | build s | GB on disk | RAT step ms (median) | x | data path ms | x | "
+          "rows read/step | old [N]-coin assembly ms | step-process peak RSS MB | x | "
+          "refresh s | x | refresh peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']:.0e} | {r['build_s']:.1f} | {r['disk_gb']:.2f} | {r['step_ms']:.1f} | "
-              f"{r['step_ms'] / base['step_ms']:.2f} | {r['rows_per_step']:.0f} | "
+              f"{r['step_ms'] / base['step_ms']:.2f} | {r['data_ms']:.1f} | "
+              f"{r['data_ms'] / base['data_ms']:.2f} | {r['rows_per_step']:.0f} | "
               f"{r['old_coins_ms']:.1f} | {r['step_rss_mb']:.0f} | "
               f"{r['step_rss_mb'] / base['step_rss_mb']:.2f} | {r['refresh_s']:.1f} | "
               f"{r['refresh_s'] / base['refresh_s']:.1f} | {r['refresh_rss_mb']:.0f} |")

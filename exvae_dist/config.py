@@ -220,6 +220,13 @@ class IndexConfig:
     # exactly the version the one-process trainer would (deterministic runs, exact resume)
     # instead of whatever the background rebuild has finished, at the cost of the build time.
     wait_for_refresh: bool = False
+    # Mid-epoch refreshes on this many separate encoder actors (Ray, RAT only), from a
+    # snapshot of the weights, so that training goes on while the N exemplars are encoded
+    # (as REALM's index builders do); 0 = the training workers encode their rows and wait.
+    # Worth it only where the cluster has spare CPUs / GPUs. The epoch-end refresh stays on
+    # the training workers (validation needs the current weights' latents).
+    refresh_workers: int = 0
+    refresh_cpus: float = 1.0  # CPUs each encoder actor reserves (and torch threads)
 
 
 @dataclass
@@ -299,7 +306,7 @@ CHOICES = {
 POSITIVE = ("model.z_dim", "model.hidden", "prior.k", "prior.n_pseudo", "train.batch_size",
             "train.epochs", "eval.n_samples", "eval.batch_size", "eval.exemplar_chunk",
             "ray.num_workers", "index.shards", "train.log_every", "ray.cpus_per_worker",
-            "ray.keep_checkpoints", "train.lr", "model.n_mixtures")
+            "index.refresh_cpus", "ray.keep_checkpoints", "train.lr", "model.n_mixtures")
 # evaluate / augment
 POSITIVE += ("eval.sample_chunk", "eval.tsne_points", "augment.hidden", "augment.epochs",
              "augment.batch_size", "augment.lr", "eval.prior_tolerance")
@@ -311,7 +318,7 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
              "index.train_size", "index.keep_versions", "index.service_threads",
              "index.build_threads")
 # may be 0 (seeds, counts of nothing, "off")
-NON_NEGATIVE = ("ray.resident_mb", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
+NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",
                 "index.refine_factor", "ray.search_retries")
 AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}
@@ -368,6 +375,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                           "`python -m exvae_dist.ingest SOURCE PATH`)")
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError("model.logvar_min must be below model.logvar_max")
+    if cfg.index.refresh_workers and cfg.index.wait_for_refresh:
+        raise ConfigError("index.refresh_workers (refreshes beside training) contradicts "
+                          "index.wait_for_refresh=true (training waits for each refresh): "
+                          "set one of them")
     if cfg.index.kind == "ivfpq" and cfg.model.z_dim % cfg.index.pq_m:
         raise ConfigError(f"index.pq_m={cfg.index.pq_m} must divide model.z_dim="
                           f"{cfg.model.z_dim} (PQ splits each latent into pq_m parts)")

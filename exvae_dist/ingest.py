@@ -305,7 +305,10 @@ def ingest(source, store_path: str | Path, *, n_valid: int = 0, n_test: int = 0,
         valid_rows, test_rows = held_out_rows(source.n, n_valid, n_test, split_seed)
         held = np.sort(np.concatenate([valid_rows, test_rows]))
         n_train = source.n - len(held)
-    spec = {**source.spec, "valid": n_valid, "test": n_test, "split_seed": split_seed}
+    # split_scheme names the keyed permutation that picks held-out rows: a half-written
+    # store from a version with another one is refused on resume instead of mixing splits
+    spec = {**source.spec, "valid": n_valid, "test": n_test, "split_seed": split_seed,
+            "split_scheme": "feistel-unbalanced-4"}
     builder = StoreBuilder(store_path, n_train, source.image_shape,
                            labelled=source.labels is not None, source=spec,
                            block_rows=block_rows, latent_dim=latent_dim)

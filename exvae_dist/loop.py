@@ -185,8 +185,10 @@ class ExemplarCache(Protocol):
     def start(self, saved: Optional[dict], step: int) -> bool:
         """Agrees on versions (all ranks); True when the checkpoint's version can be reused."""
 
-    def refresh(self, net, step: int) -> None:
-        """Re-encodes all exemplars with `net` into a new version (all ranks call it)."""
+    def refresh(self, net, step: int, background: bool = False) -> None:
+        """Re-encodes all exemplars with `net` into a new version (all ranks call it).
+        background=True (mid-epoch): a cache may hand the work to encoder actors and return
+        before the version exists; its search then answers from the older one meanwhile."""
 
     def centres(self) -> torch.Tensor:
         """[N, d] means of the newest version (validation, sample grids): a tensor, or
@@ -333,7 +335,7 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
     for ids in items:
         if uses_index and state.step - last_refresh >= interval:
             tr = time.perf_counter()
-            cache.refresh(p.model.net, state.step)
+            cache.refresh(p.model.net, state.step, background=True)
             mid_refresh_seconds += time.perf_counter() - tr
             last_refresh = state.step
         local = rank_slice(ids, group)

@@ -55,7 +55,7 @@ class InMemoryCache:
             self._resumed = (saved["cache_version"], saved["cache_version_step"])
         return False
 
-    def refresh(self, net, step: int) -> None:
+    def refresh(self, net, step: int, background: bool = False) -> None:  # always in place
         self._latents = encode_means(net, self.images)
         version, built = self._resumed or ((self.latest or 0) + 1, step)
         self._resumed = None

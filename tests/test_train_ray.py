@@ -393,7 +393,7 @@ from exvae_dist.train.worker import build_parts
 root = Path(sys.argv[1])
 cfg = config_mod.load("smoke", [f"train.run_dir={root}", "train.progress=false",
     "tracking.enabled=false", "tracking.sample_grid=false", "prior.rat=false",
-    "prior.subsample=200", "model.hidden=32", "model.z_dim=8", "train.max_steps_per_epoch=20",
+    "prior.subsample=200", "model.hidden=32", "model.z_dim=64", "train.max_steps_per_epoch=20",
     "train.epochs=1", "ray.resident_mb=0", "train.threads=1"], env={})
 torch.set_num_threads(1)
 valid = torch.bernoulli(torch.full((200, 784), 0.2))
@@ -416,7 +416,7 @@ print("RSS_MB", int(hwm.split()[1]) / 1024)
 
 def test_worker_peak_memory_does_not_grow_with_n(tmp_path):
     """A worker's parts at N = 20,000 and 200,000 (ray.resident_mb=0): refresh pass, steps
-    and validation; the images alone would differ by 141 MB, the latents by 6 MB."""
+    and validation; the images alone would differ by 141 MB, the latents by 46 MB."""
     from exvae_dist.retrieval.store import RANDOM_READ_LAYOUT, ExemplarStore
 
     # glibc's dynamic mmap threshold lets freed 6 MB batch buffers pile up in the heap (RSS
@@ -425,7 +425,7 @@ def test_worker_peak_memory_does_not_grow_with_n(tmp_path):
     peaks = {}
     for n in (20_000, 200_000):
         images = np.random.default_rng(0).integers(0, 2, (n, 1, 28, 28), dtype=np.uint8) * 255
-        ExemplarStore.create(tmp_path / str(n) / "store", images, 8, chunk_rows=8192,
+        ExemplarStore.create(tmp_path / str(n) / "store", images, 64, chunk_rows=8192,
                              image_layout=RANDOM_READ_LAYOUT)
         del images
         # the worker's process sees only the store
@@ -434,3 +434,27 @@ def test_worker_peak_memory_does_not_grow_with_n(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         peaks[n] = float(out.stdout.split("RSS_MB")[-1])
     assert peaks[200_000] < peaks[20_000] + 50, peaks
+
+
+def test_mid_epoch_refreshes_on_encoder_actors(tmp_path, data_dir, ray_local):
+    """index.refresh_workers=1: mid-epoch versions are encoded by an actor while the worker
+    keeps stepping (steps search the older version meanwhile), completed between steps, and
+    served; the epoch-end refresh still runs on the worker."""
+    from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.train.driver import run, store_path
+
+    cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "train.epochs=1",
+                "train.max_steps_per_epoch=10", "train.log_every=1", "index.kind=flat",
+                "prior.refresh_every=3", "index.refresh_workers=1", "tracking.enabled=false",
+                "tracking.sample_grid=false")
+    summary = run(cfg)
+    recs = [r for r in records(cfg.run_path()) if "loss" in r and "step" in r]
+    seen = [r["index_version"] for r in recs]
+    assert seen == sorted(seen) and seen[0] == 1
+    assert max(seen) > 1, seen  # an actor-encoded version was served mid-epoch
+    store = ExemplarStore(store_path(cfg))
+    assert summary["index_version"] == store.latest_complete() >= 3
+    for v in store.complete_versions():
+        assert np.isfinite(store.read_latents(v)).all()
+    with pytest.raises(config_mod.ConfigError, match="refresh_workers"):
+        smoke(data_dir, tmp_path, "index.refresh_workers=1", "index.wait_for_refresh=true")

@@ -8,10 +8,10 @@ a step only pays for the ids it asks about, never for all N exemplars:
     KeyedPermutation(n, seed, epoch)(positions) -> ids: the epoch's training order, per batch
 
 Both rest on a counter-based hash (splitmix64's finaliser on numpy uint64) and a keyed
-bijection on [0, N): a balanced Feistel network on the smallest even number of bits that
+bijection on [0, N): an unbalanced Feistel network on the smallest number of bits that
 holds N, with cycle walking (re-apply until the value falls inside [0, N)), which stays a
 bijection on [0, N) because it is a bijection on the larger power-of-two domain. The
-domain is at most 4N, so a value needs fewer than 4 walks on average.
+domain is below 2N, so a value needs fewer than 2 walks on average.
 
 The subset S_step of a step holds EXACTLY m exemplars: id is in S_step iff its image under
 the step's permutation is below m. Each id is in S with probability m/N (the marginal the
@@ -31,7 +31,7 @@ COINS = 1
 EPOCH_ORDER = 2
 DEFORM = 3
 SPLIT = 4
-ROUNDS = 6  # Feistel rounds; 4 already give a pseudo-random permutation (Luby-Rackoff)
+ROUNDS = 4  # Feistel rounds (even); 4 give a pseudo-random permutation (Luby-Rackoff)
 
 
 def mix64(x: np.ndarray | int) -> np.ndarray:
@@ -75,7 +75,10 @@ class KeyedPermutation:
     """A keyed bijection of [0, n): `perm(x)` and `perm.inverse(y)` on int64 arrays.
 
     Evaluating it costs O(len(x)); nothing of size n is ever built. Different keys give
-    (pseudo-)independent permutations.
+    (pseudo-)independent permutations. An unbalanced Feistel network on the fewest bits that
+    hold n (domain < 2n, so cycle walking re-applies it fewer than 2 times on average): the
+    halves have a = bits // 2 and b = bits - a bits and swap widths every round; an even
+    number of rounds leaves them as they started.
     """
 
     def __init__(self, n: int, *key_parts: int):
@@ -83,27 +86,32 @@ class KeyedPermutation:
             raise ValueError(f"a permutation needs n >= 1, got {n}")
         self.n = int(n)
         bits = max(2, int(self.n - 1).bit_length())
-        self.half = (bits + 1) // 2  # each Feistel half has this many bits
-        self.mask = np.uint64((1 << self.half) - 1)
+        self.widths = (bits // 2, bits - bits // 2)  # (left, right) at rounds 0, 2, ...
         base = derive_key(*key_parts)
-        self.round_keys = [derive_key(int(base), r) for r in range(ROUNDS)]
+        self.round_keys = [np.uint64(mix64(np.uint64(base) ^ mix64(np.uint64(r))))
+                           for r in range(ROUNDS)]
 
-    def _round(self, r: int, half: np.ndarray) -> np.ndarray:
-        return keyed_bits(self.round_keys[r], half) & self.mask
+    def _f(self, r: int, half: np.ndarray, width: int) -> np.ndarray:
+        return mix64(half ^ self.round_keys[r]) & np.uint64((1 << width) - 1)
 
     def _forward_once(self, v: np.ndarray) -> np.ndarray:
-        h = np.uint64(self.half)
-        left, right = v >> h, v & self.mask
-        for r in range(ROUNDS):
-            left, right = right, left ^ self._round(r, right)
-        return (left << h) | right
+        wl, wr = self.widths
+        for r in range(ROUNDS):  # (L, R) -> (R, L ^ F(R)); the widths swap
+            left, right = v >> np.uint64(wr), v & np.uint64((1 << wr) - 1)
+            v = (right << np.uint64(wl)) | (left ^ self._f(r, right, wl))
+            wl, wr = wr, wl
+        return v
 
     def _inverse_once(self, v: np.ndarray) -> np.ndarray:
-        h = np.uint64(self.half)
-        left, right = v >> h, v & self.mask
+        wl, wr = self.widths  # ROUNDS is even: the widths after the last round are these
         for r in reversed(range(ROUNDS)):
-            left, right = right ^ self._round(r, left), left
-        return (left << h) | right
+            # round r mapped (L [wr bits], R [wl bits]) to (R, L ^ F(R)) packed as (R << wr | ..)
+            # with the widths before it (wr, wl): undo it
+            wl, wr = wr, wl
+            new_left, new_right = v >> np.uint64(wl), v & np.uint64((1 << wl) - 1)
+            left = new_right ^ self._f(r, new_left, wl)
+            v = (left << np.uint64(wr)) | new_left
+        return v
 
     def _walk(self, x: np.ndarray, once) -> np.ndarray:
         x = np.asarray(x, dtype=np.int64)

@@ -81,6 +81,8 @@ def check_resources(cfg: config_mod.ExperimentConfig) -> None:
     import ray
 
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if cfg.prior.rat:
+        need += cfg.index.refresh_workers * cfg.index.refresh_cpus
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         log.warning("%d workers x %s CPUs need %s CPUs but the cluster has %s: the run waits "
@@ -92,7 +94,8 @@ def check_resources(cfg: config_mod.ExperimentConfig) -> None:
                     ray.cluster_resources().get("GPU", 0), cfg.ray.num_workers)
 
 
-def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=None):
+def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=None,
+                 encoders=None):
     """The TorchTrainer of a run (gloo on CPU, NCCL on GPU: TorchConfig's default)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -107,6 +110,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
         "run_path": str(run),
         "store_path": str(store_path(cfg)),
         "service": service,
+        "encoders": encoders,  # index.refresh_workers RefreshEncoder actors, or None
         # validation images are binary: bytes through the object store, a quarter the size
         "valid": ray.put(to_bytes(splits.valid_x)),
         "dynamic": splits.dynamic,
@@ -169,10 +173,17 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
 
         service = start_index_shards(str(store_path(cfg)), cfg.index,  # hook: issue12
                                      name=index_actor_name(cfg))  # a list of cfg.index.shards
+    encoders = None
+    if service is not None and cfg.index.refresh_workers:
+        from .refresh_actors import start_refresh_encoders
+
+        encoders = start_refresh_encoders(str(store_path(cfg)), config_mod.to_dict(cfg),
+                                          splits.image_shape, cfg.index.refresh_workers,
+                                          cfg.index.refresh_cpus)
     try:
-        result = make_trainer(cfg, splits, service).fit()
+        result = make_trainer(cfg, splits, service, encoders).fit()
     finally:
-        for handle in service or []:  # hook: issue12
+        for handle in [*(service or []), *(encoders or [])]:  # hook: issue12
             ray.kill(handle)
         if started:
             ray.shutdown()

@@ -39,7 +39,8 @@ class LatentRefresh:
 
     def __init__(self, store: ExemplarStore, images: StoreImages, group: Group,
                  service=None, keep_versions: int = 3, batch_size: int = 2000,
-                 device: torch.device = torch.device("cpu"), resident_bytes: int = 512 << 20):
+                 device: torch.device = torch.device("cpu"), resident_bytes: int = 512 << 20,
+                 background=None):
         if len(images) != store.n:
             raise ValueError(f"{len(images)} images for a store of {store.n} exemplars")
         self.store = store
@@ -50,6 +51,8 @@ class LatentRefresh:
         self.batch_size = batch_size
         self.device = device
         self.resident_bytes = resident_bytes
+        # refresh_actors.BackgroundRefresh on rank 0 when index.refresh_workers > 0
+        self.background = background if group.rank == 0 else None
         self.rows = store.row_range(group.rank, group.world)
         self.built_at: dict[int, int] = {}  # version -> step whose model encoded it
         self.latest: Optional[int] = None  # newest version written (and asked of the service)
@@ -88,14 +91,40 @@ class LatentRefresh:
             out.append(encode_means(net, x).float().cpu())
         return torch.cat(out) if out else torch.empty(0, net.top_dim)
 
+    def publish_background(self, net: LatentVariableModel, step: int) -> None:
+        """Rank 0 hands a new version to the encoder actors and returns at once (poll()
+        completes it); other ranks do nothing. Skipped while a version is in flight."""
+        if self.background is None:
+            return
+        if self.background.pending is not None:
+            self.background.skipped += 1
+            return
+        version = self.store.claim_version(self._next)
+        self._next = version + 1
+        self.background.launch(version, net.state_dict(), step)
+
+    def poll(self) -> None:
+        """Rank 0: completes a background version whose encoders are done (cheap otherwise)."""
+        if self.background is not None:
+            self._completed(self.background.poll())
+
+    def _completed(self, done) -> None:
+        if done is not None:
+            version, step = done
+            self.built_at[version] = step
+            self.latest = version
+
     def publish(self, net: LatentVariableModel, step: int) -> int:
         """Encodes this rank's rows with `net` into a new version; every rank returns it.
 
         When it returns, the version is complete in the store on every rank, and the
-        service has been asked to build it.
+        service has been asked to build it. A background version still in flight is
+        completed first, so versions complete in the order they were claimed.
         """
         if self._next is None:
             raise RuntimeError("call start() before publish(): ranks must agree on versions")
+        if self.background is not None:
+            self._completed(self.background.poll(wait=True))
         version = self._next
         if self.group.rank == 0:
             version = self.store.claim_version(version)  # hook: issue16 (atomic claim)
@@ -103,8 +132,11 @@ class LatentRefresh:
         self._next = version + 1
         self.group.barrier()
         start, stop = self.rows
-        if stop > start:
-            self.store.write_rows(version, start, self.encode_rows(net, start, stop).numpy())
+        # rows in, latents out, a whole number of chunks at a time: memory stays one block
+        block = self.store.chunk_rows * max(1, self.batch_size * 4 // self.store.chunk_rows)
+        for a in range(start, stop, block):
+            b = min(stop, a + block)
+            self.store.write_rows(version, a, self.encode_rows(net, a, b).numpy())
         self.group.barrier()
         if self.group.rank == 0:
             self.store.mark_complete(version, keep=self.keep_versions)
@@ -136,7 +168,7 @@ class StoreLatents:
     """priors.CentreBlocks over one complete latent version in the store: the validation
     pass and the sample grids over all N exemplar means, holding one block at a time."""
 
-    def __init__(self, store: ExemplarStore, version: int, block_rows: int = 1 << 18,
+    def __init__(self, store: ExemplarStore, version: int, block_rows: int = 1 << 16,
                  device: torch.device = torch.device("cpu")):
         self.store, self.version, self.block_rows = store, version, block_rows
         self.shape = (store.n, store.latent_dim)

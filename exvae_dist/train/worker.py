@@ -39,10 +39,16 @@ class StoreCache:
     prior, which only needs the centres)."""
 
     def __init__(self, refresh: LatentRefresh, service: Optional[ShardedSearch], group: Group,
-                 wait_for_refresh: bool = False, build_timeout_s: float = 300.0):
+                 wait_for_refresh: bool = False, build_timeout_s: float = 300.0,
+                 background: bool = False):
         self._refresh = refresh
         self.images = refresh.images
         self.search = service
+        # index.refresh_workers > 0: mid-epoch refreshes go to the encoder actors, and rank 0
+        # completes them between steps (PollingSearch polls before each search)
+        self.background = background and service is not None
+        if self.background:
+            self.search = PollingSearch(service, refresh.poll)
         self.group = group
         self.wait_for_refresh = wait_for_refresh and service is not None
         self._served = service is None  # the first version must be served before a search
@@ -60,7 +66,10 @@ class StoreCache:
             self._wait_first(version)
         return version is not None
 
-    def refresh(self, net, step: int) -> None:
+    def refresh(self, net, step: int, background: bool = False) -> None:
+        if background and self.background:
+            self._refresh.publish_background(net, step)  # rank 0 only; returns at once
+            return
         self._wait_first(self._refresh.publish(net, step))
 
     def _wait_first(self, version: int) -> None:
@@ -85,7 +94,25 @@ class StoreCache:
         return self._refresh.staleness(version, step)
 
     def step_metrics(self) -> dict:
-        return {"search_retries": self.search.retried} if self.search is not None else {}
+        out = {"search_retries": self.search.retried} if self.search is not None else {}
+        if self._refresh.background is not None:
+            out["refreshes_skipped"] = self._refresh.background.skipped
+        return out
+
+
+class PollingSearch:
+    """The index search with a poll before each query: where rank 0 completes a version the
+    encoder actors have finished (the step does not wait for them)."""
+
+    def __init__(self, search: ShardedSearch, poll):
+        self._search, self._poll = search, poll
+
+    def search(self, queries, k: int):
+        self._poll()
+        return self._search.search(queries, k)
+
+    def __getattr__(self, name):  # wait_served, retried, ... of the wrapped search
+        return getattr(self._search, name)
 
 
 class RaySink:
@@ -154,7 +181,7 @@ def wrap(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn
 def build_parts(cfg: config_mod.ExperimentConfig, run: Path, store: ExemplarStore,
                 valid_x: torch.Tensor, dynamic: bool, image_shape, service: Optional[ShardedSearch],
                 group: Group, device: torch.device = torch.device("cpu"),
-                progress=None) -> Parts:
+                progress=None, encoders: Optional[list] = None) -> Parts:
     """The loop's parts on one rank (also used by tests with a 1-rank gloo group)."""
     images = StoreImages(store, cfg.ray.resident_mb << 20)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -162,11 +189,17 @@ def build_parts(cfg: config_mod.ExperimentConfig, run: Path, store: ExemplarStor
     cache = None
     if model.prior_kind == "exemplar":
         uses_index = cfg.prior.rat
+        background = None
+        if uses_index and encoders:
+            from .refresh_actors import BackgroundRefresh
+
+            background = BackgroundRefresh(encoders, store, service, cfg.index.keep_versions)
         refresh = LatentRefresh(store, images, group, service if uses_index else None,
                                 cfg.index.keep_versions, device=device,
-                                resident_bytes=cfg.ray.resident_mb << 20)
+                                resident_bytes=cfg.ray.resident_mb << 20, background=background)
         cache = StoreCache(refresh, service if uses_index else None, group,
-                           cfg.index.wait_for_refresh, cfg.index.query_timeout_s)
+                           cfg.index.wait_for_refresh, cfg.index.query_timeout_s,
+                           background=bool(encoders))
     return Parts(cfg=cfg, model=model, wrapped=wrap(model, group, device), train_images=images,
                  valid_x=valid_x, dynamic=dynamic, image_shape=tuple(image_shape), cache=cache,
                  sink=RaySink(run, group), tracker=make_tracker(cfg, run, group.rank), run=run,
@@ -193,5 +226,6 @@ def train_loop_per_worker(config: dict) -> None:
                if config.get("service") else None)
     parts = build_parts(cfg, Path(config["run_path"]), ExemplarStore(config["store_path"]),
                         from_bytes(ray.get(config["valid"])), config["dynamic"],
-                        config["image_shape"], service, group, device, progress_bar)
+                        config["image_shape"], service, group, device, progress_bar,
+                        encoders=config.get("encoders"))
     fit(parts)
