@@ -1,32 +1,46 @@
 """Seconds per training step on MNIST with the paper's MLP VAE and batch 100: Gaussian prior
-(the baseline), exact exemplar prior (M = 25,000) and RAT (k = 10), in one run.
+(the baseline), exact exemplar prior (M = 25,000) against a reference-style float32
+implementation of the same step, and RAT (k = 10), in one run.
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_step.py [--steps 30] [--exact-steps 5]
 
-Prints a table of mean step times and their ratios to the Gaussian step.
+The variants run interleaved (one step of each per round), so a change in the machine's load
+hits all of them alike. Prints the share of exemplars above responsibility thresholds on the
+pretrained model (what train.exemplar_grad_threshold drops), then a table of mean step times
+with their ratios to the Gaussian step and to the reference-style exact step.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from exvae_dist import config as config_mod
 from exvae_dist.data import load_dataset
-from exvae_dist.objective import build_model
 from exvae_dist.loop import binarize, make_optimizer
+from exvae_dist.objective import build_model
+from exvae_dist.priors import max_responsibility
 from exvae_dist.retrieval.exact import TorchExactSearch
 from exvae_dist.step import PriorSampler, exemplar_centres, train_step
 
+THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-6)
 
-def pretrained_net_state(cfg, splits, steps: int) -> dict:
-    """A RAT model trained for `steps` steps, so neighbour sets look like a real run's (a
-    fresh encoder maps everything close together and retrieves far fewer unique exemplars)."""
+
+def pretrained_state(cfg, splits, steps: int, cache: str | None = None) -> dict:
+    """The whole model (network and the prior's lambda) after `steps` RAT steps, so neighbour
+    sets and responsibilities look like a real run's (a fresh encoder maps everything close
+    together and retrieves far fewer unique exemplars). `cache`: a file to reuse it from."""
+    if cache and Path(cache).is_file():
+        return torch.load(cache)
     torch.manual_seed(0)
     train_x = torch.from_numpy(splits.train_x)
     model = build_model(cfg, splits.image_shape)
@@ -40,30 +54,141 @@ def pretrained_net_state(cfg, splits, steps: int) -> dict:
         ids = rng.choice(train_x.shape[0], cfg.train.batch_size, replace=False)
         x = binarize(train_x[ids], True, 1, i, 0)
         train_step(model, opt, x, sampler(model, ids, x, i), min(1.0, i / steps))
-    return model.net.state_dict()
+    state = model.state_dict()
+    if cache:
+        torch.save(state, cache)
+    return state
 
 
-def time_steps(cfg, splits, steps: int, net_state: dict, warmup: int = 3) -> tuple[float, dict]:
-    torch.manual_seed(0)
-    train_x = torch.from_numpy(splits.train_x)
-    model = build_model(cfg, splits.image_shape)
-    model.net.load_state_dict(net_state)
-    opt = make_optimizer(model, cfg)
-    search = TorchExactSearch(precision=cfg.prior.search_precision)
-    sampler = PriorSampler(cfg.prior, train_x, search, seed=1)
-    if cfg.prior.kind == "exemplar" and cfg.prior.rat:
-        search.update(exemplar_centres(model, train_x))
-    rng = np.random.default_rng(0)
-    times, cands = [], []
-    for i in range(warmup + steps):
-        ids = rng.choice(train_x.shape[0], cfg.train.batch_size, replace=False)
-        t0 = time.perf_counter()
-        x = binarize(train_x[ids], True, 0, i, 0)
-        m = train_step(model, opt, x, sampler(model, ids, x, i), 1.0)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            cands.append(m["candidates"])
-    return statistics.mean(times), {"candidates": statistics.mean(cands)}
+class OurStep:
+    """exvae-dist's step (PriorSampler + train_step) under config overrides."""
+
+    def __init__(self, overrides, splits, state):
+        cfg = config_mod.load(None, overrides, env=os.environ)
+        torch.manual_seed(0)
+        self.train_x = torch.from_numpy(splits.train_x)
+        self.model = build_model(cfg, splits.image_shape)
+        self.model.load_state_dict(state, strict=cfg.prior.kind == "exemplar")
+        self.opt = make_optimizer(self.model, cfg)
+        search = TorchExactSearch(precision=cfg.prior.search_precision)
+        self.sampler = PriorSampler(cfg.prior, self.train_x, search, seed=1)
+        if cfg.prior.kind == "exemplar" and cfg.prior.rat:
+            search.update(exemplar_centres(self.model, self.train_x))
+        self.extra: dict = {"candidates": [], "grad_candidates": []}
+
+    def __call__(self, ids: np.ndarray, i: int) -> None:
+        x = binarize(self.train_x[ids], True, 0, i, 0)
+        m = train_step(self.model, self.opt, x, self.sampler(self.model, ids, x, i), 1.0)
+        self.extra["candidates"].append(m["candidates"])
+        self.extra["grad_candidates"].append(m["grad_candidates"])
+
+
+class RefGated(nn.Module):
+    """h(x) * sigmoid(g(x)) with two Linear layers, as the reference code writes it."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.h, self.g = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
+
+    def forward(self, x):
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+class ReferenceStyleExactStep:
+    """A plain float32 implementation of the exact-prior step, written from METHOD.md (not
+    from the authors' code): encode the batch and the M subsampled exemplars with gradients,
+    log p(z) = logsumexp_m log Normal(z; mu(x_m), s^2 I) - log(M - 1) with the own exemplar
+    left out, one-sample ELBO, per-parameter gradient normalisation and a per-parameter Adam.
+    Starts from the same weights as OurStep."""
+
+    def __init__(self, splits, state, m: int = 25_000):
+        self.train_x = torch.from_numpy(splits.train_x)
+        self.m = m
+        self.enc = nn.ModuleList([RefGated(784, 300), RefGated(300, 300)])
+        self.mean, self.logvar = nn.Linear(300, 40), nn.Linear(300, 40)
+        self.dec = nn.ModuleList([RefGated(40, 300), RefGated(300, 300)])
+        self.out = nn.Linear(300, 784)
+        self.log_var = nn.Parameter(state["prior.log_var"].clone())
+        with torch.no_grad():  # our fused gate [h; g] -> the reference's two layers
+            for ours, layers in (("net.encoder", self.enc), ("net.decoder", self.dec)):
+                for j, layer in enumerate(layers):
+                    w, b = state[f"{ours}.{j}.linear.weight"], state[f"{ours}.{j}.linear.bias"]
+                    n = w.shape[0] // 2
+                    layer.h.weight.copy_(w[:n]); layer.h.bias.copy_(b[:n])
+                    layer.g.weight.copy_(w[n:]); layer.g.bias.copy_(b[n:])
+            for mine, ours in ((self.mean, "net.q_z.mean"), (self.logvar, "net.q_z.logvar"),
+                               (self.out, "net.decoder.2")):
+                mine.weight.copy_(state[f"{ours}.weight"]); mine.bias.copy_(state[f"{ours}.bias"])
+        self.params = [p for mod in (self.enc, self.mean, self.logvar, self.dec, self.out)
+                       for p in mod.parameters()] + [self.log_var]
+        self.opt = torch.optim.Adam(self.params, lr=5e-4, foreach=False)
+        self.gen = torch.Generator().manual_seed(0)
+        self.extra: dict = {"candidates": [], "grad_candidates": []}
+
+    def encode(self, x):
+        for layer in self.enc:
+            x = layer(x)
+        return self.mean(x), F.hardtanh(self.logvar(x), -6.0, 2.0)
+
+    def __call__(self, ids: np.ndarray, i: int) -> None:
+        self.opt.zero_grad()
+        x = torch.bernoulli(self.train_x[ids], generator=self.gen)
+        subset = torch.randperm(self.train_x.shape[0], generator=self.gen)[:self.m]
+        exemplars = self.train_x[subset]
+        mu, logvar = self.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=self.gen)
+        h = z
+        for layer in self.dec:
+            h = layer(h)
+        log_px = -F.binary_cross_entropy_with_logits(self.out(h), x, reduction="none").sum(1)
+        log_q = -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp()).sum(1)
+        centres = self.encode(exemplars)[0]  # [M, d] with gradients
+        d2 = (z * z).sum(1, keepdim=True) - 2 * z @ centres.t() + (centres * centres).sum(1)[None]
+        d = z.shape[1]
+        log_comp = -0.5 * d * (math.log(2 * math.pi) + self.log_var) - d2 / (2 * self.log_var.exp())
+        own = subset[None, :] == torch.as_tensor(ids)[:, None]
+        log_comp = log_comp.masked_fill(own, float("-inf"))
+        log_p = torch.logsumexp(log_comp, 1) - torch.log((~own).sum(1).float())
+        loss = -(log_px - (log_q - log_p)).mean()
+        loss.backward()
+        for p in self.params:
+            if p.grad is not None:
+                p.grad /= p.grad.norm() + 1e-7
+        self.opt.step()
+        self.extra["candidates"].append(self.m)
+        self.extra["grad_candidates"].append(self.m)
+
+
+@torch.no_grad()
+def responsibility_shares(splits, state, steps: int = 5) -> dict:
+    """On the pretrained model: for the exact prior (M = 25,000) and RAT's retrieved union,
+    the share of exemplars whose largest responsibility over the batch reaches each threshold,
+    and the largest responsibility mass a row loses below it (max_b sum of r_bc dropped)."""
+    out = {}
+    for label, overrides in (("exact (M=25,000)", ["prior.rat=false"]), ("RAT (k=10)", [])):
+        step = OurStep(overrides, splits, state)
+        model, rows = step.model, {t: ([], []) for t in THRESHOLDS}
+        rng = np.random.default_rng(7)
+        for i in range(steps):
+            ids = rng.choice(step.train_x.shape[0], 100, replace=False)
+            x = binarize(step.train_x[ids], True, 0, i, 0)
+            prior = step.sampler(model, ids, x, i)
+            mean, logvar = model.net.encode_top(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            centres = model.net.encode_top(prior.exemplars)[0]
+            lv = model.prior.log_var
+            rmax = max_responsibility(z, centres, lv, prior.exclude)
+            logits = (-((z[:, None] - centres[None]) ** 2).sum(-1) / (2 * lv.exp()))
+            if prior.exclude is not None:
+                logits = logits.masked_fill(prior.exclude, float("-inf"))
+            r = torch.softmax(logits, 1)
+            for t in THRESHOLDS:
+                drop = rmax < t
+                rows[t][0].append(1.0 - drop.float().mean().item())
+                rows[t][1].append((r * drop[None]).sum(1).max().item())
+        out[label] = {t: (statistics.mean(a), max(b)) for t, (a, b) in rows.items()}
+        out[label]["lambda"] = model.prior.log_var.item()
+    return out
 
 
 def main() -> None:
@@ -72,35 +197,78 @@ def main() -> None:
     p.add_argument("--exact-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pretrain-steps", type=int, default=500)
+    p.add_argument("--pretrained", default=None,
+                   help="file to keep the pretrained weights in (reused when it exists)")
+    p.add_argument("--threshold", type=float, default=1e-4,
+                   help="train.exemplar_grad_threshold of the truncated variants")
+    p.add_argument("--only", default="all", choices=("all", "exact", "rat"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = config_mod.load(None, [], env=os.environ)
     splits = load_dataset(base.data)
-    net_state = pretrained_net_state(base, splits, args.pretrain_steps)
-    rows = []
-    for label, overrides, steps in [
-        ("gaussian prior", ["prior.kind=gaussian"], args.steps),
-        ("exact exemplar prior (M=25,000)", ["prior.kind=exemplar", "prior.rat=false"], args.exact_steps),
-        ("exact exemplar prior (M=25,000), bf16 encoding",
-         ["prior.kind=exemplar", "prior.rat=false", "train.exemplar_precision=bfloat16"],
-         args.exact_steps),
-        ("RAT (k=10)", ["prior.kind=exemplar", "prior.rat=true"], args.steps),
-        ("RAT (k=10), bf16 exemplar encoding", ["prior.kind=exemplar", "prior.rat=true",
-                                                 "train.exemplar_precision=bfloat16"], args.steps),
-        ("RAT (k=10), bf16 encoding + bf16 search", ["prior.kind=exemplar", "prior.rat=true",
-                                                      "train.exemplar_precision=bfloat16",
-                                                      "prior.search_precision=bfloat16"], args.steps),
-    ]:
-        cfg = config_mod.load(None, overrides, env=os.environ)
-        seconds, extra = time_steps(cfg, splits, steps, net_state)
-        rows.append((label, seconds, extra["candidates"]))
-    base_s = rows[0][1]
+    state = pretrained_state(base, splits, args.pretrain_steps, args.pretrained)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 100, MNIST 50,000, "
-          f"weights after {args.pretrain_steps} RAT steps")
-    print(f"| step | ms per step | x Gaussian | exemplars encoded |")
-    print(f"|---|---|---|---|")
-    for label, s, c in rows:
-        print(f"| {label} | {s * 1e3:.1f} | {s / base_s:.2f} | {c:.0f} |")
+          f"weights after {args.pretrain_steps} RAT steps (lambda = {state['prior.log_var'].item():.2f})")
+
+    shares = responsibility_shares(splits, state)
+    print("| exemplars | " + " | ".join(f"share >= {t:g} (max row mass below)" for t in THRESHOLDS) + " |")
+    print("|---|" + "---|" * len(THRESHOLDS))
+    for label, row in shares.items():
+        print(f"| {label} | " + " | ".join(f"{row[t][0]:.3f} ({row[t][1]:.1e})" for t in THRESHOLDS) + " |")
+
+    thr = f"train.exemplar_grad_threshold={args.threshold:g}"
+    bf16 = "train.exemplar_precision=bfloat16"
+    gauss = ("gaussian prior", lambda: OurStep(["prior.kind=gaussian"], splits, state))
+    exact = [
+        gauss,
+        ("exact, reference-style float32", lambda: ReferenceStyleExactStep(splits, state)),
+        ("exact (M=25,000)", lambda: OurStep(["prior.rat=false"], splits, state)),
+        (f"exact, grad threshold {args.threshold:g}",
+         lambda: OurStep(["prior.rat=false", thr], splits, state)),
+        ("exact, bf16 encoding", lambda: OurStep(["prior.rat=false", bf16], splits, state)),
+        (f"exact, bf16 + grad threshold {args.threshold:g}",
+         lambda: OurStep(["prior.rat=false", bf16, thr], splits, state)),
+    ]
+    rat = [
+        gauss,
+        ("RAT (k=10)", lambda: OurStep([], splits, state)),
+        (f"RAT, grad threshold {args.threshold:g}", lambda: OurStep([thr], splits, state)),
+        ("RAT, bf16 encoding", lambda: OurStep([bf16], splits, state)),
+        (f"RAT, bf16 + grad threshold {args.threshold:g}", lambda: OurStep([bf16, thr], splits, state)),
+        ("RAT, bf16 encoding + bf16 search",
+         lambda: OurStep([bf16, "prior.search_precision=bfloat16"], splits, state)),
+    ]
+    groups = {"all": [(exact, args.exact_steps), (rat, args.steps)], "exact": [(exact, args.exact_steps)],
+              "rat": [(rat, args.steps)]}[args.only]
+    for variants, steps in groups:
+        runners = [(label, make()) for label, make in variants]
+        times = {label: [] for label, _ in runners}
+        cpu = {label: [] for label, _ in runners}
+        rng = np.random.default_rng(0)
+        for i in range(3 + steps):  # 3 warm-up rounds; one step of every variant per round
+            ids = rng.choice(splits.train_x.shape[0], 100, replace=False)
+            for label, run in runners:
+                t0, c0 = time.perf_counter(), time.process_time()
+                run(ids, i)
+                if i >= 3:
+                    times[label].append(time.perf_counter() - t0)
+                    cpu[label].append(time.process_time() - c0)
+        wall = {label: statistics.mean(t) for label, t in times.items()}
+        # CPU seconds of this process: at 1 thread, the work itself, hardly touched by other
+        # processes on a loaded box (at 2 threads it also counts the OpenMP threads' spinning)
+        mean = {label: statistics.mean(t) for label, t in cpu.items()}
+        ref = mean.get("exact, reference-style float32")
+        print(f"\n{os.getloadavg()[0]:.2f} load average (1 min) at the end")
+        print("| step | wall ms per step | CPU ms per step | x Gaussian (CPU) "
+              "| x reference-style exact (CPU) | exemplars encoded | with gradients |")
+        print("|---|---|---|---|---|---|---|")
+        for label, run in runners:
+            c = [v for v in run.extra["candidates"] if v] or [0]
+            g = [v for v in run.extra["grad_candidates"] if v >= 0] or [0]
+            vs_ref = f"{mean[label] / ref:.2f}" if ref and "exact" in label else ""
+            print(f"| {label} | {wall[label] * 1e3:.1f} | {mean[label] * 1e3:.1f} "
+                  f"| {mean[label] / mean['gaussian prior']:.2f} "
+                  f"| {vs_ref} | {statistics.mean(c):.0f} | {statistics.mean(g):.0f} |")
 
 
 if __name__ == "__main__":

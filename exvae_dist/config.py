@@ -120,6 +120,12 @@ class TrainConfig:
     # Precision of the exemplars' re-encoding with gradients (the cost of a RAT step):
     # float32 | bfloat16. Posterior, decoder and all log-densities stay in float32.
     exemplar_precision: str = "float32"
+    # Exemplars whose largest responsibility over the batch's rows is below this are encoded
+    # without gradients (0 = every exemplar with gradients, the exact estimator). The loss
+    # value is unchanged; the encoder's gradient through those exemplar means is dropped
+    # (each carries a weight below the threshold in every row). Gradients into the posterior
+    # sample and into the prior's log-variance stay exact. A stated approximation.
+    exemplar_grad_threshold: float = 0.0
     # A rerun of an existing run folder resumes only when the settings that define the run
     # (run_folder.IDENTITY: data, model, prior, optimisation) match its fingerprint.json.
     # allow_changed=true resumes anyway with the new settings (recorded in fingerprint.json);
@@ -318,7 +324,8 @@ NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs
 AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}
 # [low, high) or [low, high] intervals: probabilities and fractions
 INTERVALS = {"augment.momentum": (0.0, 1.0, False), "augment.label_smoothing": (0.0, 1.0, False),
-             "augment.real_weight": (0.0, 1.0, True), "index.pq_bits": (1, 16, True)}
+             "augment.real_weight": (0.0, 1.0, True),
+             "train.exemplar_grad_threshold": (0.0, 1.0, True), "index.pq_bits": (1, 16, True)}
 NON_EMPTY = ("train.run_dir", "tracking.experiment")
 
 

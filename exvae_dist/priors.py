@@ -49,6 +49,41 @@ def fast_logsumexp(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return (total.log() + top.squeeze(dim)).masked_fill(empty.squeeze(dim), float("-inf"))
 
 
+def _block_logits(z_scaled: torch.Tensor, inv_var: torch.Tensor, centres: torch.Tensor,
+                  exclude: Optional[torch.Tensor], start: int, chunk: int) -> torch.Tensor:
+    """(z.c - |c|^2 / 2) / s^2 for the centres start:start+chunk, -inf where excluded: [B, chunk]
+    (the log-density of each centre less a per-row constant)."""
+    block = centres[start:start + chunk]
+    bias = (-0.5 * inv_var) * (block * block).sum(1)
+    logits = torch.addmm(bias[None, :], z_scaled, block.t())
+    if exclude is not None:
+        logits = logits.masked_fill(exclude[:, start:start + chunk], float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def max_responsibility(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Tensor,
+                       exclude: Optional[torch.Tensor] = None,
+                       chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """[C]: the largest responsibility of each centre over the rows,
+    max_b r_bc with r_bc = Normal(z_b; c, s^2 I) / sum_{c' kept} Normal(z_b; c', s^2 I).
+
+    The gradient of row b's log-density into centre c is r_bc (z_b - c) / s^2, so a centre
+    whose largest responsibility is small carries little gradient in every row. Same shapes
+    as exemplar_log_prob; excluded centres have responsibility 0 in their row.
+    """
+    log_var = torch.as_tensor(log_var, dtype=z.dtype, device=z.device).reshape(())
+    inv_var = torch.exp(-log_var)
+    z_scaled = z * inv_var
+    blocks = [_block_logits(z_scaled, inv_var, centres, exclude, start, chunk)
+              for start in range(0, centres.shape[0], chunk)]
+    if not blocks:
+        return z.new_zeros(0)
+    lse = torch.logsumexp(torch.stack([fast_logsumexp(b, dim=1) for b in blocks], 1), dim=1)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)[:, None]  # rows with no kept centre
+    return torch.cat([(b - lse).exp().amax(0) for b in blocks])
+
+
 def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Tensor,
                       exclude: Optional[torch.Tensor] = None,
                       log_norm: Optional[torch.Tensor] = None,
@@ -84,12 +119,8 @@ def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Ten
     z_scaled = z * inv_var
     parts = []
     for start in range(0, centres.shape[0], chunk):
-        block = centres[start:start + chunk]
-        bias = (-0.5 * inv_var) * (block * block).sum(1)
-        logits = torch.addmm(bias[None, :], z_scaled, block.t())
-        if exclude is not None:
-            logits = logits.masked_fill(exclude[:, start:start + chunk], float("-inf"))
-        parts.append(fast_logsumexp(logits, dim=1))
+        parts.append(fast_logsumexp(_block_logits(z_scaled, inv_var, centres, exclude, start,
+                                                  chunk), dim=1))
     if not parts:  # no centres at all: every row has no kept centre
         parts.append(z.new_full((z.shape[0],), float("-inf")))
     lse = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, 1), dim=1)

@@ -46,7 +46,7 @@ IDENTITY: dict[str, Optional[tuple[str, ...]]] = {
     "model": None,  # every key
     "prior": None,
     "train": ("batch_size", "lr", "normalize_grads", "warmup_epochs", "seed",
-              "max_steps_per_epoch", "exemplar_precision"),
+              "max_steps_per_epoch", "exemplar_precision", "exemplar_grad_threshold"),
 }
 # Identity keys that no checkpoint can survive: the network's shapes, the prior's parameters
 # and the exemplar set (the store and the sampler hold one row per training image).

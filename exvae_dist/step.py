@@ -123,7 +123,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         normalize_gradients(model.parameters())
     optimizer.step()
     return {"loss": loss, "log_px": log_px, "kl": kl, "candidates": prior.n_candidates,
-            "short_rows": prior.n_short, "index_version": prior.index_version}
+            "short_rows": prior.n_short, "index_version": prior.index_version,
+            "grad_candidates": out.grad_exemplars}
 
 
 @torch.no_grad()

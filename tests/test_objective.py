@@ -299,3 +299,84 @@ def test_exemplar_prior_without_centres_is_a_clear_error():
     model, _, _ = make_model("exemplar")
     with pytest.raises(ValueError, match="centres"):
         model(x_all())
+
+
+def test_max_responsibility_is_the_largest_softmax_weight_of_each_centre():
+    from exvae_dist.priors import max_responsibility
+
+    g = torch.Generator().manual_seed(0)
+    z, centres = torch.randn(6, 3, generator=g), torch.randn(3000, 3, generator=g)
+    exclude = torch.zeros(6, 3000, dtype=torch.bool)
+    exclude[0, 5] = exclude[1, :2999] = True  # row 1 keeps one centre: responsibility 1
+    log_var = torch.tensor(-1.3)
+    got = max_responsibility(z, centres, log_var, exclude, chunk=700)
+    logits = -((z[:, None].double() - centres[None].double()) ** 2).sum(-1) / (2 * log_var.exp())
+    want = torch.softmax(logits.masked_fill(exclude, -np.inf), dim=1).amax(0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-12)
+    assert got[2999].item() == pytest.approx(1.0)
+
+
+def _exemplar_model(threshold):
+    from exvae_dist import config as config_mod
+    from exvae_dist.objective import build_model
+
+    cfg = config_mod.load(None, [f"train.exemplar_grad_threshold={threshold}"], env={})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.prior.log_var.data.fill_(-2.0)  # a narrow kernel: responsibilities spread out
+    return model
+
+
+def _loss_and_grads(model, x, exemplars, exclude):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same reparameterization noise
+    out = model(x, 0.7, exemplars=exemplars, exclude=exclude)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_exemplars_below_the_gradient_threshold_change_only_their_encoder_gradient():
+    """train.exemplar_grad_threshold: the loss is bitwise the exact one; the gradient equals a
+    brute-force computation in which exactly the exemplars whose largest responsibility (by a
+    direct softmax) is below the threshold are detached, and differs from the exact gradient."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(8, 784, generator=g) < 0.3).float()
+    exemplars = torch.rand(200, 784, generator=g)
+    exemplars[:8] = x  # batch element b is exemplar b: leave it out
+    exclude = torch.zeros(8, 200, dtype=torch.bool)
+    exclude[torch.arange(8), torch.arange(8)] = True
+
+    exact, grads_exact = _loss_and_grads(_exemplar_model(0.0), x, exemplars, exclude)
+    assert exact.grad_exemplars == 200
+    # brute-force responsibilities of the exact model's z, to pick a threshold in between
+    model = _exemplar_model(0.0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        mean, logvar = model.net.encode_top(x)
+        z = model.net.terms(x, 1, top=(mean, logvar)).z_top[0]
+        centres = model.net.encode_top(exemplars)[0]
+    logits = -((z[:, None].double() - centres[None].double()) ** 2).sum(-1) / (2 * np.exp(-2.0))
+    resp = torch.softmax(logits.masked_fill(exclude, -np.inf), dim=1).amax(0)
+    ordered = resp.sort().values  # a threshold halfway (in log) between two, keeping 50
+    threshold = float((ordered[149] * ordered[150]).sqrt())
+    keep = resp >= threshold
+    assert keep.sum() == 50
+
+    truncated, grads = _loss_and_grads(_exemplar_model(threshold), x, exemplars, exclude)
+    assert torch.equal(truncated.loss, exact.loss)
+    assert truncated.grad_exemplars == int(keep.sum())
+
+    class Detached(VAEWithPrior):  # brute force: one pass with gradients, then detach
+        def log_prior(self, z, centres=None, exclude=None, log_norm=None, chunk=2048):
+            centres = torch.where(keep[:, None], centres, centres.detach())
+            return super().log_prior(z, centres, exclude, log_norm, chunk)
+
+    base = _exemplar_model(0.0)
+    brute = Detached(base.net, base.prior)
+    _, grads_brute = _loss_and_grads(brute, x, exemplars, exclude)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_brute[name], rtol=1e-4, atol=1e-6)
+    # lambda's gradient sees every centre; the encoder's differs from the exact one
+    torch.testing.assert_close(grads["prior.log_var"], grads_exact["prior.log_var"])
+    enc = "net.encoder.0.linear.weight"
+    assert not torch.allclose(grads[enc], grads_exact[enc], rtol=1e-3, atol=1e-7)
