@@ -38,11 +38,13 @@ cluster named by ray.address / RAY_ADDRESS (set for you under `ray job submit`),
 local Ray on 127.0.0.1. --no-ray trains the same loop in this one process."""
 
 
-def make_parser(prog: str, description: str, keys: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """A parser whose --help ends with the config keys (those starting with `keys`, or all)."""
+def make_parser(prog: str, description: str, keys: Sequence[str] = (),
+                notes: str = "") -> argparse.ArgumentParser:
+    """A parser whose --help ends with `notes` and the config keys (those starting with
+    `keys`, or all)."""
     return argparse.ArgumentParser(
         prog=prog, description=description,
-        epilog="Config keys (override with key=value):\n"
+        epilog=(notes + "\n\n" if notes else "") + "Config keys (override with key=value):\n"
                + config_mod.describe(tuple(keys) if keys else None),
         formatter_class=argparse.RawDescriptionHelpFormatter)
 

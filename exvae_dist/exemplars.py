@@ -27,7 +27,6 @@ version, the default; the training set when none was grown), original, or a vers
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -284,11 +283,12 @@ def add_exemplars(trained, images: np.ndarray, labels: np.ndarray, source: str,
 # ---------------------------------------------------------------------------- command line
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from . import cli
     from . import config as config_mod
     from .evaluation.runs import load_run
 
-    parser = argparse.ArgumentParser(
-        prog="python -m exvae_dist.exemplars",
+    parser = cli.make_parser(
+        "python -m exvae_dist.exemplars", keys=("eval.", "train.threads"),
         description="Grow a trained exemplar-prior model's exemplar set without retraining: "
                     "new images are encoded with the frozen encoder and appended as a new, "
                     "complete version under <run>/exemplar_sets/ (older versions untouched). "
@@ -308,7 +308,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if any("=" not in e for e in extra):
         parser.error(f"unrecognized arguments: {' '.join(e for e in extra if '=' not in e)}")
     overrides = list(getattr(args, "overrides", None) or []) + extra
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     try:
         trained = load_run(args.run, overrides)
         if args.command == "list":

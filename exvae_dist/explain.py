@@ -24,7 +24,6 @@ were binarized from). Written: memorisation.json and memorisation.png (histogram
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -215,19 +214,19 @@ def _images_arg(spec: str, splits) -> tuple[np.ndarray, Optional[np.ndarray], Op
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from . import cli
     from . import config as config_mod
     from .data import load_dataset
     from .evaluation.runs import load_run, load_splits
     from .exemplars import ExemplarSetError, choose_set
     from .generate import generate
 
-    parser = argparse.ArgumentParser(
-        prog="python -m exvae_dist.explain",
+    parser = cli.make_parser(
+        "python -m exvae_dist.explain", keys=("eval.", "train.threads"),
         description="Exemplar attributions of images (the posterior responsibility of each "
                     "exemplar, averaged over q(z|x)) as JSON and a PNG grid, and a "
                     "memorisation check of generated images against the training set. "
-                    "Writes <run>/explain/ (or --out).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                    "Writes <run>/explain/ (or --out).", notes=__doc__)
     parser.add_argument("run", help="run directory or MLflow run id")
     parser.add_argument("--images", default="test:0-31",
                         help="SPLIT:IDS (default test:0-31) or FILE.npz (e.g. from generate)")
@@ -240,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default <run>/explain)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.exemplars=original")
     args = parser.parse_intermixed_args(argv)  # key=value may follow the options
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     try:
         trained = load_run(args.run, args.overrides)
         cfg, model = trained.cfg, trained.model

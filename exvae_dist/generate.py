@@ -15,7 +15,6 @@ FILE.npz holds `images` uint8 [n, C, H, W] (levels 0..255; Bernoulli draws are 0
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -110,12 +109,13 @@ def save_npz(path: Path, out: dict, image_shape, info: dict) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from . import cli
     from . import config as config_mod
     from .evaluation.runs import load_run, load_splits
     from .exemplars import ExemplarSetError, choose_set, parse_ids
 
-    parser = argparse.ArgumentParser(
-        prog="python -m exvae_dist.generate",
+    parser = cli.make_parser(
+        "python -m exvae_dist.generate", keys=("eval.", "train.threads"),
         description="Draw images from a trained run; record the exemplar (or pseudo-input) "
                     "each came from and that exemplar's label. Uses the exemplar set "
                     "eval.exemplars (grown by default).")
@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--grid-n", type=int, default=100)
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.exemplars=original")
     args = parser.parse_intermixed_args(argv)  # key=value may follow the options
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     try:
         if not args.out.endswith(".npz"):
             raise ValueError(f"--out {args.out}: the output is an .npz file")
