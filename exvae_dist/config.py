@@ -97,6 +97,10 @@ class PriorConfig:
     # In-memory neighbour search of the one-process trainer: float32 (exact) or bfloat16
     # (bfloat16 first pass, float32 re-ranking of 4k candidates per query).
     search_precision: str = "float32"
+    # One-process trainer: the exemplar means a step re-encodes (with gradients, by the
+    # current weights) are written into the in-memory cache at once, as the reference code
+    # does, so later steps retrieve with fresher latents than the last refresh's.
+    write_back: bool = False
 
 
 @dataclass
@@ -480,6 +484,10 @@ def check_trainer_keys(cfg: "ExperimentConfig", trainer: str) -> None:
     """Every key is honoured or refused by the trainer that receives it (trainer: "ray" or
     "one-process"); raises ConfigError naming the key and what to do instead."""
     if trainer == "ray":
+        if cfg.prior.write_back:
+            raise ConfigError("prior.write_back updates the one-process trainer's in-memory "
+                              "cache; on Ray the latents live in the store and the index "
+                              "actors: leave it false, or train with --no-ray")
         if cfg.prior.search_precision != "float32":
             raise ConfigError("prior.search_precision applies to the one-process trainer's "
                               "in-memory search; the Ray trainer searches the FAISS index "

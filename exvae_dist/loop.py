@@ -203,6 +203,10 @@ class ExemplarCache(Protocol):
     def step_metrics(self) -> dict:
         """Extra numbers for the step records (e.g. search retries)."""
 
+    # optional, called only with prior.write_back (the one-process InMemoryCache has it):
+    # def write_back(self, ids, latents) -> None: the means a step re-encoded replace the
+    #     cached rows `ids` at once
+
 
 class CheckpointSink(Protocol):
     def load(self) -> Optional[dict]:
@@ -344,6 +348,8 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
         seed_noise(seed, state.step, group.rank)
         prior = sampler(p.model, local, x, state.step)  # queries come from the unwrapped encoder
         m = train_step(p.wrapped, state.optimizer, x, prior, beta, cfg.train.normalize_grads)
+        if cfg.prior.write_back and prior.encoded is not None:
+            cache.write_back(prior.ids, prior.encoded)
         dt = time.perf_counter() - ts
         state.step += 1
         examples_since_log += len(ids)

@@ -28,6 +28,7 @@ class ELBOTerms:
     log_px: torch.Tensor
     kl: torch.Tensor
     grad_exemplars: int = -1  # exemplars encoded with gradients (-1: no exemplars re-encoded)
+    centres: Optional[torch.Tensor] = None  # [C, d] the re-encoded exemplars' means (detached)
 
 
 def kl_beta(epoch: int, warmup_epochs: int) -> float:
@@ -96,7 +97,8 @@ class VAEWithPrior(nn.Module):
         kl = t.log_q[0] - t.log_p_cond[0] - log_p
         elbo = t.log_px[0] - beta * kl
         return ELBOTerms(loss=-elbo.mean(), elbo=elbo, log_px=t.log_px[0], kl=kl,
-                         grad_exemplars=n_grad)
+                         grad_exemplars=n_grad,
+                         centres=None if exemplars is None else centres.detach())
 
     def _exemplar_precision(self, x: torch.Tensor):
         return (torch.autocast(device_type=x.device.type, dtype=self.exemplar_dtype)

@@ -43,6 +43,8 @@ class PriorBatch:
     n_candidates: int = 0
     n_short: int = 0  # rows with fewer than k retrieved survivors (RAT)
     index_version: int = -1
+    ids: Optional[np.ndarray] = None  # [C] exemplar ids of `exemplars`
+    encoded: Optional[torch.Tensor] = None  # [C, d] their means as this step encoded them
 
 
 class PriorSampler:
@@ -79,7 +81,7 @@ class PriorSampler:
         subset = keyed.subset_for(step, self.m, self.n, self.seed)
         exclude = torch.from_numpy(subset[None, :] == batch_ids[:, None]).to(x.device)
         return PriorBatch(exemplars=self.images[torch.from_numpy(subset)].to(x.device),
-                          exclude=exclude, n_candidates=len(subset))
+                          exclude=exclude, n_candidates=len(subset), ids=subset)
 
     def _retrieved(self, model: VAEWithPrior, batch_ids: np.ndarray, x: torch.Tensor,
                    step: int) -> PriorBatch:
@@ -95,7 +97,7 @@ class PriorSampler:
                     if self.cfg.normalizer == "subset" else None)
         return PriorBatch(exemplars=self.images[torch.from_numpy(cand.ids)].to(x.device),
                           exclude=exclude, log_norm=log_norm, n_candidates=len(cand.ids),
-                          n_short=cand.n_short, index_version=version)
+                          n_short=cand.n_short, index_version=version, ids=cand.ids)
 
 def normalize_gradients(params) -> None:
     """Divides each parameter's gradient by its L2 norm (the reference AdamNormGrad)."""
@@ -118,6 +120,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         raise FloatingPointError(
             f"non-finite loss {loss} (beta={beta}); lower train.lr or check the data "
             "(all-zero images, NaNs)")
+    prior.encoded = out.centres  # the fresh means, for a cache that takes them (write_back)
     out.loss.backward()
     if normalize_grads:
         normalize_gradients(model.parameters())

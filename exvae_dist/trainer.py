@@ -66,6 +66,14 @@ class InMemoryCache:
     def centres(self) -> torch.Tensor:
         return self._latents
 
+    def write_back(self, ids, latents: torch.Tensor) -> None:
+        """prior.write_back: the means a step re-encoded replace their cached rows at once
+        (the reference code's cache update), instead of waiting for the next refresh."""
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self._latents.device)
+        if self.search is not None:
+            self.search.write_rows(ids, latents)  # its latents are this cache's tensor
+        self._latents[ids] = latents.detach().to(self._latents.dtype)
+
     def state(self) -> dict:
         return {"cache_version": self.latest, "cache_version_step": self.built_at.get(self.latest)}
 

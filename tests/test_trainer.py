@@ -210,3 +210,46 @@ def test_ray_and_index_keys_are_refused_by_the_one_process_trainer(tmp_path, smo
     for key in ("ray.num_workers=2", "index.kind=ivfpq", "index.store_path=/tmp/s.zarr"):
         with pytest.raises(config_mod.ConfigError, match="no effect in the one-process"):
             fit(smoke_cfg(tmp_path, key, "tracking.enabled=false"))
+
+
+def test_write_back_puts_the_steps_fresh_means_into_the_cache(tmp_path, data_dir):
+    """prior.write_back: after a RAT step, the cached rows of its candidates are the means the
+    step encoded (the weights before the update), in the cache and in its search alike."""
+    import copy
+
+    import numpy as np
+
+    from exvae_dist import loop
+    from exvae_dist.data import load_dataset
+    from exvae_dist.objective import encode_means
+    from exvae_dist.step import train_step
+    from exvae_dist.trainer import build_parts
+
+    cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "data.n_train=500",
+                                    "data.n_valid=50", "tracking.enabled=false",
+                                    "tracking.sample_grid=false", "prior.write_back=true"],
+                          env={"EXVAE_DATA_DIR": str(data_dir)})
+    parts = build_parts(cfg, load_dataset(cfg.data))
+    state, sampler, _ = loop.start(parts)
+    ids = np.arange(50, 100)  # a first step moves the weights away from the cache's
+    x = loop.binarize(parts.train_images[ids], True, 0, 0, 0)
+    train_step(parts.wrapped, state.optimizer, x, sampler(parts.model, ids, x, 0), 1.0)
+    before = copy.deepcopy(parts.model.net)
+    stale = parts.cache.centres().clone()
+    ids = np.arange(50)
+    x = loop.binarize(parts.train_images[ids], True, 0, 0, 0)
+    prior = sampler(parts.model, ids, x, 1)
+    train_step(parts.wrapped, state.optimizer, x, prior, 1.0)
+    assert not torch.allclose(stale[torch.from_numpy(prior.ids)], prior.encoded, atol=1e-4)
+    parts.cache.write_back(prior.ids, prior.encoded)
+    rows = torch.from_numpy(prior.ids)
+    expected = encode_means(before, parts.train_images[rows])
+    torch.testing.assert_close(parts.cache.centres()[rows], expected, rtol=1e-5, atol=1e-5)
+    search = parts.cache.search
+    torch.testing.assert_close(search._half_sq[rows], 0.5 * (expected * expected).sum(1),
+                               rtol=1e-5, atol=1e-5)
+    others = torch.ones(len(stale), dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(parts.cache.centres()[others], stale[others])  # nothing else moved
+    with pytest.raises(config_mod.ConfigError, match="write_back"):
+        config_mod.check_trainer_keys(cfg, "ray")

@@ -111,6 +111,15 @@ class TorchExactSearch:
         self.version = self.version + 1 if version is None else version
         return self.version
 
+    def write_rows(self, ids: torch.Tensor, latents: torch.Tensor) -> None:
+        """Replaces the cached means of rows `ids` [C] with `latents` [C, d] (the same version:
+        rows re-encoded by a training step, prior.write_back)."""
+        latents = latents.detach().float().to(self.latents.device)
+        self.latents[ids] = latents
+        self._half_sq[ids] = 0.5 * (latents * latents).sum(1)
+        if self._low_t is not None:
+            self._low_t[:, ids] = latents.t().bfloat16()
+
     def _search_bfloat16(self, q: torch.Tensor, k: int) -> torch.Tensor:
         scores = self._half_sq[None, :] - (q.bfloat16() @ self._low_t).float()
         wide = min(self.latents.shape[0], self.prefilter * k)
