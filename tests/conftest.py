@@ -36,3 +36,18 @@ def ray_local():
                  log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# The longest files first, so that with two pytest-xdist processes (pyproject's addopts,
+# --dist loadfile deals out whole files in collection order) the README test (~5 min) and
+# the Ray trainer tests (~4 min) start at once, beside each other, and the short files fill
+# in around them; otherwise the README test, collected late, runs alone at the end.
+LONGEST_FIRST = ("test_readme.py", "test_train_ray.py", "test_two_nodes.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = Path(str(item.fspath)).name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file is kept
