@@ -203,12 +203,20 @@ class IndexConfig:
     auto_list_size: int = 64  # mean vectors per inverted list
     auto_codes: str = "Flat"  # FAISS factory codes of the lists, e.g. "PQ10x4fs,RFlat"
     auto_train_per_list: int = 64  # k-means sample: this many points per list (30..256)
+    # kind=auto's IVF: nprobe is calibrated at every build to the smallest power of two
+    # whose recall@auto_recall_k, measured on auto_calibration_queries of the index's own
+    # rows against brute force, reaches this (0 = no calibration: index.nprobe as given)
+    auto_target_recall: float = 0.95
+    # neighbours per calibration query; None: a Ray run's RAT query depth
+    # k' = ceil(prior.safety * prior.k * N / M) (40 at the paper's settings), else 10
+    auto_recall_k: Optional[int] = None
+    auto_calibration_queries: int = 512  # rows searched to measure recall at a build
     nlist: Optional[int] = None  # IVF lists (None = about 4 * sqrt(N))
     # pq_m / nprobe / refine_factor: measured on clustered d=40 latents (bench/README.md,
     # "Index service"): recall@10 ~0.98 at N=1e6; PQ8 with x4 re-ranking only reached ~0.90.
     pq_m: int = 10  # PQ sub-quantizers (d must divide by it)
     pq_bits: int = 8  # bits per PQ code (1..16)
-    nprobe: int = 64  # IVF lists visited per query
+    nprobe: int = 64  # IVF lists visited per query (kind=auto: only with auto_target_recall=0)
     refine_factor: int = 10  # exact re-ranking of k * refine_factor candidates (0 = off)
     shards: int = 1  # IndexService actors, each over a contiguous block of rows
     # a search waits this long for a dead / rebuilding shard, and a worker this long for the
@@ -320,7 +328,7 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
              "train.early_stop_patience", "eval.prior_neighbours", "eval.n_test",
              "eval.validation_samples", "index.nlist", "index.pq_m", "index.nprobe",
              "index.train_size", "index.keep_versions", "index.service_threads",
-             "index.build_threads")
+             "index.build_threads", "index.auto_recall_k", "index.auto_calibration_queries")
 # may be 0 (seeds, counts of nothing, "off")
 NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",
@@ -329,7 +337,8 @@ AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure
 # [low, high) or [low, high] intervals: probabilities and fractions
 INTERVALS = {"augment.momentum": (0.0, 1.0, False), "augment.label_smoothing": (0.0, 1.0, False),
              "augment.real_weight": (0.0, 1.0, True),
-             "train.exemplar_grad_threshold": (0.0, 1.0, True), "index.pq_bits": (1, 16, True)}
+             "train.exemplar_grad_threshold": (0.0, 1.0, True), "index.pq_bits": (1, 16, True),
+             "index.auto_target_recall": (0.0, 1.0, True)}
 NON_EMPTY = ("train.run_dir", "tracking.experiment")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from .config import ConfigError, ExperimentConfig
+from .retrieval.candidates import subset_size
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def check_config(cfg: ExperimentConfig) -> None:
             f"images, or prior.kind=gaussian)")
     m = cfg.prior.subsample
     if m is None and n is not None:
-        m = min(n, max(1, n // 2))  # the default, as step.PriorSampler computes it
+        m = subset_size(n, None)  # the default, as step.PriorSampler computes it
         key = f"prior.subsample (default N // 2 = {m} for data.n_train={n})"
     else:
         key = f"prior.subsample={m}"

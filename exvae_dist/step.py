@@ -23,7 +23,7 @@ import torch
 
 from .objective import VAEWithPrior, encode_means
 from .retrieval import keyed
-from .retrieval.candidates import assemble_candidates, query_depth
+from .retrieval.candidates import assemble_candidates, query_depth, subset_size
 
 
 class NeighbourSearch(Protocol):
@@ -61,7 +61,7 @@ class PriorSampler:
         self.cfg = prior_cfg
         self.images = train_images
         self.n = train_images.shape[0]
-        self.m = min(self.n, prior_cfg.subsample or max(1, self.n // 2))
+        self.m = subset_size(self.n, prior_cfg.subsample)
         self.search = search
         self.seed = seed
         if prior_cfg.kind == "exemplar" and prior_cfg.rat and search is None:

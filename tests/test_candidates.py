@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from exvae_dist.retrieval.candidates import (assemble_candidates, draw_coins, query_depth)
+from exvae_dist.retrieval.candidates import (assemble_candidates, draw_coins, query_depth,
+                                             subset_size)
 
 
 def reference(neighbour_ids, batch_ids, coins, k):
@@ -147,3 +148,16 @@ def test_query_depth_and_full_subset():
     assert query_depth(10, 50_000, 25_000, 2.0) == 40
     assert query_depth(10, 30, 1, 2.0) == 30  # capped at N
     assert draw_coins(5, 5, np.random.default_rng(0)).all()
+
+
+def test_ray_runs_calibrate_the_index_for_the_depth_the_workers_search():
+    from exvae_dist.config import ExperimentConfig
+    from exvae_dist.train.driver import index_config
+
+    cfg = ExperimentConfig()  # the paper's RAT: k = 10, M = N / 2, safety 2
+    assert subset_size(50_000, None) == 25_000 and subset_size(50_000, 30_000) == 30_000
+    assert index_config(cfg, 50_000).auto_recall_k == 40 == query_depth(10, 50_000, 25_000)
+    cfg.prior.subsample = 50_000
+    assert index_config(cfg, 50_000).auto_recall_k == 20
+    cfg.index.auto_recall_k = 7  # set by the user: kept
+    assert index_config(cfg, 50_000).auto_recall_k == 7

@@ -1,5 +1,8 @@
 """Index functions against numpy brute force (no Ray, no Zarr)."""
 
+import dataclasses
+
+import faiss
 import numpy as np
 import pytest
 
@@ -100,6 +103,52 @@ def test_auto_ivf_hnsw_reaches_recall_095_and_roundtrips_through_bytes():
     np.testing.assert_allclose(dists, exact, rtol=1e-3, atol=1e-3)
     again = deserialize(serialize(index))
     np.testing.assert_array_equal(search(again, q, 10)[0], ids)
+
+
+def _recall_without_self(index, x, rows, k):
+    """recall@k of index on rows of x as queries, each query's own row left out, against an
+    exhaustive numpy kNN (the calibration's definition, computed independently)."""
+    truth, _ = numpy_knn(x, x[rows], k + 1)
+    found, _ = search(index, x[rows], k + 1)
+    hits = 0
+    for r, f, t in zip(rows, found, truth):
+        f = [i for i in f if i != r][:k]
+        t = [i for i in t if i != r][:k]
+        hits += len(set(f) & set(t))
+    return hits / (len(rows) * k)
+
+
+def test_calibrated_nprobe_is_the_smallest_power_of_two_reaching_the_target():
+    x = clustered(12_000, d=16, seed=11)
+    cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_target_recall=0.9,
+                      auto_calibration_queries=300, auto_recall_k=5)
+    index = build_index(x, cfg, seed=3)
+    ivf = faiss.extract_index_ivf(index)
+    nprobe = ivf.nprobe
+    assert nprobe & (nprobe - 1) == 0 and 1 < nprobe < ivf.nlist
+    # the same 300 rows the calibration drew (rng(seed).choice), against brute force
+    rows = np.sort(np.random.default_rng(3).choice(len(x), 300, replace=False))
+    assert _recall_without_self(index, x, rows, 5) >= 0.9
+    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
+    ivf.nprobe, hnsw.efSearch = nprobe // 2, max(64, nprobe)
+    assert _recall_without_self(index, x, rows, 5) < 0.9
+    # deterministic: the same data and seed give the same index settings
+    assert faiss.extract_index_ivf(build_index(x, cfg, seed=3)).nprobe == nprobe
+    # a higher target probes more lists; target 0 keeps index.nprobe as given
+    harder = build_index(x, dataclasses.replace(cfg, auto_target_recall=0.99), seed=3)
+    assert faiss.extract_index_ivf(harder).nprobe > nprobe
+    fixed = build_index(x, dataclasses.replace(cfg, auto_target_recall=0, nprobe=3), seed=3)
+    assert faiss.extract_index_ivf(fixed).nprobe == 3
+
+
+def test_calibration_reaches_the_target_on_held_out_queries():
+    data = clustered(40_300, d=40, seed=12)
+    x, q = data[:40_000], data[40_000:]
+    cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_target_recall=0.95)
+    index = build_index(x, cfg)
+    truth, _ = brute_force_knn(x, q, 10)
+    recall = recall_at_k(search(index, q, 10)[0], truth)
+    assert recall >= 0.93, f"recall@10 {recall:.3f} on held-out queries ({describe(index)})"
 
 
 def test_auto_kind_picks_exact_below_threshold_and_lists_of_constant_length():

@@ -41,6 +41,11 @@ class Candidates:
     log_norm: np.ndarray
 
 
+def subset_size(n: int, subsample) -> int:
+    """M, the exemplar subset of each step: prior.subsample, or N // 2 (the paper) when None."""
+    return min(n, subsample or max(1, n // 2))
+
+
 def query_depth(k: int, n: int, m: int, safety: float = 2.0) -> int:
     """k' = ceil(safety * k * N / M), capped at N: how deep to search the full index."""
     if not 0 < m <= n:

@@ -20,7 +20,10 @@ Kinds (IndexConfig.kind):
            trades that for PQ codes re-ranked by IndexRefineFlat. The coarse centroids
            come from faiss.contrib.clustering.two_level_clustering (k-means over sqrt(nlist)
            groups, then within each) on a sample of auto_train_per_list (30-256) points per
-           list: a flat k-means over 1e5 centroids would not finish on a laptop.
+           list: a flat k-means over 1e5 centroids would not finish on a laptop. nprobe is
+           then calibrated on the index's own rows to the smallest power of two reaching
+           auto_target_recall (`calibrate_nprobe`): how far the true neighbours spread over
+           the lists depends on the data, so no fixed nprobe holds recall at every N.
 
 Sharding is not done here: each index-service shard (retrieval/service.py) builds one index
 over its own contiguous rows, and the client merges the shards' top-k (merge_topk).
@@ -40,6 +43,11 @@ import numpy as np
 from exvae_dist.config import IndexConfig
 
 log = logging.getLogger(__name__)
+
+# HNSW efSearch while adding vectors to kind=auto's IVF (see _add_assigning_cheaply)
+ADD_EF_SEARCH = 16
+# recall@k that kind=auto calibrates nprobe for when IndexConfig.auto_recall_k is None
+DEFAULT_RECALL_K = 10
 
 def resolve_kind(n: int, cfg: IndexConfig) -> str:
     """The concrete index kind ("flat", "ivfpq" or "ivfhnsw", auto's IVF) for N exemplars."""
@@ -88,10 +96,57 @@ def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.I
         index = _gpu_or_cpu(faiss.IndexFlatL2(d), cfg)
     elif kind == "ivfhnsw":
         index = _trained_ivfhnsw(x, cfg, seed)
+        _add_assigning_cheaply(index, x)
+        if cfg.auto_target_recall > 0:
+            calibrate_nprobe(index, x, cfg, seed)
+        return index
     else:
         index = _with_refine(_trained_ivfpq(x, cfg, seed), cfg)
     index.add(x)
     return index
+
+
+def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
+                     seed: int = 0) -> tuple[int, float]:
+    """Sets kind=auto's nprobe to the smallest power of two whose recall@auto_recall_k reaches
+    cfg.auto_target_recall on this index's own data, and returns (nprobe, recall).
+
+    The calibration queries are auto_calibration_queries rows of `latents` (the vectors the
+    index holds), drawn with `seed`; each is searched for its auto_recall_k + 1 nearest
+    latents and its own row is left out of both the answer and the exact truth
+    (faiss.knn, brute force), as RAT leaves a batch element's own exemplar out. Why measure
+    instead of a fixed nprobe: how many lists the true neighbours spread over depends on
+    the data (on 40-d isotropic clusters it grows ~N, on encoder latents far less;
+    bench/README.md), so a fixed nprobe either wastes time or loses recall as N grows. The
+    answer is a function of the data and the seed only (no timing), so rebuilding the same
+    version gives the same index.
+    """
+    ivf = faiss.extract_index_ivf(index)
+    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
+    x = _as_matrix(latents, "latents")
+    n = x.shape[0]
+    k = min(cfg.auto_recall_k or DEFAULT_RECALL_K, n - 1)
+    if k <= 0:
+        return ivf.nprobe, 1.0
+    rows = np.sort(np.random.default_rng(seed).choice(
+        n, min(n, cfg.auto_calibration_queries), replace=False))
+    queries = x[rows]
+    _, truth = faiss.knn(queries, x, k + 1)
+    truth = _without_own_row(truth, rows, k)
+    nprobe, recall = 1, 0.0
+    while True:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+        # the HNSW walk must return at least nprobe lists; 2x nprobe keeps them accurate
+        hnsw.efSearch = max(64, 2 * ivf.nprobe)
+        _, found = index.search(queries, k + 1)
+        recall = recall_at_k(_without_own_row(found, rows, k), truth)
+        if recall >= cfg.auto_target_recall or ivf.nprobe >= ivf.nlist:
+            break
+        nprobe *= 2
+    log.info("calibrated nprobe %d of %d lists: recall@%d %.3f on %d of its own rows "
+             "(target %.3f)", ivf.nprobe, ivf.nlist, k, recall, len(rows),
+             cfg.auto_target_recall)
+    return ivf.nprobe, recall
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -259,6 +314,26 @@ def _trained_ivfhnsw(x: np.ndarray, cfg: IndexConfig, seed: int) -> faiss.Index:
     if isinstance(index, faiss.IndexRefine):
         index.k_factor = float(max(1, cfg.refine_factor))
     return index
+
+
+def _add_assigning_cheaply(index: faiss.Index, x: np.ndarray) -> None:
+    """index.add(x) with a shallow HNSW walk: adding needs only each vector's nearest list
+    (1 of nlist), not the nprobe lists a query visits, and the walk with the query-time
+    efSearch was most of a large build (bench/README.md). The query-time efSearch is put
+    back afterwards."""
+    hnsw = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw
+    saved, hnsw.efSearch = hnsw.efSearch, ADD_EF_SEARCH
+    try:
+        index.add(x)
+    finally:
+        hnsw.efSearch = saved
+
+
+def _without_own_row(ids: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """[B, k]: each row's ids with its own row id removed (or the last one, if absent)."""
+    keep = ids != rows[:, None]
+    keep[keep.sum(1) > k, -1] = False  # own row not found: drop the farthest instead
+    return ids[keep].reshape(len(rows), k)
 
 
 def _with_refine(base: faiss.Index, cfg: IndexConfig) -> faiss.Index:

@@ -8,6 +8,7 @@ name = cfg.run_name()), so rerunning the same command finds them and resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from .. import run_folder
 from ..tracking import probe
 from ..data import DataSplits, load_dataset
 from ..objective import build_model
+from ..retrieval.candidates import query_depth, subset_size
 from .exemplars import ensure_store, open_exemplar_store, to_bytes
 from .. import preflight  # hook: issue16
 from ..run_lock import exclusive_run  # hook: issue16
@@ -52,6 +54,15 @@ def connect(cfg: config_mod.ExperimentConfig) -> bool:
 def index_actor_name(cfg: config_mod.ExperimentConfig) -> str:
     """The index service's actor name (one service per run)."""
     return f"exvae-index-{cfg.run_name()}"
+
+
+def index_config(cfg: config_mod.ExperimentConfig, n: int) -> config_mod.IndexConfig:
+    """cfg.index with auto_recall_k filled in: kind=auto calibrates its nprobe for the depth
+    the workers search (RAT's k'), not for a fixed 10."""
+    if cfg.index.auto_recall_k is not None:
+        return cfg.index
+    depth = query_depth(cfg.prior.k, n, subset_size(n, cfg.prior.subsample), cfg.prior.safety)
+    return dataclasses.replace(cfg.index, auto_recall_k=depth)
 
 
 def store_path(cfg: config_mod.ExperimentConfig) -> Path:
@@ -161,9 +172,9 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     splits = splits or load_dataset(cfg.data, train_in_memory=cfg.data.name != "store")
     latent_dim = build_model(cfg, splits.image_shape).net.top_dim
     if splits.train_x is None:
-        open_exemplar_store(store_path(cfg), latent_dim)
+        store = open_exemplar_store(store_path(cfg), latent_dim)
     else:
-        ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
+        store = ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
     check_resources(cfg)
     preflight.check_cluster(cfg)  # hook: issue16
 
@@ -171,7 +182,7 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     if cfg.prior.kind == "exemplar" and cfg.prior.rat:
         from ..retrieval.service import start_index_shards  # hook: issue12
 
-        service = start_index_shards(str(store_path(cfg)), cfg.index,  # hook: issue12
+        service = start_index_shards(str(store_path(cfg)), index_config(cfg, store.n),
                                      name=index_actor_name(cfg))  # a list of cfg.index.shards
     encoders = None
     if service is not None and cfg.index.refresh_workers:
