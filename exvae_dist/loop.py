@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import config as config_mod
+from . import hardware
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
 from .retrieval import keyed
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # random stream ids of torch's generators (the epoch order and coins are keyed.py's)
 BINARIZE, NOISE = 2, 3
+# one line per start of the loop: when, from which epoch, on what machine (hardware.py)
+SESSIONS = "sessions.jsonl"
 
 
 def stream_seed(seed: int, stream: int, *key: int) -> int:
@@ -299,8 +302,10 @@ def fit(parts: Parts) -> dict:
             log.info("dropped %d metrics records after step %d (an attempt that did not reach "
                      "its next checkpoint)", dropped, state.step)
         p.tracker.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
-        if p.tags:
-            p.tracker.set_tags(p.tags)
+        session = hardware.session_record(state.epoch, state.step, cfg.train.device)
+        with open(p.run / SESSIONS, "a") as f:
+            f.write(json.dumps(session) + "\n")
+        p.tracker.set_tags({**hardware.hardware_tags(session), **(p.tags or {})})
     summary: dict = {}
     try:
         while state.epoch < cfg.train.epochs and not state.stopper.should_stop:
@@ -436,6 +441,29 @@ def validate(p: Parts, centres: Optional[torch.Tensor]) -> dict:
     return {"elbo": elbo / total, "log_px": log_px / total, "kl": kl / total}
 
 
+def run_time(run: Path) -> dict:
+    """wall_seconds: the sum of the epochs' wall times in metrics.jsonl (every session of the
+    run, none counted twice: rewind drops a dead attempt's records); sessions: how many starts
+    sessions.jsonl records, and the distinct machines (host, CPU, GPU, torch threads)."""
+    wall = 0.0
+    if (run / "metrics.jsonl").is_file():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            try:
+                wall += json.loads(line).get("epoch_seconds") or 0.0
+            except json.JSONDecodeError:
+                continue
+    machines, starts = [], 0
+    if (run / SESSIONS).is_file():
+        for line in (run / SESSIONS).read_text().splitlines():
+            s = json.loads(line)
+            starts += 1
+            machine = {k: s.get(k) for k in ("host", "cpu", "cores", "gpu", "torch_threads")}
+            if machine not in machines:
+                machines.append(machine)
+    return {"wall_seconds": wall, "wall_hours": wall / 3600, "sessions": starts,
+            "machines": machines}
+
+
 def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker) -> dict:
     """The end of a run (rank 0): summary.json (atomically; a rerun of a finished run keeps
     the summary it had), the final config and best checkpoint to the tracker."""
@@ -445,7 +473,7 @@ def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker) -> dic
         log.info("early stopping: no validation improvement for %d epochs", stopper.patience)
     if not summary and (run / "summary.json").is_file():  # rerun of a finished run
         summary = json.loads((run / "summary.json").read_text())
-    summary = strict({**summary, "stopped_early": stopper.should_stop})
+    summary = strict({**summary, "stopped_early": stopper.should_stop, **run_time(run)})
     tmp = run / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
     tmp.replace(run / "summary.json")

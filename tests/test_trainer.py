@@ -1,6 +1,7 @@
 """The one-process trainer on real MNIST: it learns, checkpoints, resumes, and fails clearly."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -72,6 +73,8 @@ def test_mlflow_run_holds_metrics_and_sample_grid(tmp_path, smoke_cfg):
     assert "val_elbo" in run.data.metrics and run.data.params["prior.k"] == "10"
     samples = [a.path for a in client.list_artifacts(info["run_id"], "samples")]
     assert samples == ["samples/epoch_0001.png"]
+    assert run.data.tags["hardware.cores"] == str(os.cpu_count())
+    assert run.data.tags["hardware.torch"] == torch.__version__
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path, smoke_cfg):
@@ -170,6 +173,15 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, smoke_cfg):
     a = [{k: v for k, v in r.items() if k not in drop} for r in records(whole.run_path())]
     b = [{k: v for k, v in r.items() if k not in drop} for r in records(parts.run_path())]
     assert len(a) == 22 and a == b  # 20 steps + 2 epochs, every number equal
+    # each start is recorded with its machine; the wall time sums both sessions' epochs
+    sessions = [json.loads(line) for line in
+                (parts.run_path() / "sessions.jsonl").read_text().splitlines()]
+    assert [s["from_epoch"] for s in sessions] == [0, 1]
+    assert sessions[0]["cores"] == os.cpu_count() and sessions[0]["torch"] == torch.__version__
+    summary = json.loads((parts.run_path() / "summary.json").read_text())
+    epochs = [r["epoch_seconds"] for r in records(parts.run_path()) if "epoch_seconds" in r]
+    assert len(epochs) == 2 and summary["wall_seconds"] == pytest.approx(sum(epochs))
+    assert summary["sessions"] == 2 and len(summary["machines"]) == 1
 
 
 def test_early_stopping_stops_and_best_holds_the_best_epoch(tmp_path, smoke_cfg):
