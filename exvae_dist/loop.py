@@ -36,6 +36,7 @@ import torch
 
 from . import config as config_mod
 from . import hardware
+from .curves import plot_curves
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
 from .retrieval import keyed
@@ -423,6 +424,7 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
         if cfg.tracking.sample_grid:
             grid = write_sample_grid(p.model, centres, p.run, state.epoch, p.image_shape)
             p.tracker.log_artifact(grid, "samples")
+        p.tracker.log_artifact(plot_curves([p.run], p.run / "curves.png"), "curves")
         log.info("epoch %d/%d: train loss %.2f, val ELBO %.2f%s (%.1f s, %.0f examples/s)",
                  state.epoch, cfg.train.epochs, summary["train_loss"], val["elbo"],
                  " (best)" if improved else "", summary["epoch_seconds"],

@@ -74,6 +74,8 @@ def test_mlflow_run_holds_metrics_and_sample_grid(tmp_path, smoke_cfg):
     samples = [a.path for a in client.list_artifacts(info["run_id"], "samples")]
     assert samples == ["samples/epoch_0001.png"]
     assert run.data.tags["hardware.cores"] == str(os.cpu_count())
+    assert [a.path for a in client.list_artifacts(info["run_id"], "curves")] == [
+        "curves/curves.png"]
     assert run.data.tags["hardware.torch"] == torch.__version__
 
 
@@ -265,3 +267,17 @@ def test_write_back_puts_the_steps_fresh_means_into_the_cache(tmp_path, data_dir
     assert torch.equal(parts.cache.centres()[others], stale[others])  # nothing else moved
     with pytest.raises(config_mod.ConfigError, match="write_back"):
         config_mod.check_trainer_keys(cfg, "ray")
+
+
+def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke_cfg):
+    from exvae_dist.curves import epoch_records, main
+
+    cfg = smoke_cfg(tmp_path, "train.epochs=2", "tracking.enabled=false")
+    fit(cfg)
+    assert (cfg.run_path() / "curves.png").is_file()  # drawn by the loop every epoch
+    assert [r["epoch"] for r in epoch_records(cfg.run_path())] == [1, 2]
+    out = tmp_path / "both.png"
+    main([str(cfg.run_path()), str(cfg.run_path()), "--out", str(out), "--labels", "a,b"])
+    assert out.stat().st_size > 1000 and not list(tmp_path.glob("*.tmp.png"))
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        main([str(tmp_path / "nothing"), "--out", str(out)])
