@@ -123,7 +123,7 @@ def main() -> None:
         rows.append((f"ours, {k}-nearest truncated (LOWER BOUND)", ips, ips / base_ips, gap, ""))
         result["truncated"][k] = {"images_per_s": ips, "speedup": ips / base_ips,
                                   "mean_gap_nats": gap, "max_gap_nats": (exact - low).max().item()}
-    print(f"\n| method | test images / s | x reference style | mean gap to exact (nats) | notes |")
+    print("\n| method | test images / s | x reference style | mean gap to exact (nats) | notes |")
     print("|---|---|---|---|---|")
     for name, ips, ratio, gap, note in rows:
         g = "" if gap is None else f"{gap:.4f}"

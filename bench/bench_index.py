@@ -1,12 +1,17 @@
 """Index and index-service benchmark: build time, queries/s and recall@10 of kind=auto's IVF
-(IVF<N/64>_HNSW32,Flat) with 1 and 2 shards against exact search in the same run, peak RSS
-per N; service round trip with 1 and 2 shard actors vs a no-op actor call.
+(IVF<N/64>_HNSW32,Flat, nprobe calibrated to recall 0.95 at build) with 1 and 2 shards
+against exact search in the same run, peak RSS per N; service round trip with 1 and 2 shard
+actors (exact and IVF) vs a no-op actor call.
 
     python bench/bench_index.py                       # quick: N = 1e5, 1e6
     python bench/bench_index.py --sizes 1e5,1e6,1e7   # 1e7 needs ~6 GB RAM and many minutes
     python bench/bench_index.py --service-size 0      # skip the Ray service part
+    python bench/bench_index.py --data deformed --encoder runs/mnist_vae_gaussian
 
-Latents are synthetic and clustered (100 Gaussian clusters, unit centres, unit spread, d=40).
+Latents: --data synthetic (default): 100 Gaussian clusters, unit centres, unit spread, d=40,
+every dimension used (the hard case for any index); --data deformed: the encoder means of
+deformed MNIST digits (exvae_dist/data/deformed.py) under a trained run's encoder, i.e. what
+a training run at that N indexes (made once into --cache; ~1 min per 1e6 rows per core).
 Each N runs in its own child process so that its peak RSS is its own.
 """
 
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +46,50 @@ def clustered(n: int, d: int = D, n_clusters: int = 100, seed: int = 0) -> np.nd
         out[lo:hi] = centres[rng.integers(0, n_clusters, hi - lo)]
         out[lo:hi] += rng.standard_normal((hi - lo, d), dtype=np.float32)
     return out
+
+
+def deformed_latents(n: int, encoder: str, cache: Path, block: int = 8192) -> np.ndarray:
+    """[n, d] float32 encoder means of deformed-MNIST rows 0..n-1 (exvae_dist/data/deformed.py,
+    seed 0): the latents a real run at that N indexes. encoder: a trained run folder. Made once
+    per (encoder checkpoint, n) into `cache` (temp name, then rename) and memory-mapped after."""
+    import hashlib
+
+    ckpt = _checkpoint_of(encoder)
+    tag = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
+    path = cache / f"deformed_{n}_{tag}.npy"
+    if not path.exists():
+        import torch
+
+        from exvae_dist.evaluation.runs import load_run
+        from exvae_dist.ingest import DeformedMnistSource
+        from exvae_dist.objective import encode_means
+
+        torch.set_num_threads(1)
+        net = load_run(str(ckpt)).model.net
+        source = DeformedMnistSource(n, seed=0, data_root=os.environ.get("EXVAE_DATA_DIR"))
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                        shape=(n, net.top_dim))
+        start = time.perf_counter()
+        for lo in range(0, n, block):
+            rows = np.arange(lo, min(n, lo + block))
+            images, _ = source.read(rows)
+            x = torch.from_numpy(images.reshape(len(rows), -1)).float().div_(255)
+            out[lo:lo + len(rows)] = encode_means(net, x).numpy()
+            if lo // block % 100 == 0:
+                print(f"deformed latents {lo + len(rows):,} / {n:,} "
+                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def _checkpoint_of(encoder: str) -> Path:
+    from exvae_dist.checkpoint import find_checkpoint
+
+    return find_checkpoint(Path(encoder), prefer_best=True)
 
 
 def qps(parts, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
@@ -84,8 +134,21 @@ def nprobe_sweep(index, queries: np.ndarray, truth: np.ndarray, nprobes) -> list
     return out
 
 
+def latents_and_queries(n: int, data: str, total: int, encoder: str = "",
+                        cache: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The first n latents and BATCH queries that are not among them. synthetic: the
+    clustered mixture. deformed: encoder means of deformed MNIST, the queries being rows
+    [total, total + BATCH) (the same queries at every N of a run)."""
+    if data == "synthetic":
+        x = clustered(n + BATCH, seed=1)
+        return x[:n], x[n:]
+    x = deformed_latents(total + BATCH, encoder, Path(cache))
+    return x[:n], np.ascontiguousarray(x[total:total + BATCH])  # rows stay memory-mapped
+
+
 def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2),
-               nprobes: tuple[int, ...] = ()) -> dict:
+               nprobes: tuple[int, ...] = (), source: tuple = ("synthetic", 0),
+               keep: str = "") -> dict:
     """One N: exact search, then kind=auto's IVF over each of shard_counts, in this process."""
     import faiss
 
@@ -93,8 +156,7 @@ def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2),
     from exvae_dist.retrieval.index import build_index, describe, recall_at_k
 
     faiss.omp_set_num_threads(threads)
-    data = clustered(n + BATCH, seed=1)
-    latents, queries = data[:n], data[n:]
+    latents, queries = latents_and_queries(n, *source)
     ivf = IndexConfig(kind="auto", auto_exact_below=0)  # the IVF at every N, 1e5 included
     kinds = {"flat (exact)": (IndexConfig(kind="flat"), 1)}
     kinds.update({f"auto IVF, {s} shard{'s' if s > 1 else ''}": (ivf, s) for s in shard_counts})
@@ -119,10 +181,37 @@ def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2),
                      "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
         if shards == 1 and cfg.kind == "auto" and nprobes:
             rows[-1]["sweep"] = nprobe_sweep(parts[0][0], queries, truth, nprobes)
+        if keep:  # for the interleaved timing across N (bench_timing)
+            folder = Path(keep) / f"{n}_{name.replace(' ', '_')}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for s, (index, lo) in enumerate(parts):
+                faiss.write_index(index, str(folder / f"shard{s}_{lo}.faiss"))
+            np.save(folder / "queries.npy", queries)
         del parts
     auto = IndexConfig()
     rows.append({"n": n, "auto_kind": "flat" if n < auto.auto_exact_below else "ivfhnsw"})
     return {"rows": rows, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def bench_timing(keep: str, threads: int, rounds: int) -> dict:
+    """queries/s of every index the size children kept, measured in ONE process, each index
+    in turn every round (best of 3 passes), the median over rounds: the load of a shared machine hits every N
+    alike, so the ratios across N are sound (each size child ran at its own time)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    folders = sorted(p for p in Path(keep).iterdir() if p.is_dir())
+    loaded = {}
+    for folder in folders:
+        shards = sorted(folder.glob("shard*.faiss"), key=lambda p: int(p.stem.split("_")[0][5:]))
+        parts = [(faiss.read_index(str(p)), int(p.stem.split("_")[1])) for p in shards]
+        loaded[folder.name] = (parts, np.load(folder / "queries.npy"))
+    times = {name: [] for name in loaded}
+    for _ in range(rounds):
+        for name, (parts, queries) in loaded.items():
+            rate, _ = qps(parts, queries, repeats=3)  # best of 3 passes, then the median
+            times[name].append(len(queries) / rate)
+    return {name: len(loaded[name][1]) / float(np.median(t)) for name, t in times.items()}
 
 
 def bench_service(n: int, threads: int) -> dict:
@@ -164,25 +253,29 @@ def bench_service(n: int, threads: int) -> dict:
         noop = NoOp.remote()
         ray.get(noop.ping.remote())
         result["noop_ms"] = med(latency(lambda: ray.get(noop.ping.remote(queries, K)), 200))
-        for shards in (1, 2):
-            cfg = IndexConfig(service_threads=threads)
-            handles = start_index_shards(str(store.path), cfg, shards=shards)
-            client = ShardedSearch(handles)
-            status = client.wait_served(1, timeout=1200)
-            client.search(queries, K)
-            result[f"search_ms_{shards}"] = med(latency(lambda: client.search(queries, K), 200))
-            result[f"index_{shards}"] = status["kind"]
-            for h in handles:
-                ray.kill(h)
+        # kind=auto as configured (exact below auto_exact_below), and its IVF at this N
+        kinds = {"auto": IndexConfig(service_threads=threads),
+                 "ivf": IndexConfig(service_threads=threads, auto_exact_below=0)}
+        for kind, cfg in kinds.items():
+            for shards in (1, 2):
+                handles = start_index_shards(str(store.path), cfg, shards=shards)
+                client = ShardedSearch(handles)
+                status = client.wait_served(1, timeout=1200)
+                client.search(queries, K)
+                result[f"{kind}_ms_{shards}"] = med(latency(lambda: client.search(queries, K),
+                                                            200))
+                result[f"{kind}_index_{shards}"] = status["kind"]
+                for h in handles:
+                    ray.kill(h)
     ray.shutdown()
     return result
 
 
 def run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+    # the child's log (build phases, calibrated nprobe) goes straight to this stderr
+    out = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True,
                          cwd=REPO)
     if out.returncode:
-        sys.stderr.write(out.stderr)
         raise SystemExit(f"child {args} failed with exit code {out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -197,15 +290,43 @@ def main() -> None:
                         help="comma-separated shard counts of the IVF, e.g. 1 to skip 2 shards")
     parser.add_argument("--nprobe-sweep", default="",
                         help="also search the 1-shard IVF at these nprobe values, e.g. 128,256")
+    parser.add_argument("--data", choices=("synthetic", "deformed"), default="synthetic",
+                        help="synthetic: 100 Gaussian clusters in 40-d (full intrinsic "
+                             "dimension, the hard case); deformed: encoder means of deformed "
+                             "MNIST (what a run at that N indexes; needs --encoder)")
+    parser.add_argument("--encoder", default="",
+                        help="--data deformed: a trained run folder (or checkpoint) whose "
+                             "encoder makes the latents, e.g. runs/mnist_vae_gaussian")
+    parser.add_argument("--cache", default=str(REPO / "bench" / "out" / "latents"),
+                        help="--data deformed: where the latents are kept between runs "
+                             "(~160 MB per 1e6 rows)")
     parser.add_argument("--json", help="also write the per-N results to this JSON file")
+    parser.add_argument("--workdir", default=None,
+                        help="where the built indexes wait for the interleaved timing "
+                             "(default: the system's temp folder; ~5 GB at N = 1e7)")
     parser.add_argument("--child-size", help=argparse.SUPPRESS)
     parser.add_argument("--child-service", help=argparse.SUPPRESS)
+    parser.add_argument("--total", default="0", help=argparse.SUPPRESS)
+    parser.add_argument("--child-timing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keep", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=11,
+                        help="interleaved timing rounds across N (median per index)")
     args = parser.parse_args()
+    if args.child_size or args.child_service:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("exvae_dist.retrieval.index").setLevel(logging.INFO)
     if args.child_size:
         shard_counts = tuple(int(s) for s in args.shards.split(",") if s)
         nprobes = tuple(int(p) for p in args.nprobe_sweep.split(",") if p)
+        source = (args.data, int(args.total), args.encoder, args.cache)
         print(json.dumps(bench_size(int(float(args.child_size)), args.threads, shard_counts,
-                                    nprobes)))
+                                    nprobes, source, args.keep)))
+        return
+    if args.child_timing:
+        print(json.dumps(bench_timing(args.keep, args.threads, args.rounds)))
         return
     if args.child_service:
         print(json.dumps(bench_service(int(float(args.child_service)), args.threads)))
@@ -213,15 +334,23 @@ def main() -> None:
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
     results = {}
+    if args.data == "deformed":
+        if not args.encoder:
+            parser.error("--data deformed needs --encoder RUN (a trained MNIST run folder)")
+        deformed_latents(max(sizes) + BATCH, args.encoder, Path(args.cache))  # made once, here
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    keep = tempfile.mkdtemp(prefix="bench_index_", dir=args.workdir)  # built indexes, for timing
     print(f"d={D}, k={K}, {BATCH} queries in batches of {BATCH}, {args.threads} FAISS threads; "
           f"recall@10 against the exact flat index of the same run", flush=True)
     print("| N | index | build s | queries/s | recall@10 | peak RSS GB so far | vectors "
           "scanned / query | HNSW walk share of search CPU |\n|---|---|---|---|---|---|---|---|", flush=True)
     for n in sizes:
         res = run_child(["--child-size", str(n), "--threads", str(args.threads),
-                         "--shards", args.shards, "--nprobe-sweep", args.nprobe_sweep])
+                         "--data", args.data, "--encoder", args.encoder, "--cache", args.cache,
+                         "--total", str(max(sizes)),
+                         "--shards", args.shards, "--nprobe-sweep", args.nprobe_sweep,
+                         "--keep", keep])
         results[n] = res
         if args.json:  # after every N, so that a long run killed later keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=1))
@@ -239,11 +368,23 @@ def main() -> None:
             for row in results[n]["rows"]:
                 for p in row.get("sweep", []):
                     print(f"| {n:.0e} | {p['nprobe']} | {p['qps']:,.0f} | {p['recall']:.3f} |")
+    timing = run_child(["--child-timing", "--keep", keep, "--threads", str(args.threads),
+                        "--rounds", str(args.rounds)])
+    shutil.rmtree(keep)
+    folder = lambda n, kind: f"{n}_{kind.replace(' ', '_')}"  # noqa: E731 (bench_size's)
+    kinds = [r["kind"] for r in results[sizes[0]]["rows"] if "kind" in r]
+    print(f"\nqueries/s measured in one process, {args.rounds} rounds of one pass per index, "
+          f"interleaved (median):\n| N | " + " | ".join(kinds) + " |\n|---|"
+          + "---|" * len(kinds))
+    for n in sizes:
+        print(f"| {n:.0e} | " + " | ".join(f"{timing[folder(n, k)]:,.0f}" for k in kinds) + " |")
+    if args.json:
+        results["interleaved_qps"] = timing
+        Path(args.json).write_text(json.dumps(results, indent=1))
     if len(sizes) > 1:
         lo, hi = min(sizes), max(sizes)
-        rate = lambda n, kind: next(r["qps"] for r in results[n]["rows"]  # noqa: E731
-                                    if r.get("kind") == kind)
-        for kind in [r["kind"] for r in results[lo]["rows"] if "kind" in r][::-1]:
+        rate = lambda n, kind: timing[folder(n, kind)]  # noqa: E731
+        for kind in kinds[::-1]:
             print(f"query time at N={hi:.0e} / at N={lo:.0e}, {kind}: "
                   f"{rate(lo, kind) / rate(hi, kind):.2f}x (target for the IVF <= 1.5x)")
         pick = lambda n: ("flat (exact)" if results[n]["rows"][-1]["auto_kind"] == "flat"  # noqa
@@ -254,12 +395,15 @@ def main() -> None:
     service_n = int(float(args.service_size))
     if service_n:
         s = run_child(["--child-service", str(service_n), "--threads", str(args.threads)])
-        print(f"\nservice at N={service_n:.0e} ({s['index_1']}), one call = {BATCH} x {D} "
-              f"queries, k={K}, medians of 200 calls:")
-        print("| no-op actor call ms | 1 shard ms | 2 shards ms | 1 shard / no-op | "
+        print(f"\nservice at N={service_n:.0e}, one call = {BATCH} x {D} queries, k={K}, "
+              f"medians of 200 calls; no-op actor call carrying the same array: "
+              f"{s['noop_ms']:.2f} ms")
+        print("| index (1 shard) | 1 shard ms | 2 shards ms | 1 shard / no-op | "
               "2 shards / no-op |\n|---|---|---|---|---|")
-        print(f"| {s['noop_ms']:.2f} | {s['search_ms_1']:.2f} | {s['search_ms_2']:.2f} | "
-              f"{s['search_ms_1'] / s['noop_ms']:.1f}x | {s['search_ms_2'] / s['noop_ms']:.1f}x |")
+        for kind in ("auto", "ivf"):
+            one, two = s[f"{kind}_ms_1"], s[f"{kind}_ms_2"]
+            print(f"| {s[f'{kind}_index_1']} | {one:.2f} | {two:.2f} | "
+                  f"{one / s['noop_ms']:.1f}x | {two / s['noop_ms']:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Optional
 
 import faiss
@@ -95,10 +96,15 @@ def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.I
     if kind == "flat":
         index = _gpu_or_cpu(faiss.IndexFlatL2(d), cfg)
     elif kind == "ivfhnsw":
+        t0 = time.perf_counter()
         index = _trained_ivfhnsw(x, cfg, seed)
+        t1 = time.perf_counter()
         _add_assigning_cheaply(index, x)
+        t2 = time.perf_counter()
         if cfg.auto_target_recall > 0:
             calibrate_nprobe(index, x, cfg, seed)
+        log.info("%s over %d rows: k-means %.1f s, adding %.1f s, calibration %.1f s",
+                 describe(index), n, t1 - t0, t2 - t1, time.perf_counter() - t2)
         return index
     else:
         index = _with_refine(_trained_ivfpq(x, cfg, seed), cfg)
