@@ -119,8 +119,9 @@ def phase_refresh(store_path: Path) -> dict:
     import torch
 
     from exvae_dist import config as config_mod
-    from exvae_dist.objective import build_model, encode_means
+    from exvae_dist.objective import build_model
     from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.train.refresh import encode_into_version
     from exvae_dist.train.store_images import StoreImages
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -129,10 +130,7 @@ def phase_refresh(store_path: Path) -> dict:
     net = build_model(config_mod.load(None, [], env={}), tuple(store.image_shape)).net
     t = time.perf_counter()
     version = store.claim_version()  # above any version a training run left in the store
-    block = store.chunk_rows  # rows in, latents out: one chunk-aligned block at a time
-    for start in range(0, store.n, block):
-        x = images[start:start + block]
-        store.write_rows(version, start, encode_means(net, x).numpy())
+    encode_into_version(store, version, net, images, 0, store.n)
     store.mark_complete(version)
     return {"refresh_s": time.perf_counter() - t, "refresh_rss_mb": rss_mb()}
 

@@ -424,7 +424,8 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
         if cfg.tracking.sample_grid:
             grid = write_sample_grid(p.model, centres, p.run, state.epoch, p.image_shape)
             p.tracker.log_artifact(grid, "samples")
-        p.tracker.log_artifact(plot_curves([p.run], p.run / "curves.png"), "curves")
+        if metrics_log is not None:  # the curves are drawn from the run's metrics.jsonl
+            p.tracker.log_artifact(plot_curves([p.run], p.run / "curves.png"), "curves")
         log.info("epoch %d/%d: train loss %.2f, val ELBO %.2f%s (%.1f s, %.0f examples/s)",
                  state.epoch, cfg.train.epochs, summary["train_loss"], val["elbo"],
                  " (best)" if improved else "", summary["epoch_seconds"],

@@ -28,6 +28,25 @@ from .store_images import StoreImages
 log = logging.getLogger(__name__)
 
 
+def encode_into_version(store: ExemplarStore, version: int, net: LatentVariableModel,
+                        images, start: int, stop: int, block_rows: int = 8192,
+                        batch_size: int = 2000,
+                        device: torch.device = torch.device("cpu")) -> None:
+    """Encodes exemplar rows [start, stop) of `images` (StoreImages) with `net`, no
+    gradients, and writes them into latent `version`: rows in, latents out, one block of
+    ~block_rows (a whole number of store chunks) at a time, so memory stays one block
+    whatever N is. The refresh of the training workers, the encoder actors and bench_scale
+    all write versions this way."""
+    block = store.chunk_rows * max(1, block_rows // store.chunk_rows)
+    for a in range(start, stop, block):
+        b = min(stop, a + block)
+        out = []
+        for c in range(a, b, batch_size):  # images read a batch at a time
+            x = images[c:min(b, c + batch_size)].to(device)
+            out.append(encode_means(net, x).float().cpu())
+        store.write_rows(version, a, torch.cat(out).numpy())
+
+
 class LatentRefresh:
     """Writes latent versions of the exemplar cache from all ranks; rank 0 publishes them.
 
@@ -82,15 +101,6 @@ class LatentRefresh:
             self.service.refresh(reuse)  # a no-op when a restarted service already has it
         return reuse
 
-    @torch.no_grad()
-    def encode_rows(self, net: LatentVariableModel, start: int, stop: int) -> torch.Tensor:
-        """Encoder means of exemplar rows [start, stop): [stop - start, d] float32 on the CPU."""
-        out = []
-        for a in range(start, stop, self.batch_size):  # rows read a batch at a time
-            x = self.images[a:min(stop, a + self.batch_size)].to(self.device)
-            out.append(encode_means(net, x).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, net.top_dim)
-
     def publish_background(self, net: LatentVariableModel, step: int) -> None:
         """Rank 0 hands a new version to the encoder actors and returns at once (poll()
         completes it); other ranks do nothing. Skipped while a version is in flight."""
@@ -131,12 +141,9 @@ class LatentRefresh:
         version = self.group.broadcast_int(version)  # hook: issue16 (rank 0's claimed number)
         self._next = version + 1
         self.group.barrier()
-        start, stop = self.rows
-        # rows in, latents out, a whole number of chunks at a time: memory stays one block
-        block = self.store.chunk_rows * max(1, self.batch_size * 4 // self.store.chunk_rows)
-        for a in range(start, stop, block):
-            b = min(stop, a + block)
-            self.store.write_rows(version, a, self.encode_rows(net, a, b).numpy())
+        encode_into_version(self.store, version, net, self.images, *self.rows,
+                            block_rows=4 * self.batch_size, batch_size=self.batch_size,
+                            device=self.device)
         self.group.barrier()
         if self.group.rank == 0:
             self.store.mark_complete(version, keep=self.keep_versions)

@@ -23,8 +23,9 @@ from typing import Optional
 import torch
 
 from .. import config as config_mod
-from ..objective import build_model, encode_means
+from ..objective import build_model
 from ..retrieval.store import ExemplarStore
+from .refresh import encode_into_version
 from .store_images import StoreImages
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,13 @@ class RefreshEncoder:
         self.model = build_model(cfg, tuple(image_shape)).eval()
         # chunk-aligned rows (encoders never share a chunk), written whole chunks at a time
         self.start, self.stop = self.store.row_range(worker, workers)
-        self.block_rows = self.store.chunk_rows * max(1, 8192 // self.store.chunk_rows)
 
     def encode(self, weights: dict, version: int) -> int:
         """Encodes this encoder's rows into `version` with `weights` (the state dict of the
         model's net); returns the number of rows written."""
         self.model.net.load_state_dict(weights)
-        for a in range(self.start, self.stop, self.block_rows):
-            b = min(self.stop, a + self.block_rows)
-            latents = encode_means(self.model.net, self.images[a:b]).float().numpy()
-            self.store.write_rows(version, a, latents)
+        encode_into_version(self.store, version, self.model.net, self.images, self.start,
+                            self.stop)
         return self.stop - self.start
 
 
