@@ -130,6 +130,13 @@ class TrainConfig:
     # (each carries a weight below the threshold in every row). Gradients into the posterior
     # sample and into the prior's log-variance stay exact. A stated approximation.
     exemplar_grad_threshold: float = 0.0
+    # random: every batch a uniform draw without replacement (SGD as the paper trains).
+    # local: each batch drawn from ~local_cells cells of the exemplar latents (k-means of the
+    # cache at every epoch's start), so the batch elements' neighbours overlap and a RAT step
+    # re-encodes fewer distinct exemplars; changes SGD's batch distribution: a stated trade
+    # (bench/README.md). One-process trainer, exemplar prior only.
+    batching: str = "random"
+    local_cells: int = 4  # batching=local: cells per batch (each cell ~batch_size / this)
     # A rerun of an existing run folder resumes only when the settings that define the run
     # (run_folder.IDENTITY: data, model, prior, optimisation) match its fingerprint.json.
     # allow_changed=true resumes anyway with the new settings (recorded in fingerprint.json);
@@ -308,6 +315,7 @@ CHOICES = {
     "prior.search_precision": ("float32", "bfloat16"),
     "train.device": ("cpu", "cuda"),
     "train.exemplar_precision": ("float32", "bfloat16"),
+    "train.batching": ("random", "local"),
     "index.kind": ("auto", "flat", "ivfpq"),
     "eval.checkpoint": ("best", "latest"),
     "augment.generated": ("mean", "bernoulli"),
@@ -328,7 +336,8 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
              "train.early_stop_patience", "eval.prior_neighbours", "eval.n_test",
              "eval.validation_samples", "index.nlist", "index.pq_m", "index.nprobe",
              "index.train_size", "index.keep_versions", "index.service_threads",
-             "index.build_threads", "index.auto_recall_k", "index.auto_calibration_queries")
+             "index.build_threads", "index.auto_recall_k", "index.auto_calibration_queries",
+             "train.local_cells")
 # may be 0 (seeds, counts of nothing, "off")
 NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",
@@ -395,6 +404,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.index.kind == "ivfpq" and cfg.model.z_dim % cfg.index.pq_m:
         raise ConfigError(f"index.pq_m={cfg.index.pq_m} must divide model.z_dim="
                           f"{cfg.model.z_dim} (PQ splits each latent into pq_m parts)")
+    if cfg.train.batching == "local" and cfg.prior.kind != "exemplar":
+        raise ConfigError(f"train.batching=local groups batches by cells of the exemplar "
+                          f"latents, which prior.kind={cfg.prior.kind} does not have: use "
+                          f"prior.kind=exemplar or train.batching=random")
     if cfg.train.allow_changed and cfg.train.overwrite:
         raise ConfigError("train.allow_changed=true and train.overwrite=true contradict each "
                           "other: resume with the new settings, or start over; pick one")
@@ -497,6 +510,11 @@ def check_trainer_keys(cfg: "ExperimentConfig", trainer: str) -> None:
             raise ConfigError("prior.write_back updates the one-process trainer's in-memory "
                               "cache; on Ray the latents live in the store and the index "
                               "actors: leave it false, or train with --no-ray")
+        if cfg.train.batching != "random":
+            raise ConfigError("train.batching=local orders the epoch by k-means cells of the "
+                              "one-process trainer's in-memory cache (O(N) per epoch); the "
+                              "Ray trainer draws keyed random batches: leave it random, or "
+                              "train with --no-ray")
         if cfg.prior.search_precision != "float32":
             raise ConfigError("prior.search_precision applies to the one-process trainer's "
                               "in-memory search; the Ray trainer searches the FAISS index "

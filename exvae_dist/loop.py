@@ -40,13 +40,14 @@ from .curves import plot_curves
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
 from .retrieval import keyed
+from .retrieval.index import kmeans_cells
 from .sampling import sample_images, save_grid
 from .step import NeighbourSearch, PriorSampler, log_var_value, train_step, validation_elbo
 
 log = logging.getLogger(__name__)
 
 # random stream ids of torch's generators (the epoch order and coins are keyed.py's)
-BINARIZE, NOISE = 2, 3
+BINARIZE, NOISE, LOCAL_BATCHES = 2, 3, 4
 # one line per start of the loop: when, from which epoch, on what machine (hardware.py)
 SESSIONS = "sessions.jsonl"
 
@@ -79,6 +80,47 @@ class EpochBatches(Sequence):
         start = i * self.batch_size
         return self.order(np.arange(start, min(start + self.batch_size, self.n), dtype=np.int64))
 
+
+class CellBatches(Sequence):
+    """train.batching=local: the epoch's batches, each of consecutive members of an order
+    that lists the exemplars cell by cell (cells: [N] k-means cell of each exemplar's
+    latent), so a batch spans ~local_cells cells and its elements' retrieved neighbours
+    overlap. The order of the cells, of the exemplars inside each cell and of the batches
+    is keyed by (seed, epoch), as EpochBatches' shuffle; the last short batch is dropped.
+    Holds O(N) ids: the one-process trainer only."""
+
+    def __init__(self, cells: np.ndarray, batch_size: int, seed: int, epoch: int,
+                 max_steps: Optional[int] = None):
+        cells = np.asarray(cells, dtype=np.int64)
+        n = len(cells)
+        rng = np.random.default_rng(stream_seed(seed, LOCAL_BATCHES, epoch))
+        cell_rank = rng.permutation(int(cells.max()) + 1)
+        order = np.argsort(cell_rank[cells] * n + rng.permutation(n), kind="stable")
+        steps = n // batch_size if n >= batch_size else 1
+        size = min(n, batch_size)
+        self.batches = order[:steps * size].reshape(steps, size)[rng.permutation(steps)]
+        self.steps = min(steps, max_steps) if max_steps else steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.steps <= i < self.steps:
+            raise IndexError(f"batch {i} of an epoch of {self.steps}")
+        return self.batches[i % self.steps]
+
+
+def epoch_batches(p: "Parts", epoch: int) -> Sequence:
+    """The batches of `epoch` as cfg.train.batching says (random: EpochBatches; local:
+    CellBatches over k-means cells of the cache's newest latents, ~batch_size / local_cells
+    exemplars per cell)."""
+    cfg, n = p.cfg.train, len(p.train_images)
+    if cfg.batching == "local":
+        centres = p.cache.centres()
+        n_cells = max(1, round(n * cfg.local_cells / cfg.batch_size))
+        cells = kmeans_cells(np.asarray(centres.float().cpu()), n_cells, seed=cfg.seed + epoch)
+        return CellBatches(cells, cfg.batch_size, cfg.seed, epoch, cfg.max_steps_per_epoch)
+    return EpochBatches(n, cfg.batch_size, cfg.seed, epoch, cfg.max_steps_per_epoch)
 
 
 def refresh_interval(prior_cfg, n: int, batch_size: int) -> int:
@@ -329,8 +371,7 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
     t0 = time.perf_counter()
     beta = kl_beta(epoch, cfg.train.warmup_epochs)
     p.model.train()
-    batches = EpochBatches(len(p.train_images), cfg.train.batch_size, seed, epoch,
-                            cfg.train.max_steps_per_epoch)
+    batches = epoch_batches(p, epoch)
     last_refresh = state.step  # a version of these weights exists (start or epoch end)
     interval = refresh_interval(cfg.prior, len(p.train_images), cfg.train.batch_size)
     mid_refresh_seconds = 0.0

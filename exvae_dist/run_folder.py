@@ -46,7 +46,8 @@ IDENTITY: dict[str, Optional[tuple[str, ...]]] = {
     "model": None,  # every key
     "prior": None,
     "train": ("batch_size", "lr", "normalize_grads", "warmup_epochs", "seed",
-              "max_steps_per_epoch", "exemplar_precision", "exemplar_grad_threshold"),
+              "max_steps_per_epoch", "exemplar_precision", "exemplar_grad_threshold",
+              "batching", "local_cells"),
 }
 # Identity keys that no checkpoint can survive: the network's shapes, the prior's parameters
 # and the exemplar set (the store and the sampler hold one row per training image).

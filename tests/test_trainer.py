@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,3 +282,34 @@ def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke
     assert out.stat().st_size > 1000 and not list(tmp_path.glob("*.tmp.png"))
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         main([str(tmp_path / "nothing"), "--out", str(out)])
+
+
+def test_cell_batches_draw_each_exemplar_once_from_few_cells():
+    from exvae_dist.loop import CellBatches
+
+    rng = np.random.default_rng(0)
+    cells = rng.permutation(np.repeat(np.arange(40), 25))  # 40 cells of 25 = 1,000 ids
+    batches = CellBatches(cells, 100, seed=0, epoch=3)
+    ids = np.concatenate(list(batches))
+    assert len(batches) == 10 and sorted(ids) == list(range(1000))  # each id once
+    # a batch spans the 4 (here: 4 to 5) cells it is cut from, not ~40 as a random one
+    assert max(len(set(cells[b])) for b in batches) <= 5
+    again = CellBatches(cells, 100, seed=0, epoch=3)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))  # keyed
+    other = CellBatches(cells, 100, seed=0, epoch=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+    assert len(CellBatches(cells, 100, 0, 0, max_steps=3)) == 3
+
+
+def test_local_batching_retrieves_fewer_distinct_candidates(tmp_path, smoke_cfg):
+    common = ("train.epochs=2", "tracking.enabled=false", "train.log_every=1")
+    fit(smoke_cfg(tmp_path, "train.name=random", *common))
+    fit(smoke_cfg(tmp_path, "train.name=local", "train.batching=local", *common))
+    def candidates(name):  # epoch 2: the cells come from a trained encoder's latents
+        return np.mean([r["candidates"] for r in records(tmp_path / name)
+                        if "candidates" in r and r.get("epoch") == 1])
+    assert candidates("local") < 0.8 * candidates("random")
+    with pytest.raises(config_mod.ConfigError, match="train.batching=local"):
+        smoke_cfg(tmp_path, "train.batching=local", "prior.kind=gaussian")
+    with pytest.raises(config_mod.ConfigError, match="train.batching=local"):
+        config_mod.check_trainer_keys(smoke_cfg(tmp_path, "train.batching=local"), "ray")
