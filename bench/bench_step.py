@@ -26,10 +26,11 @@ from torch.nn import functional as F
 
 from exvae_dist import config as config_mod
 from exvae_dist.data import load_dataset
-from exvae_dist.loop import binarize, make_optimizer
+from exvae_dist.loop import CellBatches, binarize, make_optimizer
 from exvae_dist.objective import build_model
 from exvae_dist.priors import max_responsibility
 from exvae_dist.retrieval.exact import TorchExactSearch
+from exvae_dist.retrieval.index import kmeans_cells
 from exvae_dist.step import PriorSampler, exemplar_centres, train_step
 
 THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-6)
@@ -75,8 +76,16 @@ class OurStep:
         if cfg.prior.kind == "exemplar" and cfg.prior.rat:
             search.update(exemplar_centres(self.model, self.train_x))
         self.extra: dict = {"candidates": [], "grad_candidates": []}
+        self.local = None
+        if cfg.train.batching == "local":  # batches cut from k-means cells of the cache
+            n = self.train_x.shape[0]
+            cells = kmeans_cells(exemplar_centres(self.model, self.train_x).numpy(),
+                                 round(n * cfg.train.local_cells / cfg.train.batch_size))
+            self.local = CellBatches(cells, cfg.train.batch_size, seed=0, epoch=0)
 
     def __call__(self, ids: np.ndarray, i: int) -> None:
+        if self.local is not None:  # its own batch instead of the round's random one
+            ids = self.local[i % len(self.local)]
         x = binarize(self.train_x[ids], True, 0, i, 0)
         m = train_step(self.model, self.opt, x, self.sampler(self.model, ids, x, i), 1.0)
         self.extra["candidates"].append(m["candidates"])
@@ -237,6 +246,10 @@ def main() -> None:
         (f"RAT, bf16 + grad threshold {args.threshold:g}", lambda: OurStep([bf16, thr], splits, state)),
         ("RAT, bf16 encoding + bf16 search",
          lambda: OurStep([bf16, "prior.search_precision=bfloat16"], splits, state)),
+        ("RAT, local batching (4 cells per batch)",
+         lambda: OurStep(["train.batching=local"], splits, state)),
+        ("RAT, local batching (1 cell per batch)",
+         lambda: OurStep(["train.batching=local", "train.local_cells=1"], splits, state)),
     ]
     groups = {"all": [(exact, args.exact_steps), (rat, args.steps)], "exact": [(exact, args.exact_steps)],
               "rat": [(rat, args.steps)]}[args.only]

@@ -50,6 +50,7 @@ ADD_EF_SEARCH = 16
 # recall@k that kind=auto calibrates nprobe for when IndexConfig.auto_recall_k is None
 DEFAULT_RECALL_K = 10
 
+
 def resolve_kind(n: int, cfg: IndexConfig) -> str:
     """The concrete index kind ("flat", "ivfpq" or "ivfhnsw", auto's IVF) for N exemplars."""
     if cfg.kind == "auto":
@@ -152,6 +153,10 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
     log.info("calibrated nprobe %d of %d lists: recall@%d %.3f on %d of its own rows "
              "(target %.3f)", ivf.nprobe, ivf.nlist, k, recall, len(rows),
              cfg.auto_target_recall)
+    if recall < cfg.auto_target_recall:  # only with lossy codes: all lists are probed
+        log.warning("index.auto_target_recall=%.3f is out of reach of %s even probing every "
+                    "list (recall@%d %.3f): its codes lose it; use index.auto_codes=Flat",
+                    cfg.auto_target_recall, describe(index), k, recall)
     return ivf.nprobe, recall
 
 
