@@ -105,38 +105,46 @@ def test_auto_ivf_hnsw_reaches_recall_095_and_roundtrips_through_bytes():
     np.testing.assert_array_equal(search(again, q, 10)[0], ids)
 
 
-def _recall_without_self(index, x, rows, k):
-    """recall@k of index on rows of x as queries, each query's own row left out, against an
-    exhaustive numpy kNN (the calibration's definition, computed independently)."""
+def _recall_bound_without_self(index, x, rows, k):
+    """Mean recall@k and its lower confidence bound (mean less two standard errors)
+    of index on rows of x as queries, each query's own row left out, against an exhaustive
+    numpy kNN: the calibration's criterion, computed independently."""
     truth, _ = numpy_knn(x, x[rows], k + 1)
     found, _ = search(index, x[rows], k + 1)
-    hits = 0
+    per_query = []
     for r, f, t in zip(rows, found, truth):
         f = [i for i in f if i != r][:k]
         t = [i for i in t if i != r][:k]
-        hits += len(set(f) & set(t))
-    return hits / (len(rows) * k)
+        per_query.append(len(set(f) & set(t)) / k)
+    per_query = np.array(per_query)
+    return per_query.mean(), per_query.mean() - 2 * per_query.std() / np.sqrt(len(rows))
 
 
-def test_calibrated_nprobe_is_the_smallest_power_of_two_reaching_the_target():
+def test_calibrated_nprobe_is_the_smallest_power_of_two_whose_bound_reaches_the_target():
     x = clustered(12_000, d=16, seed=11)
-    cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_target_recall=0.9,
-                      auto_calibration_queries=300, auto_recall_k=5)
-    index = build_index(x, cfg, seed=3)
+    cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_calibration_queries=300,
+                      auto_recall_k=5)
+    # the same index uncalibrated, and the same 300 rows the calibration draws (seed 3):
+    # mean recall and its lower bound at every power of two, against brute force
+    index = build_index(x, dataclasses.replace(cfg, auto_target_recall=0), seed=3)
     ivf = faiss.extract_index_ivf(index)
-    nprobe = ivf.nprobe
-    assert nprobe & (nprobe - 1) == 0 and 1 < nprobe < ivf.nlist
-    # the same 300 rows the calibration drew (rng(seed).choice), against brute force
-    rows = np.sort(np.random.default_rng(3).choice(len(x), 300, replace=False))
-    assert _recall_without_self(index, x, rows, 5) >= 0.9
     hnsw = faiss.downcast_index(ivf.quantizer).hnsw
-    ivf.nprobe, hnsw.efSearch = nprobe // 2, max(64, nprobe)
-    assert _recall_without_self(index, x, rows, 5) < 0.9
+    rows = np.sort(np.random.default_rng(3).choice(len(x), 300, replace=False))
+    table = {}
+    for p in (2 ** i for i in range(int(np.log2(ivf.nlist)) + 1)):
+        ivf.nprobe, hnsw.efSearch = p, max(64, 2 * p)
+        table[p] = _recall_bound_without_self(index, x, rows, 5)
+    # a target between the bound and the mean of a middle nprobe: a calibration on the
+    # mean alone would stop there, one on the bound must go further
+    middle = next(p for p, (mean, bound) in table.items() if 0.6 < mean < 0.99)
+    target = sum(table[middle]) / 2
+    expected = min(p for p, (_, bound) in table.items() if bound >= target)
+    assert expected > middle
+    calibrated = build_index(x, dataclasses.replace(cfg, auto_target_recall=target), seed=3)
+    assert faiss.extract_index_ivf(calibrated).nprobe == expected
     # deterministic: the same data and seed give the same index settings
-    assert faiss.extract_index_ivf(build_index(x, cfg, seed=3)).nprobe == nprobe
-    # a higher target probes more lists; target 0 keeps index.nprobe as given
-    harder = build_index(x, dataclasses.replace(cfg, auto_target_recall=0.99), seed=3)
-    assert faiss.extract_index_ivf(harder).nprobe > nprobe
+    again = build_index(x, dataclasses.replace(cfg, auto_target_recall=target), seed=3)
+    assert faiss.extract_index_ivf(again).nprobe == expected
     fixed = build_index(x, dataclasses.replace(cfg, auto_target_recall=0, nprobe=3), seed=3)
     assert faiss.extract_index_ivf(fixed).nprobe == 3
 
