@@ -190,7 +190,9 @@ def kmeans_cells(latents: np.ndarray, n_cells: int, seed: int = 0) -> np.ndarray
     n_cells = int(max(1, min(n_cells, x.shape[0])))
     if n_cells == 1:
         return np.zeros(x.shape[0], np.int64)
+    # cells of ~25 rows are meant here: FAISS's warning below 39 points per centroid is not
     km = faiss.Kmeans(x.shape[1], n_cells, niter=10, seed=seed, verbose=False,
+                      min_points_per_centroid=1,
                       max_points_per_centroid=max(256, -(-x.shape[0] // n_cells)))
     km.train(x)
     _, cells = km.index.search(x, 1)
