@@ -104,3 +104,18 @@ def test_every_key_has_a_description_and_help_shows_it(capsys):
 def test_describe_selects_sections():
     text = config_mod.describe(("eval", "data.root"))
     assert "eval.n_samples=5000" in text and "data.root=null" in text and "train.lr" not in text
+
+
+def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_about(caplog):
+    import logging
+
+    from exvae_dist.preflight import warn_emulated_bf16
+
+    cfg = config_mod.load(None, ["train.exemplar_precision=bfloat16"], env={})
+    flags = open("/proc/cpuinfo").read()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    with caplog.at_level(logging.WARNING, logger="exvae_dist.preflight"):
+        warn_emulated_bf16(cfg)
+        warn_emulated_bf16(config_mod.load(None, [], env={}))  # float32: never a warning
+    warned = [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
