@@ -58,16 +58,14 @@ def stream_seed(seed: int, stream: int, *key: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-class EpochBatches(Sequence):
-    """The global batches of `epoch`: a keyed shuffle of (seed, epoch) (keyed.epoch_order),
-    last short batch dropped. Batch i is computed when asked for, in O(batch_size): nothing
-    of size N is built, whatever the number of exemplars."""
+class Batches(Sequence):
+    """An epoch's global batches of ids: `steps` of them (max_steps caps an epoch), batch i
+    made by the subclass's _batch(i)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int,
-                 max_steps: Optional[int] = None):
-        self.n, self.batch_size = n, batch_size
-        self.order = keyed.epoch_order(n, seed, epoch)
-        steps = n // batch_size if n >= batch_size else 1
+    steps: int
+
+    def _set_steps(self, n: int, batch_size: int, max_steps: Optional[int]) -> None:
+        steps = n // batch_size if n >= batch_size else 1  # the last short batch is dropped
         self.steps = min(steps, max_steps) if max_steps else steps
 
     def __len__(self) -> int:
@@ -76,12 +74,29 @@ class EpochBatches(Sequence):
     def __getitem__(self, i: int) -> np.ndarray:
         if not -self.steps <= i < self.steps:
             raise IndexError(f"batch {i} of an epoch of {self.steps}")
-        i %= self.steps
+        return self._batch(i % self.steps)
+
+    def _batch(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class EpochBatches(Batches):
+    """The global batches of `epoch`: a keyed shuffle of (seed, epoch) (keyed.epoch_order),
+    last short batch dropped. Batch i is computed when asked for, in O(batch_size): nothing
+    of size N is built, whatever the number of exemplars."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int,
+                 max_steps: Optional[int] = None):
+        self.n, self.batch_size = n, batch_size
+        self.order = keyed.epoch_order(n, seed, epoch)
+        self._set_steps(n, batch_size, max_steps)
+
+    def _batch(self, i: int) -> np.ndarray:
         start = i * self.batch_size
         return self.order(np.arange(start, min(start + self.batch_size, self.n), dtype=np.int64))
 
 
-class CellBatches(Sequence):
+class CellBatches(Batches):
     """train.batching=local: the epoch's batches, each of consecutive members of an order
     that lists the exemplars cell by cell (cells: [N] k-means cell of each exemplar's
     latent), so a batch spans ~local_cells cells and its elements' retrieved neighbours
@@ -96,18 +111,12 @@ class CellBatches(Sequence):
         rng = np.random.default_rng(stream_seed(seed, LOCAL_BATCHES, epoch))
         cell_rank = rng.permutation(int(cells.max()) + 1)
         order = np.argsort(cell_rank[cells] * n + rng.permutation(n), kind="stable")
-        steps = n // batch_size if n >= batch_size else 1
-        size = min(n, batch_size)
+        steps, size = max(1, n // batch_size), min(n, batch_size)
         self.batches = order[:steps * size].reshape(steps, size)[rng.permutation(steps)]
-        self.steps = min(steps, max_steps) if max_steps else steps
+        self._set_steps(n, batch_size, max_steps)
 
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if not -self.steps <= i < self.steps:
-            raise IndexError(f"batch {i} of an epoch of {self.steps}")
-        return self.batches[i % self.steps]
+    def _batch(self, i: int) -> np.ndarray:
+        return self.batches[i]
 
 
 def epoch_batches(p: "Parts", epoch: int) -> Sequence:
