@@ -374,8 +374,8 @@ def main() -> None:
     shutil.rmtree(keep)
     folder = lambda n, kind: f"{n}_{kind.replace(' ', '_')}"  # noqa: E731 (bench_size's)
     kinds = [r["kind"] for r in results[sizes[0]]["rows"] if "kind" in r]
-    print(f"\nqueries/s measured in one process, {args.rounds} rounds of one pass per index, "
-          f"interleaved (median):\n| N | " + " | ".join(kinds) + " |\n|---|"
+    print(f"\nqueries/s measured in one process, {args.rounds} rounds of each index in turn "
+          f"(best of 3 passes, exact: 1 pass), the median over rounds:\n| N | " + " | ".join(kinds) + " |\n|---|"
           + "---|" * len(kinds))
     for n in sizes:
         print(f"| {n:.0e} | " + " | ".join(f"{timing[folder(n, k)]:,.0f}" for k in kinds) + " |")
