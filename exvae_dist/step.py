@@ -90,8 +90,11 @@ class PriorSampler:
         depth = query_depth(self.cfg.k, self.n, self.m, self.cfg.safety)
         ids, version = self.search.search(queries, depth)
         n, m, seed = self.n, self.m, self.seed
-        cand = assemble_candidates(ids, batch_ids, lambda rows: keyed.coins_for(rows, step, m, n, seed),
-                                   self.cfg.k, n, subset_size=m)
+
+        def coins(rows: np.ndarray) -> np.ndarray:  # this step's M/N coins of those ids only
+            return keyed.coins_for(rows, step, m, n, seed)
+
+        cand = assemble_candidates(ids, batch_ids, coins, self.cfg.k, n, subset_size=m)
         exclude = torch.from_numpy(cand.exclude).to(x.device)
         log_norm = (torch.from_numpy(cand.log_norm).to(x.device, x.dtype)
                     if self.cfg.normalizer == "subset" else None)
