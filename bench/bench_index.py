@@ -120,17 +120,16 @@ def nprobe_sweep(index, queries: np.ndarray, truth: np.ndarray, nprobes) -> list
     max(64, 2 nprobe), as build_index sets it); the index is left as it was."""
     import faiss
 
-    from exvae_dist.retrieval.index import recall_at_k
+    from exvae_dist.retrieval.index import recall_at_k, set_nprobe
 
     ivf = faiss.extract_index_ivf(index)
-    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
-    saved = ivf.nprobe, hnsw.efSearch
+    saved = ivf.nprobe
     out = []
     for nprobe in nprobes:
-        ivf.nprobe, hnsw.efSearch = nprobe, max(64, 2 * nprobe)
+        set_nprobe(index, nprobe)
         rate, ids = qps([(index, 0)], queries, repeats=3)
         out.append({"nprobe": nprobe, "qps": rate, "recall": recall_at_k(ids, truth)})
-    ivf.nprobe, hnsw.efSearch = saved
+    set_nprobe(index, saved)
     return out
 
 
@@ -182,7 +181,7 @@ def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2),
         if shards == 1 and cfg.kind == "auto" and nprobes:
             rows[-1]["sweep"] = nprobe_sweep(parts[0][0], queries, truth, nprobes)
         if keep:  # for the interleaved timing across N (bench_timing)
-            folder = Path(keep) / f"{n}_{name.replace(' ', '_')}"
+            folder = Path(keep) / kept_folder(n, name)
             folder.mkdir(parents=True, exist_ok=True)
             for s, (index, lo) in enumerate(parts):
                 faiss.write_index(index, str(folder / f"shard{s}_{lo}.faiss"))
@@ -191,6 +190,11 @@ def bench_size(n: int, threads: int, shard_counts: tuple[int, ...] = (1, 2),
     auto = IndexConfig()
     rows.append({"n": n, "auto_kind": "flat" if n < auto.auto_exact_below else "ivfhnsw"})
     return {"rows": rows, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def kept_folder(n: int, kind: str) -> str:
+    """The folder name a size child keeps an index of `kind` at N in (bench_timing's key)."""
+    return f"{n}_{kind.replace(' ', '_')}"
 
 
 def bench_timing(keep: str, threads: int, rounds: int) -> dict:
@@ -372,19 +376,18 @@ def main() -> None:
     timing = run_child(["--child-timing", "--keep", keep, "--threads", str(args.threads),
                         "--rounds", str(args.rounds)])
     shutil.rmtree(keep)
-    folder = lambda n, kind: f"{n}_{kind.replace(' ', '_')}"  # noqa: E731 (bench_size's)
     kinds = [r["kind"] for r in results[sizes[0]]["rows"] if "kind" in r]
     print(f"\nqueries/s measured in one process, {args.rounds} rounds of each index in turn "
           f"(best of 3 passes, exact: 1 pass), the median over rounds:\n| N | " + " | ".join(kinds) + " |\n|---|"
           + "---|" * len(kinds))
     for n in sizes:
-        print(f"| {n:.0e} | " + " | ".join(f"{timing[folder(n, k)]:,.0f}" for k in kinds) + " |")
+        print(f"| {n:.0e} | " + " | ".join(f"{timing[kept_folder(n, k)]:,.0f}" for k in kinds) + " |")
     if args.json:
         results["interleaved_qps"] = timing
         Path(args.json).write_text(json.dumps(results, indent=1))
     if len(sizes) > 1:
         lo, hi = min(sizes), max(sizes)
-        rate = lambda n, kind: timing[folder(n, kind)]  # noqa: E731
+        rate = lambda n, kind: timing[kept_folder(n, kind)]  # noqa: E731
         for kind in kinds[::-1]:
             print(f"query time at N={hi:.0e} / at N={lo:.0e}, {kind}: "
                   f"{rate(lo, kind) / rate(hi, kind):.2f}x (target for the IVF <= 1.5x)")

@@ -130,7 +130,6 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
     version gives the same index.
     """
     ivf = faiss.extract_index_ivf(index)
-    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
     x = _as_matrix(latents, "latents")
     n = x.shape[0]
     k = min(cfg.auto_recall_k or DEFAULT_RECALL_K, n - 1)
@@ -143,12 +142,9 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
     truth = _without_own_row(truth, rows, k)
     nprobe = 1
     while True:
-        ivf.nprobe = min(nprobe, ivf.nlist)
-        # the HNSW walk must return at least nprobe lists; 2x nprobe keeps them accurate
-        hnsw.efSearch = max(64, 2 * ivf.nprobe)
+        set_nprobe(index, nprobe)
         _, found = index.search(queries, k + 1)
-        found = _without_own_row(found, rows, k)
-        per_query = np.array([len(np.intersect1d(f, t)) / k for f, t in zip(found, truth)])
+        per_query = recall_per_query(_without_own_row(found, rows, k), truth)
         recall = float(per_query.mean())
         # the target must hold for queries not among these: the mean less two standard
         # errors (a ~97.5% lower confidence bound) has to reach it
@@ -223,10 +219,23 @@ def brute_force_knn(latents: np.ndarray, queries: np.ndarray, k: int,
     return out_ids, np.maximum(out_d, 0.0)
 
 
+def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """[B]: the fraction of each row's true k neighbours that appear in the found k."""
+    return np.array([len(np.intersect1d(f, t)) / truth.shape[1] for f, t in zip(found, truth)])
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each row's true k neighbours that appear in the found k ([B, k] each)."""
-    hits = sum(len(np.intersect1d(f, t)) for f, t in zip(found, truth))
-    return hits / truth.size
+    return float(recall_per_query(found, truth).mean())
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Searches of kind=auto's IVF probe `nprobe` lists (at most all of them); the HNSW walk
+    over the centroids must return at least that many, and 2x nprobe (64 at least) keeps
+    them accurate."""
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = min(nprobe, ivf.nlist)
+    faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * ivf.nprobe)
 
 
 def serialize(index: faiss.Index) -> np.ndarray:
@@ -341,9 +350,7 @@ def _trained_ivfhnsw(x: np.ndarray, cfg: IndexConfig, seed: int) -> faiss.Index:
         centroids = sample.mean(0, keepdims=True)
     ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     index.train(sample)  # the coarse quantizer is full, so this trains codes (PQ) only
-    ivf.nprobe = min(cfg.nprobe, nlist)
-    # the HNSW graph must return at least nprobe lists; 2x nprobe keeps them accurate
-    faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * ivf.nprobe)
+    set_nprobe(index, cfg.nprobe)
     if isinstance(index, faiss.IndexRefine):
         index.k_factor = float(max(1, cfg.refine_factor))
     return index
