@@ -1,6 +1,11 @@
 """Validation curves: -ELBO per epoch of one or more runs, read from their metrics.jsonl.
 
     python -m exvae_dist.curves runs/mnist_vae_gaussian runs/mnist_vae_exemplar --out cmp.png
+    python -m exvae_dist.curves docs/curves/mnist_vae_exemplar_200.jsonl --out ex.png
+
+A source is a run folder or a metrics file on its own (`--keep FILE` copies a run's epoch
+records into one, so a finished run's curve can be kept, e.g. in docs/, and overlaid later
+after its folder is gone).
 
 The training loop draws <run>/curves.png after every epoch (and logs it to MLflow under
 curves/); this command overlays several runs, e.g. the priors of one protocol.
@@ -17,12 +22,12 @@ from .evaluation.pictures import save_figure
 
 
 def epoch_records(run: Path) -> list[dict]:
-    """The per-epoch records of a run's metrics.jsonl (the ones holding val_elbo), in order;
-    a line cut short by a crash is skipped."""
-    path = Path(run) / "metrics.jsonl"
+    """The per-epoch records (the ones holding val_elbo), in order, of a run folder's
+    metrics.jsonl or of a metrics file given itself; a line cut short by a crash is skipped."""
+    path = Path(run) if Path(run).is_file() else Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass a run folder written by the "
-                                f"trainer (it holds metrics.jsonl)")
+                                f"trainer (it holds metrics.jsonl) or a metrics .jsonl file")
     out = []
     for line in path.read_text().splitlines():
         try:
@@ -31,6 +36,23 @@ def epoch_records(run: Path) -> list[dict]:
             continue
         if record.get("val_elbo") is not None:
             out.append(record)
+    return out
+
+
+def source_name(run: Path) -> str:
+    """The legend's default label: the run folder's name, or a kept file's name sans suffix."""
+    return run.stem if run.is_file() else run.name
+
+
+def keep_records(run: Path, out: Path) -> Path:
+    """Writes the run's epoch records alone to `out` (temp name, then rename)."""
+    records = epoch_records(run)
+    if not records:
+        raise ValueError(f"{run} has no epoch records yet: keep it after its first epoch")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out)
     return out
 
 
@@ -51,7 +73,7 @@ def plot_curves(runs: Sequence[Path], out: Path, labels: Optional[Sequence[str]]
             continue
         epochs = [r["epoch"] for r in records]
         neg = [-r["val_elbo"] for r in records]
-        label = labels[i] if labels else Path(run).name
+        label = labels[i] if labels else source_name(Path(run))
         best = min(range(len(neg)), key=neg.__getitem__)
         line, = ax.plot(epochs, neg, lw=1.2, label=f"{label} (best {neg[best]:.2f} at "
                                                    f"epoch {epochs[best]})")
@@ -73,12 +95,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         prog="python -m exvae_dist.curves",
         description="Plot the validation -ELBO per epoch of one or more training runs "
                     "(their metrics.jsonl) into one PNG.")
-    parser.add_argument("runs", nargs="+", help="run folders written by the trainer")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("runs", nargs="+", help="run folders written by the trainer, or "
+                                                "metrics .jsonl files kept with --keep")
+    parser.add_argument("--out", help="PNG file to write")
+    parser.add_argument("--keep", help="instead of plotting: copy the one run's epoch records "
+                                       "to this .jsonl file (small; plot it later as a source)")
     parser.add_argument("--labels", help="comma-separated legend labels, one per run "
                                          "(default: the run folders' names)")
     parser.add_argument("--title", help="plot title")
     args = parser.parse_args(argv)
+    if args.keep:
+        if len(args.runs) != 1:
+            parser.error(f"--keep copies one run; {len(args.runs)} were given")
+        print(keep_records(Path(args.runs[0]), Path(args.keep)))
+        return
+    if not args.out:
+        parser.error("--out PNG is required (or --keep FILE)")
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.runs):
         parser.error(f"--labels has {len(labels)} names for {len(args.runs)} runs")

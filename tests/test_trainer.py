@@ -280,6 +280,11 @@ def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke
     out = tmp_path / "both.png"
     main([str(cfg.run_path()), str(cfg.run_path()), "--out", str(out), "--labels", "a,b"])
     assert out.stat().st_size > 1000 and not list(tmp_path.glob("*.tmp.png"))
+    kept = tmp_path / "kept" / "smoke.jsonl"  # the epoch records alone, plotted without the run
+    main([str(cfg.run_path()), "--keep", str(kept)])
+    assert epoch_records(kept) == epoch_records(cfg.run_path())
+    assert len(kept.read_text().splitlines()) == 2
+    main([str(kept), "--out", str(out)])
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         main([str(tmp_path / "nothing"), "--out", str(out)])
 
