@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .evaluation.pictures import save_figure
+from .jsonio import write_jsonl
 
 
 def epoch_records(run: Path) -> list[dict]:
@@ -45,15 +46,11 @@ def source_name(run: Path) -> str:
 
 
 def keep_records(run: Path, out: Path) -> Path:
-    """Writes the run's epoch records alone to `out` (temp name, then rename)."""
+    """Writes the run's epoch records alone to `out` (atomically)."""
     records = epoch_records(run)
     if not records:
         raise ValueError(f"{run} has no epoch records yet: keep it after its first epoch")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(out)
-    return out
+    return write_jsonl(out, records)
 
 
 def plot_curves(runs: Sequence[Path], out: Path, labels: Optional[Sequence[str]] = None,

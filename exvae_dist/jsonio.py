@@ -42,14 +42,24 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(strict(obj), indent=indent, allow_nan=False)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Writes strict JSON to `path` atomically (temp file in the same folder, then rename)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to `path` through a temp file in the same folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(dumps(obj) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Writes strict JSON to `path` atomically (`write_text_atomic`)."""
+    return write_text_atomic(path, dumps(obj) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: list) -> Path:
+    """Writes strict JSON lines, one record each, to `path` atomically."""
+    return write_text_atomic(path, "".join(dumps(r, indent=None) + "\n" for r in records))
 
 
 def read_json(path: str | os.PathLike) -> Any:
