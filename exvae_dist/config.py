@@ -110,6 +110,11 @@ class TrainConfig:
     # The reference optimizer divides each parameter's gradient by its L2 norm before Adam.
     normalize_grads: bool = True
     epochs: int = 2000  # maximum epochs (early stopping usually ends a run first)
+    # Wall-time budget over all sessions of the run (the sum of its epochs' wall times):
+    # no epoch starts that the mean epoch time so far says would end past it. None: no limit.
+    # "As many epochs as fit in one hour" is train.time_budget_hours=1 (set warmup_epochs to
+    # match the epochs that will fit; warm-up does not shrink with the budget).
+    time_budget_hours: Optional[float] = None
     warmup_epochs: int = 100  # beta rises linearly from 0 to 1 over these epochs
     early_stop_patience: int = 50  # epochs without validation improvement (after warm-up)
     seed: int = 0  # model initialization, batch order, binarization, exemplar subsets
@@ -337,7 +342,7 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
              "eval.validation_samples", "index.nlist", "index.pq_m", "index.nprobe",
              "index.train_size", "index.keep_versions", "index.service_threads",
              "index.build_threads", "index.auto_recall_k", "index.auto_calibration_queries",
-             "train.local_cells")
+             "train.local_cells", "train.time_budget_hours")
 # may be 0 (seeds, counts of nothing, "off")
 NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",

@@ -360,11 +360,16 @@ def fit(parts: Parts) -> dict:
         p.tracker.set_tags({**hardware.hardware_tags(session), **(p.tags or {})})
     summary: dict = {}
     try:
+        budget = TimeBudget(cfg.train.time_budget_hours,
+                            epoch_walls(p.run) if group.rank == 0 else [])
         while state.epoch < cfg.train.epochs and not state.stopper.should_stop:
+            if budget.hours is not None and group.broadcast_int(budget.exhausted()):
+                break
             summary = run_epoch(p, state, sampler, metrics_log)
             p.sink.save(state.state_dict(), bool(summary["improved"]), summary)
+            budget.walls.append(summary.get("epoch_seconds", 0.0))
         if group.rank == 0:
-            summary = finish_run(p.run, summary, state.stopper, p.tracker)
+            summary = finish_run(p.run, summary, state.stopper, p.tracker, budget)
     except BaseException as exc:  # Ctrl-C: KILLED; anything else: FAILED
         p.tracker.end_for(exc)
         raise
@@ -494,17 +499,40 @@ def validate(p: Parts, centres: Optional[torch.Tensor]) -> dict:
     return {"elbo": elbo / total, "log_px": log_px / total, "kl": kl / total}
 
 
+def epoch_walls(run: Path) -> list[float]:
+    """The wall time of each epoch metrics.jsonl records, in order (every session)."""
+    walls = []
+    if (run / "metrics.jsonl").is_file():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            try:
+                seconds = json.loads(line).get("epoch_seconds")
+            except json.JSONDecodeError:
+                continue
+            if seconds is not None:
+                walls.append(float(seconds))
+    return walls
+
+
+@dataclass
+class TimeBudget:
+    """train.time_budget_hours: no epoch starts that would end past the budget, judged by the
+    mean wall time of the run's epochs so far (all sessions). Rank 0 judges; fit broadcasts."""
+    hours: Optional[float]
+    walls: list = field(default_factory=list)
+
+    def exhausted(self) -> bool:
+        if self.hours is None:
+            return False
+        spent = sum(self.walls)
+        next_epoch = spent / len(self.walls) if self.walls else 0.0
+        return spent + next_epoch > self.hours * 3600
+
+
 def run_time(run: Path) -> dict:
     """wall_seconds: the sum of the epochs' wall times in metrics.jsonl (every session of the
     run, none counted twice: rewind drops a dead attempt's records); sessions: how many starts
     sessions.jsonl records, and the distinct machines (host, CPU, GPU, torch threads)."""
-    wall = 0.0
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                wall += json.loads(line).get("epoch_seconds") or 0.0
-            except json.JSONDecodeError:
-                continue
+    wall = sum(epoch_walls(run))
     machines, starts = [], 0
     if (run / SESSIONS).is_file():
         for line in (run / SESSIONS).read_text().splitlines():
@@ -517,7 +545,8 @@ def run_time(run: Path) -> dict:
             "machines": machines}
 
 
-def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker) -> dict:
+def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker,
+               budget: Optional[TimeBudget] = None) -> dict:
     """The end of a run (rank 0): summary.json (atomically; a rerun of a finished run keeps
     the summary it had), the final config and best checkpoint to the tracker."""
     from .checkpoint import BEST
@@ -526,7 +555,12 @@ def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker) -> dic
         log.info("early stopping: no validation improvement for %d epochs", stopper.patience)
     if not summary and (run / "summary.json").is_file():  # rerun of a finished run
         summary = json.loads((run / "summary.json").read_text())
-    summary = strict({**summary, "stopped_early": stopper.should_stop, **run_time(run)})
+    out_of_time = budget is not None and budget.exhausted()
+    if out_of_time:
+        log.info("time budget: %.2f h spent, the next epoch would not fit in %.2f h",
+                 sum(budget.walls) / 3600, budget.hours)
+    summary = strict({**summary, "stopped_early": stopper.should_stop,
+                      "stopped_by_time_budget": out_of_time, **run_time(run)})
     tmp = run / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
     tmp.replace(run / "summary.json")

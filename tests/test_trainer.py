@@ -9,7 +9,7 @@ import torch
 
 from exvae_dist import config as config_mod
 from exvae_dist.checkpoint import find_checkpoint, load_checkpoint
-from exvae_dist.loop import EarlyStopping, MetricsLog
+from exvae_dist.loop import EarlyStopping, MetricsLog, TimeBudget
 from exvae_dist.trainer import fit
 
 
@@ -131,6 +131,29 @@ def test_rerun_of_a_finished_run_keeps_its_summary(tmp_path, smoke_cfg):
     saved = json.loads((cfg.run_path() / "summary.json").read_text())
     assert again["val_elbo"] == first["val_elbo"] == saved["val_elbo"]
     assert saved["epoch"] == 1
+
+
+def test_time_budget_starts_no_epoch_the_mean_says_would_not_fit():
+    assert not TimeBudget(None, [1e9]).exhausted()
+    assert not TimeBudget(1e-9, []).exhausted()  # the first epoch always starts
+    assert not TimeBudget(1.0, [1000.0, 1000.0]).exhausted()  # 3000 s <= 3600 s
+    assert TimeBudget(1.0, [1000.0, 1000.0, 1000.0]).exhausted()  # 4000 s > 3600 s
+    assert TimeBudget(1.0, [3000.0, 100.0]).exhausted()  # mean 1550 s: 4650 s
+
+
+def test_time_budget_counts_the_earlier_sessions_of_a_run(tmp_path, smoke_cfg):
+    common = ("train.max_steps_per_epoch=1", "tracking.enabled=false")
+    fit(smoke_cfg(tmp_path, "train.epochs=2", *common))
+    run = smoke_cfg(tmp_path).run_path()
+    walls = [r["epoch_seconds"] for r in records(run) if "epoch_seconds" in r]
+    assert len(walls) == 2
+    # resumed with room for half an epoch more: no epoch starts, and the summary says why
+    hours = (sum(walls) + 0.5 * sum(walls) / 2) / 3600
+    summary = fit(smoke_cfg(tmp_path, "train.epochs=10", f"train.time_budget_hours={hours}",
+                            *common))
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["stopped_by_time_budget"] and saved["epoch"] == 2
+    assert summary["wall_seconds"] == pytest.approx(sum(walls))
 
 
 def test_validation_samples_must_be_positive(tmp_path, smoke_cfg):
