@@ -20,6 +20,8 @@ computation (the checkpoint restores every random stream), so each step is kept 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import time
@@ -43,6 +45,24 @@ class TrackingUnavailableError(ConfigError):
 
 def default_uri(run_root: Path) -> str:
     return f"sqlite:///{(run_root / 'mlflow.db').resolve()}"
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Holds `<db>.lock` (flock) for a local sqlite store, a no-op for any other store. Two
+    runs starting at once on a new store both ran MLflow's schema migration, and one died in
+    alembic ("expected to match one row"); likewise both could create the experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def status_for(exc: Optional[BaseException]) -> str:
@@ -134,28 +154,32 @@ class MlflowTracker(NullTracker):
         self._monitor = None
         saved = self._saved()
         self.uri = uri or (saved or {}).get("uri") or default_uri(self.run_path.parent)
-        self.client = MlflowClient(tracking_uri=self.uri)
         resumed = bool(saved and saved.get("uri") == self.uri)
-        if resumed:
-            self.run_id = saved["run_id"]
-            if owner:
-                self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                artifacts = (self.run_path.parent / "mlartifacts").resolve()
-                exp_id = self.client.create_experiment(experiment,
-                                                       artifact_location=artifacts.as_uri())
+        with store_lock(self.uri):  # the first client of a new store creates (migrates) it
+            self.client = MlflowClient(tracking_uri=self.uri)
+            if resumed:
+                self.run_id = saved["run_id"]
+                if owner:
+                    self.client.update_run(self.run_id, status="RUNNING")
             else:
-                exp_id = exp.experiment_id
-            run = self.client.create_run(exp_id, run_name=run_name or self.run_path.name)
-            self.run_id = run.info.run_id
-            write_json(self.run_path / RUN_FILE, {"uri": self.uri, "run_id": self.run_id})
+                self.run_id = self._new_run(experiment, run_name)
         # the largest step each metric key already holds (MLflow keeps, per key, the value
         # at the largest step as the run's latest metric: one query, not the histories)
         self._last_step = self._logged_steps() if resumed else {}
         if owner and system_metrics:
             self._start_system_metrics(resumed)
+
+    def _new_run(self, experiment: str, run_name: Optional[str]) -> str:
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            artifacts = (self.run_path.parent / "mlartifacts").resolve()
+            exp_id = self.client.create_experiment(experiment,
+                                                   artifact_location=artifacts.as_uri())
+        else:
+            exp_id = exp.experiment_id
+        run_id = self.client.create_run(exp_id, run_name=run_name or self.run_path.name).info.run_id
+        write_json(self.run_path / RUN_FILE, {"uri": self.uri, "run_id": run_id})
+        return run_id
 
     def _saved(self) -> Optional[dict]:
         path = self.run_path / RUN_FILE

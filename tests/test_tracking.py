@@ -122,3 +122,32 @@ def test_probe_accepts_a_server_that_answers():
     finally:
         server.shutdown()
         server.server_close()
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+from exvae_dist.tracking import MlflowTracker
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # start together
+t = MlflowTracker(Path(sys.argv[1]), sys.argv[2], "race")
+print(t.run_id)
+"""
+
+
+def test_runs_starting_together_on_a_new_store_all_get_a_run(tmp_path):
+    """Seen failing without store_lock: a second process died in MLflow's schema migration."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    go = time.time() + 8.0  # after every interpreter has imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / f"run{i}"), uri,
+                               str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    run_ids = {out.strip() for out, _ in outs}
+    assert len(run_ids) == 3
+    t = MlflowTracker(tmp_path / "run0", uri, "race")
+    assert len(t.client.search_runs([t.client.get_experiment_by_name("race").experiment_id])) == 3
