@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from . import hardware
+from . import hardware, jsonio
 from .curves import plot_curves
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
@@ -194,7 +194,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(strict(record)) + "\n")
+            f.write(jsonio.dumps(record, indent=None) + "\n")
 
     def rewind(self, step: int) -> int:
         """Drops the records after `step` (written by an attempt that died after the
@@ -212,16 +212,8 @@ class MetricsLog:
             if record.get("step", 0) <= step:
                 keep.append(line)
         if len(keep) < len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            tmp.replace(self.path)
+            jsonio.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
         return len(lines) - len(keep)
-
-
-def strict(record: dict) -> dict:
-    """The record with non-finite floats as None, so every file is strict JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in record.items()}
 
 
 class ExemplarCache(Protocol):
@@ -559,11 +551,9 @@ def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker,
     if out_of_time:
         log.info("time budget: %.2f h spent, the next epoch would not fit in %.2f h",
                  sum(budget.walls) / 3600, budget.hours)
-    summary = strict({**summary, "stopped_early": stopper.should_stop,
-                      "stopped_by_time_budget": out_of_time, **run_time(run)})
-    tmp = run / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
-    tmp.replace(run / "summary.json")
+    summary = jsonio.strict({**summary, "stopped_early": stopper.should_stop,
+                             "stopped_by_time_budget": out_of_time, **run_time(run)})
+    jsonio.write_json(run / "summary.json", summary)
     if (run / "config.yaml").is_file():
         tracker.log_artifact(run / "config.yaml")
     if (run / BEST).is_file():

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import OmegaConf
 
 from . import config as config_mod
-from .jsonio import read_json, write_json
+from .jsonio import read_json, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] =
                                                        for k, (a, b) in changed.items()}})
     write_json(path / FINGERPRINT, {"fingerprint": now_fp, "changes": history,
                                     "identity_keys": sorted(now_fp)})
-    tmp = path / f".{CONFIG_RECORD}.tmp"
-    tmp.write_text(config_mod.to_yaml(cfg))
-    os.replace(tmp, path / CONFIG_RECORD)
+    write_text_atomic(path / CONFIG_RECORD, config_mod.to_yaml(cfg))
     return RunFolder(path=path, fingerprint=now_fp, resumed=resumed, changed=changed,
                      moved_to=moved_to)
 
