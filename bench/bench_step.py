@@ -1,6 +1,8 @@
 """Seconds per training step on MNIST with the paper's MLP VAE and batch 100: Gaussian prior
 (the baseline), exact exemplar prior (M = 25,000) against a reference-style float32
-implementation of the same step, and RAT (k = 10), in one run.
+implementation of the same step, and RAT (k = 10), in one run; `--only vampprior`: the
+VampPrior (500 pseudo-inputs) step against the same step with the mixture density in its
+former [B, K, d] broadcast form.
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_step.py [--steps 30] [--exact-steps 5]
 
@@ -25,8 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from exvae_dist import config as config_mod
+from exvae_dist import priors
 from exvae_dist.data import load_dataset
 from exvae_dist.loop import CellBatches, binarize, make_optimizer
+from exvae_dist.models.layers import diag_normal_log_prob
 from exvae_dist.objective import build_model
 from exvae_dist.priors import max_responsibility
 from exvae_dist.retrieval.exact import TorchExactSearch
@@ -90,6 +94,24 @@ class OurStep:
         m = train_step(self.model, self.opt, x, self.sampler(self.model, ids, x, i), 1.0)
         self.extra["candidates"].append(m["candidates"])
         self.extra["grad_candidates"].append(m["grad_candidates"])
+
+
+def broadcast_mixture_log_prob(z, means, logvars):
+    """The VampPrior's mixture density in the form it had before (a [B, K, d] broadcast and
+    its backward): the baseline of `--only vampprior`."""
+    log_comp = diag_normal_log_prob(z[:, None, :], means[None], logvars[None])
+    return torch.logsumexp(log_comp, dim=1) - math.log(means.shape[0])
+
+
+class BroadcastMixtureStep(OurStep):
+    """OurStep with priors.mixture_log_prob swapped for broadcast_mixture_log_prob."""
+
+    def __call__(self, ids: np.ndarray, i: int) -> None:
+        matmul_form, priors.mixture_log_prob = priors.mixture_log_prob, broadcast_mixture_log_prob
+        try:
+            super().__call__(ids, i)
+        finally:
+            priors.mixture_log_prob = matmul_form
 
 
 class RefGated(nn.Module):
@@ -210,7 +232,7 @@ def main() -> None:
                    help="file to keep the pretrained weights in (reused when it exists)")
     p.add_argument("--threshold", type=float, default=1e-4,
                    help="train.exemplar_grad_threshold of the truncated variants")
-    p.add_argument("--only", default="all", choices=("all", "exact", "rat"))
+    p.add_argument("--only", default="all", choices=("all", "exact", "rat", "vampprior"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = config_mod.load(None, [], env=os.environ)
@@ -219,11 +241,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 100, MNIST 50,000, "
           f"weights after {args.pretrain_steps} RAT steps (lambda = {state['prior.log_var'].item():.2f})")
 
-    shares = responsibility_shares(splits, state)
-    print("| exemplars | " + " | ".join(f"share >= {t:g} (max row mass below)" for t in THRESHOLDS) + " |")
-    print("|---|" + "---|" * len(THRESHOLDS))
-    for label, row in shares.items():
-        print(f"| {label} | " + " | ".join(f"{row[t][0]:.3f} ({row[t][1]:.1e})" for t in THRESHOLDS) + " |")
+    if args.only != "vampprior":
+        shares = responsibility_shares(splits, state)
+        print("| exemplars | " + " | ".join(f"share >= {t:g} (max row mass below)"
+                                         for t in THRESHOLDS) + " |")
+        print("|---|" + "---|" * len(THRESHOLDS))
+        for label, row in shares.items():
+            print(f"| {label} | " + " | ".join(f"{row[t][0]:.3f} ({row[t][1]:.1e})"
+                                             for t in THRESHOLDS) + " |")
 
     thr = f"train.exemplar_grad_threshold={args.threshold:g}"
     bf16 = "train.exemplar_precision=bfloat16"
@@ -251,8 +276,15 @@ def main() -> None:
         ("RAT, local batching (1 cell per batch)",
          lambda: OurStep(["train.batching=local", "train.local_cells=1"], splits, state)),
     ]
+    vamp = ["prior.kind=vampprior"]
+    vampprior = [
+        gauss,
+        ("VampPrior (500), broadcast mixture (before)",
+         lambda: BroadcastMixtureStep(vamp, splits, state)),
+        ("VampPrior (500)", lambda: OurStep(vamp, splits, state)),
+    ]
     groups = {"all": [(exact, args.exact_steps), (rat, args.steps)], "exact": [(exact, args.exact_steps)],
-              "rat": [(rat, args.steps)]}[args.only]
+              "rat": [(rat, args.steps)], "vampprior": [(vampprior, args.steps)]}[args.only]
     for variants, steps in groups:
         runners = [(label, make()) for label, make in variants]
         times = {label: [] for label, _ in runners}

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Protocol, Union
 import torch
 from torch import nn
 
-from .models.layers import LOG_2PI, diag_normal_log_prob, standard_normal_log_prob
+from .models.layers import LOG_2PI, standard_normal_log_prob
 
 DEFAULT_CHUNK = 2048  # [B, chunk] blocks that stay in cache (measured: 2048 beat 8192 by 1.5x)
 
@@ -163,9 +163,19 @@ def streamed_exemplar_log_prob(z: torch.Tensor, centres: CentreBlocks, log_var: 
 
 
 def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:
-    """Uniform mixture of diagonal Gaussians (the VampPrior): z [B, d], means/logvars [K, d] -> [B]."""
-    log_comp = diag_normal_log_prob(z[:, None, :], means[None], logvars[None])  # [B, K]
-    return torch.logsumexp(log_comp, dim=1) - math.log(means.shape[0])
+    """Uniform mixture of diagonal Gaussians (the VampPrior): z [B, d], means/logvars [K, d] -> [B].
+
+    sum_j (z_j - m_kj)^2 / v_kj is expanded into [B, d] x [d, K] products, so no [B, K, d]
+    tensor is made: at B = 100, K = 500, d = 40 the broadcast form and its backward took
+    about a third of a VampPrior step. The expansion cancels (z^2/v and m^2/v are large where
+    v is small), so it runs in float64, which keeps its round-off far below float32's.
+    """
+    prec = torch.exp(-logvars.double())  # [K, d]
+    z64, m64 = z.double(), means.double()
+    quad = ((z64 * z64) @ prec.t() - 2.0 * (z64 @ (m64 * prec).t())
+            + (m64 * m64 * prec).sum(1))  # [B, K]
+    log_comp = -0.5 * (z.shape[1] * LOG_2PI + logvars.double().sum(1) + quad)
+    return (torch.logsumexp(log_comp, dim=1) - math.log(means.shape[0])).to(z.dtype)
 
 
 class GaussianPrior(nn.Module):

@@ -287,6 +287,28 @@ def test_mixture_log_prob_matches_scipy_mixture_of_diagonal_gaussians():
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
 
 
+def test_mixture_log_prob_in_float32_keeps_float32_accuracy_and_exact_gradients():
+    """The [B, d] x [d, K] expansion cancels where variances are small and z sits near a
+    mean; float32 inputs (a trained VampPrior's logvars reach -6) must still match scipy."""
+    rng = np.random.default_rng(10)
+    means = rng.normal(size=(50, 40)) * 2
+    logvars = rng.uniform(-6.5, 0.5, size=(50, 40))
+    near = means[rng.integers(0, 50, 8)] + 0.05 * rng.normal(size=(8, 40))
+    z = np.concatenate([near, rng.normal(size=(8, 40)) * 2])
+    z32, m32, lv32 = (x.astype(np.float32) for x in (z, means, logvars))
+    want = np.array([
+        logsumexp([stats.norm.logpdf(zi, m, np.exp(0.5 * lv)).sum()
+                   for m, lv in zip(m32.astype(float), lv32.astype(float))]) - np.log(50)
+        for zi in z32.astype(float)])
+    got = mixture_log_prob(torch.from_numpy(z32), torch.from_numpy(m32), torch.from_numpy(lv32))
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-7, atol=0)
+    # gradients against finite differences (float64)
+    args = [_t(z[:3, :4]).requires_grad_(), _t(means[:5, :4]).requires_grad_(),
+            _t(logvars[:5, :4] / 4).requires_grad_()]
+    assert torch.autograd.gradcheck(mixture_log_prob, args)
+
+
 def test_vampprior_uses_the_posterior_at_clipped_pseudo_inputs():
     torch.manual_seed(0)
     prior = VampPrior(n_pseudo=4, x_dim=3).double()
