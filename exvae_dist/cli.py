@@ -98,5 +98,5 @@ def train_command(prog: str, argv: Optional[list[str]], ray: bool) -> int:
 
 def describe_result(summary: dict) -> str:
     keys = ("epoch", "step", "train_loss", "val_elbo", "best_val_elbo", "examples_per_second",
-            "stopped_early")
+            "stopped_early", "stopped_by_time_budget", "wall_hours")
     return json.dumps({k: summary[k] for k in keys if k in summary}, indent=2)
