@@ -354,14 +354,18 @@ def fit(parts: Parts) -> dict:
     try:
         budget = TimeBudget(cfg.train.time_budget_hours,
                             epoch_walls(p.run) if group.rank == 0 else [])
+        out_of_time = False
         while state.epoch < cfg.train.epochs and not state.stopper.should_stop:
             if budget.hours is not None and group.broadcast_int(budget.exhausted()):
+                out_of_time = True
+                log.info("time budget: %.2f h spent; the next epoch would end past %.2f h",
+                         sum(budget.walls) / 3600, budget.hours)
                 break
             summary = run_epoch(p, state, sampler, metrics_log)
             p.sink.save(state.state_dict(), bool(summary["improved"]), summary)
             budget.walls.append(summary.get("epoch_seconds", 0.0))
         if group.rank == 0:
-            summary = finish_run(p.run, summary, state.stopper, p.tracker, budget)
+            summary = finish_run(p.run, summary, state.stopper, p.tracker, out_of_time)
     except BaseException as exc:  # Ctrl-C: KILLED; anything else: FAILED
         p.tracker.end_for(exc)
         raise
@@ -538,7 +542,7 @@ def run_time(run: Path) -> dict:
 
 
 def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker,
-               budget: Optional[TimeBudget] = None) -> dict:
+               out_of_time: bool = False) -> dict:
     """The end of a run (rank 0): summary.json (atomically; a rerun of a finished run keeps
     the summary it had), the final config and best checkpoint to the tracker."""
     from .checkpoint import BEST
@@ -547,10 +551,6 @@ def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker,
         log.info("early stopping: no validation improvement for %d epochs", stopper.patience)
     if not summary and (run / "summary.json").is_file():  # rerun of a finished run
         summary = json.loads((run / "summary.json").read_text())
-    out_of_time = budget is not None and budget.exhausted()
-    if out_of_time:
-        log.info("time budget: %.2f h spent, the next epoch would not fit in %.2f h",
-                 sum(budget.walls) / 3600, budget.hours)
     summary = jsonio.strict({**summary, "stopped_early": stopper.should_stop,
                              "stopped_by_time_budget": out_of_time, **run_time(run)})
     jsonio.write_json(run / "summary.json", summary)
