@@ -67,6 +67,7 @@ def shorten(block: str, ports: dict[str, int]) -> str:
                      f" --dashboard-agent-listen-port {ports['agent']}"
                      f" --ray-client-server-port {ports['client']}")
         line = line.replace("127.0.0.1:8265", f"127.0.0.1:{ports['dashboard']}")
+        line = line.replace("127.0.0.1:52365", f"127.0.0.1:{ports['agent']}")
         if re.fullmatch(r"(\S*/)?ray stop", stripped):
             line = "stop_own_ray"
         lines.append(line)
@@ -111,6 +112,8 @@ def test_readme_blocks_are_what_this_test_and_ci_cover():
     job = next(b for b in blocks if "ray job submit" in b)
     assert '"$PWD/.venv/bin/python" -m exvae_dist.train' in job
     assert 'train.run_dir="$PWD/runs"' in job
+    # a submit before the head's job agent is up fails ("No available agent"), seen in CI
+    assert job.index("127.0.0.1:52365/api/healthz") < job.index("ray job submit")
     quick = next(b for b in blocks if "train.epochs=10 train.warmup_epochs=10" in b
                  and "-m exvae_dist.train " in b)
     assert "train.name=" in quick  # never silently resumes the default run
