@@ -215,7 +215,7 @@ class IndexConfig:
     auto_list_size: int = 64  # mean vectors per inverted list
     auto_codes: str = "Flat"  # FAISS factory codes of the lists, e.g. "PQ10x4fs,RFlat"
     auto_train_per_list: int = 64  # k-means sample: this many points per list (30..256)
-    # kind=auto's IVF: nprobe is calibrated at every build to the smallest power of two
+    # kind=auto's IVF: nprobe is calibrated at every build to the smallest nprobe
     # whose recall@auto_recall_k, measured on auto_calibration_queries of the index's own
     # rows against brute force, reaches this (0 = no calibration: index.nprobe as given)
     auto_target_recall: float = 0.95

@@ -92,9 +92,9 @@ def test_auto_ivf_hnsw_reaches_recall_095_and_roundtrips_through_bytes():
     x, q = data[:30_000], data[30_000:]
     truth, _ = brute_force_knn(x, q, 10)
     cfg = IndexConfig(kind="auto", auto_exact_below=10_000)
-    assert resolve_kind(len(x), cfg) == "ivfhnsw" and auto_nlist(len(x), cfg) == 512
+    assert resolve_kind(len(x), cfg) == "ivfhnsw" and auto_nlist(len(x), cfg) == 469
     index = build_index(x, cfg)
-    assert describe(index).startswith("IVF512_HNSW,")
+    assert describe(index).startswith("IVF469_HNSW,")
     ids, dists = search(index, q, 10)
     recall = recall_at_k(ids, truth)
     assert recall >= 0.95, f"recall@10 {recall:.3f} ({describe(index)})"
@@ -120,18 +120,18 @@ def _recall_bound_without_self(index, x, rows, k):
     return per_query.mean(), per_query.mean() - 2 * per_query.std() / np.sqrt(len(rows))
 
 
-def test_calibrated_nprobe_is_the_smallest_power_of_two_whose_bound_reaches_the_target():
+def test_calibrated_nprobe_is_the_smallest_whose_bound_reaches_the_target():
     x = clustered(12_000, d=16, seed=11)
     cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_calibration_queries=300,
                       auto_recall_k=5)
     # the same index uncalibrated, and the same 300 rows the calibration draws (seed 3):
-    # mean recall and its lower bound at every power of two, against brute force
+    # mean recall and its lower bound at every nprobe, against brute force
     index = build_index(x, dataclasses.replace(cfg, auto_target_recall=0), seed=3)
     ivf = faiss.extract_index_ivf(index)
     hnsw = faiss.downcast_index(ivf.quantizer).hnsw
     rows = np.sort(np.random.default_rng(3).choice(len(x), 300, replace=False))
     table = {}
-    for p in (2 ** i for i in range(int(np.log2(ivf.nlist)) + 1)):
+    for p in range(1, 65):
         ivf.nprobe, hnsw.efSearch = p, max(64, 2 * p)
         table[p] = _recall_bound_without_self(index, x, rows, 5)
     # a target between the bound and the mean of a middle nprobe: a calibration on the
@@ -140,6 +140,7 @@ def test_calibrated_nprobe_is_the_smallest_power_of_two_whose_bound_reaches_the_
     target = sum(table[middle]) / 2
     expected = min(p for p, (_, bound) in table.items() if bound >= target)
     assert expected > middle
+    assert expected & (expected - 1), "not a power of two: the old doubling could not find it"
     calibrated = build_index(x, dataclasses.replace(cfg, auto_target_recall=target), seed=3)
     assert faiss.extract_index_ivf(calibrated).nprobe == expected
     # deterministic: the same data and seed give the same index settings
@@ -163,10 +164,10 @@ def test_auto_kind_picks_exact_below_threshold_and_lists_of_constant_length():
     cfg = IndexConfig(kind="auto", auto_exact_below=1000)
     assert resolve_kind(999, cfg) == "flat" and resolve_kind(1000, cfg) == "ivfhnsw"
     assert 1 <= default_nlist(10) and default_nlist(1_000_000) == 4000
-    # nlist grows with N (a power of two near N / 64): the mean list length stays ~64
-    for n in (10**5, 10**6, 10**7):
-        assert 45 <= n / auto_nlist(n, cfg) <= 90
-    assert auto_factory(10**7, cfg) == "IVF131072_HNSW32,Flat"
+    # nlist grows with N (N / 64 rounded): the mean list length stays 64
+    for n in (10**5, 10**6, 10**7, 3 * 10**7 + 7):
+        assert 63.5 <= n / auto_nlist(n, cfg) <= 64.5
+    assert auto_factory(10**7, cfg) == "IVF156250_HNSW32,Flat"
     assert auto_nlist(100, cfg) == 2  # at most N / 30 lists
     with pytest.raises(ValueError, match="auto_codes='Bogus'"):
         build_index(clustered(2000, d=8), IndexConfig(auto_exact_below=0, auto_codes="Bogus"))

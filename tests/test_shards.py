@@ -48,7 +48,7 @@ def test_ivf_shards_reach_recall_095(ray_local, tmp_path):
     handles = start_index_shards(str(store.path), cfg, shards=2)
     client = ShardedSearch(handles, timeout_s=60)
     status = client.wait_served(1, timeout=120)
-    assert all(s["kind"].startswith("IVF128_HNSW,") for s in status["shards"]), status
+    assert all(s["kind"].startswith("IVF156_HNSW,") for s in status["shards"]), status
     ids, _ = client.search(q, 10)
     recall = recall_at_k(ids, brute_force_knn(x, q, 10)[0])
     assert recall >= 0.95, recall
