@@ -12,7 +12,8 @@ Kinds (IndexConfig.kind):
            (IndexRefineFlat, which keeps the raw vectors).
 - "auto":  flat below IndexConfig.auto_exact_below exemplars; from there on an IVF whose
            query time does not grow with N (`auto_factory`): nlist = N / auto_list_size
-           (rounded), so every inverted list holds ~auto_list_size vectors whatever N is, and an HNSW coarse quantizer (FAISS's `IVF<nlist>_HNSW32`) finds the nprobe
+           (rounded), so every inverted list holds ~auto_list_size vectors whatever N is,
+           and an HNSW coarse quantizer (FAISS's `IVF<nlist>_HNSW32`) finds the nprobe
            nearest lists in ~log(nlist). The lists hold the raw vectors by default
            (`auto_codes="Flat"`), so every distance computed is exact and the top-k of the
            probed lists is exactly re-ranked by construction; `auto_codes="PQ10x4fs,RFlat"`
@@ -143,6 +144,7 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
     queries = x[rows]
     _, truth = faiss.knn(queries, x, k + 1)
     truth = _without_own_row(truth, rows, k)
+
     def measure(nprobe: int) -> tuple[float, float]:
         set_nprobe(index, nprobe)
         _, found = index.search(queries, k + 1)
