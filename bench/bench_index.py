@@ -313,6 +313,7 @@ def main() -> None:
     parser.add_argument("--child-service", help=argparse.SUPPRESS)
     parser.add_argument("--total", default="0", help=argparse.SUPPRESS)
     parser.add_argument("--child-timing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-latents", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep", default="", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=11,
                         help="interleaved timing rounds across N (median per index)")
@@ -336,13 +337,20 @@ def main() -> None:
     if args.child_service:
         print(json.dumps(bench_service(int(float(args.child_service)), args.threads)))
         return
+    if args.child_latents:
+        deformed_latents(int(args.total), args.encoder, Path(args.cache))
+        print(json.dumps({}))
+        return
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
     results = {}
     if args.data == "deformed":
         if not args.encoder:
             parser.error("--data deformed needs --encoder RUN (a trained MNIST run folder)")
-        deformed_latents(max(sizes) + BATCH, args.encoder, Path(args.cache))  # made once, here
+        # made once, in a child: a child inherits its parent's RSS into its peak (ru_maxrss
+        # survives fork and exec), so the parent must never hold the latents itself
+        run_child(["--child-latents", "--total", str(max(sizes) + BATCH),
+                   "--encoder", args.encoder, "--cache", args.cache])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     keep = tempfile.mkdtemp(prefix="bench_index_", dir=args.workdir)  # built indexes, for timing
