@@ -9,7 +9,8 @@ import pytest
 from exvae_dist.config import IndexConfig
 from exvae_dist.retrieval.index import (auto_factory, auto_nlist, brute_force_knn,
                                         build_index, default_nlist, deserialize, describe,
-                                        merge_topk, recall_at_k, resolve_kind, search, serialize)
+                                        merge_topk, recall_at_k, resolve_kind, search, serialize,
+                                        set_nprobe)
 
 
 def clustered(n, d=40, n_clusters=100, spread=1.0, seed=0):
@@ -127,12 +128,10 @@ def test_calibrated_nprobe_is_the_smallest_whose_bound_reaches_the_target():
     # the same index uncalibrated, and the same 300 rows the calibration draws (seed 3):
     # mean recall and its lower bound at every nprobe, against brute force
     index = build_index(x, dataclasses.replace(cfg, auto_target_recall=0), seed=3)
-    ivf = faiss.extract_index_ivf(index)
-    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
     rows = np.sort(np.random.default_rng(3).choice(len(x), 300, replace=False))
     table = {}
     for p in range(1, 65):
-        ivf.nprobe, hnsw.efSearch = p, max(64, 2 * p)
+        set_nprobe(index, p)  # nprobe and the HNSW walk, as the calibration sets them
         table[p] = _recall_bound_without_self(index, x, rows, 5)
     # a target between the bound and the mean of a middle nprobe: a calibration on the
     # mean alone would stop there, one on the bound must go further
