@@ -275,6 +275,8 @@ def main() -> None:
          lambda: OurStep(["train.batching=local"], splits, state)),
         ("RAT, local batching (1 cell per batch)",
          lambda: OurStep(["train.batching=local", "train.local_cells=1"], splits, state)),
+        ("RAT, local batching (4 cells) + bf16 encoding",
+         lambda: OurStep(["train.batching=local", bf16], splits, state)),
     ]
     vamp = ["prior.kind=vampprior"]
     vampprior = [
