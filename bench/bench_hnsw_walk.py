@@ -22,7 +22,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-WALKS = {"max(64, 2 nprobe)": lambda p: max(64, 2 * p), "max(16, nprobe)": lambda p: max(16, p)}
+from bench_index import qps  # noqa: E402  (this script's own folder is on sys.path)
+
+
+def old_walk(index) -> None:
+    """efSearch = max(64, 2 nprobe), as index.set_nprobe set it before 2026-12-03."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * ivf.nprobe)
+
+
+def new_walk(index) -> None:
+    """The walk index.set_nprobe sets now (efSearch = max(16, nprobe))."""
+    import faiss
+
+    from exvae_dist.retrieval.index import set_nprobe
+
+    set_nprobe(index, faiss.extract_index_ivf(index).nprobe)
+
+
+WALKS = {"max(64, 2 nprobe)": old_walk, "max(16, nprobe)": new_walk}
 
 
 def main() -> None:
@@ -54,20 +74,14 @@ def main() -> None:
         del rows, index
     indexes = {}
     for n, (blob, truth) in built.items():
-        for walk, ef in WALKS.items():
+        for walk, set_walk in WALKS.items():
             index = faiss.deserialize_index(blob)
-            ivf = faiss.extract_index_ivf(index)
-            faiss.downcast_index(ivf.quantizer).hnsw.efSearch = ef(ivf.nprobe)
+            set_walk(index)
             indexes[(n, walk)] = (index, truth)
     times = {key: [] for key in indexes}
     for _ in range(args.rounds):
         for key, (index, _) in indexes.items():
-            best = float("inf")
-            for _ in range(3):
-                start = time.perf_counter()
-                search(index, queries, 10)
-                best = min(best, time.perf_counter() - start)
-            times[key].append(best)
+            times[key].append(len(queries) / qps([(index, 0)], queries, repeats=3)[0])
     median = {key: float(np.median(t)) for key, t in times.items()}
     print(f"\n{args.threads} FAISS threads, 128 queries, k = 10, {args.rounds} rounds\n"
           "| N | nprobe | HNSW walk (efSearch) | queries/s | recall@10 | time / old walk |\n"
