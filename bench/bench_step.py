@@ -10,6 +10,10 @@ The variants run interleaved (one step of each per round), so a change in the ma
 hits all of them alike. Prints the share of exemplars above responsibility thresholds on the
 pretrained model (what train.exemplar_grad_threshold drops), then a table of mean step times
 with their ratios to the Gaussian step and to the reference-style exact step.
+
+`--reference DIR` (a checkout of github.com/sajadn/Exemplar-VAE) adds the authors' own
+Gaussian, exact and RAT steps to the same rounds, from the same weights and batches
+(bench/authors_code.py), and a column with each of our steps over theirs of the same kind.
 """
 
 from __future__ import annotations
@@ -222,6 +226,17 @@ def responsibility_shares(splits, state, steps: int = 5) -> dict:
     return out
 
 
+def authors_counterpart(label: str) -> str:
+    """The authors' variant a row of ours is compared with: same prior, same kind of step."""
+    if label.startswith("authors'"):
+        return ""
+    if label.startswith("gaussian"):
+        return "authors' code, Gaussian prior"
+    if label.startswith("exact"):
+        return "authors' code, exact (M=25,000)"
+    return "authors' code, RAT (k=10)" if label.startswith("RAT") else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
@@ -233,6 +248,9 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=1e-4,
                    help="train.exemplar_grad_threshold of the truncated variants")
     p.add_argument("--only", default="all", choices=("all", "exact", "rat", "vampprior"))
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="a checkout of the authors' code (github.com/sajadn/Exemplar-VAE): "
+                        "adds their Gaussian, exact and RAT steps to the rounds")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = config_mod.load(None, [], env=os.environ)
@@ -278,6 +296,15 @@ def main() -> None:
         ("RAT, local batching (4 cells) + bf16 encoding",
          lambda: OurStep(["train.batching=local", bf16], splits, state)),
     ]
+    if args.reference:
+        from authors_code import AuthorsStep
+
+        def authors(kind):
+            return lambda: AuthorsStep(kind, args.reference, splits, state)
+        exact += [("authors' code, Gaussian prior", authors("gaussian")),
+                  ("authors' code, exact (M=25,000)", authors("exact"))]
+        rat += [("authors' code, Gaussian prior", authors("gaussian")),
+                ("authors' code, RAT (k=10)", authors("rat"))]
     vamp = ["prior.kind=vampprior"]
     vampprior = [
         gauss,
@@ -289,6 +316,14 @@ def main() -> None:
               "rat": [(rat, args.steps)], "vampprior": [(vampprior, args.steps)]}[args.only]
     for variants, steps in groups:
         runners = [(label, make()) for label, make in variants]
+        ours = dict(runners).get("gaussian prior")
+        for label, run in runners:
+            if label.startswith("authors'") and ours is not None:
+                gap = run.check_weights(ours.model.net.encode_top)
+                print(f"{label}: encoder means differ from ours by at most {gap:.1e} on the "
+                      "same weights")
+                if gap > 1e-4:
+                    raise SystemExit("the weights were not carried over to the authors' model")
         times = {label: [] for label, _ in runners}
         cpu = {label: [] for label, _ in runners}
         rng = np.random.default_rng(0)
@@ -307,15 +342,18 @@ def main() -> None:
         ref = mean.get("exact, reference-style float32")
         print(f"\n{os.getloadavg()[0]:.2f} load average (1 min) at the end")
         print("| step | wall ms per step | CPU ms per step | x Gaussian (CPU) "
-              "| x reference-style exact (CPU) | exemplars encoded | with gradients |")
-        print("|---|---|---|---|---|---|---|")
+              "| x reference-style exact (CPU) | x authors' code, same kind (CPU) "
+              "| exemplars encoded | with gradients |")
+        print("|---|---|---|---|---|---|---|---|")
         for label, run in runners:
             c = [v for v in run.extra["candidates"] if v] or [0]
             g = [v for v in run.extra["grad_candidates"] if v >= 0] or [0]
             vs_ref = f"{mean[label] / ref:.2f}" if ref and "exact" in label else ""
+            theirs = mean.get(authors_counterpart(label))
+            vs_authors = f"{mean[label] / theirs:.2f}" if theirs else ""
             print(f"| {label} | {wall[label] * 1e3:.1f} | {mean[label] * 1e3:.1f} "
                   f"| {mean[label] / mean['gaussian prior']:.2f} "
-                  f"| {vs_ref} | {statistics.mean(c):.0f} | {statistics.mean(g):.0f} |")
+                  f"| {vs_ref} | {vs_authors} | {statistics.mean(c):.0f} | {statistics.mean(g):.0f} |")
 
 
 if __name__ == "__main__":
