@@ -69,10 +69,20 @@ def pretrained_state(cfg, splits, steps: int, cache: str | None = None) -> dict:
     return state
 
 
+class AllExemplarsSearch:
+    """A TorchExactSearch seen without its subset shortcut (no `searches_subsets`)."""
+
+    def __init__(self, inner: TorchExactSearch):
+        self.inner = inner
+
+    def search(self, queries, k):
+        return self.inner.search(queries, k)
+
+
 class OurStep:
     """exvae-dist's step (PriorSampler + train_step) under config overrides."""
 
-    def __init__(self, overrides, splits, state):
+    def __init__(self, overrides, splits, state, all_n: bool = False):
         cfg = config_mod.load(None, overrides, env=os.environ)
         torch.manual_seed(0)
         self.train_x = torch.from_numpy(splits.train_x)
@@ -80,7 +90,10 @@ class OurStep:
         self.model.load_state_dict(state, strict=cfg.prior.kind == "exemplar")
         self.opt = make_optimizer(self.model, cfg)
         search = TorchExactSearch(precision=cfg.prior.search_precision)
-        self.sampler = PriorSampler(cfg.prior, self.train_x, search, seed=1)
+        # all_n: search all N k' deep and keep the subset's members afterwards (the index
+        # services' way, and the in-memory search's before it searched the subset alone)
+        self.sampler = PriorSampler(cfg.prior, self.train_x,
+                                    AllExemplarsSearch(search) if all_n else search, seed=1)
         if cfg.prior.kind == "exemplar" and cfg.prior.rat:
             search.update(exemplar_centres(self.model, self.train_x))
         self.extra: dict = {"candidates": [], "grad_candidates": []}
@@ -284,6 +297,7 @@ def main() -> None:
     rat = [
         gauss,
         ("RAT (k=10)", lambda: OurStep([], splits, state)),
+        ("RAT, search over all N, k' deep (before)", lambda: OurStep([], splits, state, all_n=True)),
         (f"RAT, grad threshold {args.threshold:g}", lambda: OurStep([thr], splits, state)),
         ("RAT, bf16 encoding", lambda: OurStep([bf16], splits, state)),
         (f"RAT, bf16 + grad threshold {args.threshold:g}", lambda: OurStep([bf16, thr], splits, state)),

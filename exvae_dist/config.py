@@ -81,7 +81,8 @@ class PriorConfig:
     # Retrieval augmented training: k nearest exemplars per batch element instead of all M.
     rat: bool = True
     k: int = 10  # nearest exemplars retrieved per batch element (RAT)
-    # Query depth k' = ceil(safety * k * N / M) so that k of them survive the M/N coins.
+    # Query depth k' = ceil(safety * k * N / M) of an index over all N, so that k of them
+    # survive the M/N coins (the one-process trainer's exact search needs none: it searches S).
     safety: float = 2.0
     # Initial value of the learned log-variance lambda of the Parzen window.
     init_log_var: float = -2.0

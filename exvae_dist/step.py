@@ -27,7 +27,9 @@ from .retrieval.candidates import assemble_candidates, query_depth, subset_size
 
 
 class NeighbourSearch(Protocol):
-    """Nearest cached exemplar means of each query, over ALL N exemplars."""
+    """Nearest cached exemplar means of each query, over ALL N exemplars. A search whose
+    `searches_subsets` is True also takes `among=` row ids [M] and searches only those
+    (TorchExactSearch: the step's subset S, which is cheaper and exact)."""
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         """queries: [B, d] float32 -> (ids [B, k] int64 nearest first, index version)."""
@@ -87,9 +89,14 @@ class PriorSampler:
                    step: int) -> PriorBatch:
         with torch.no_grad():
             queries = model.net.encode_top(x)[0].float().cpu().numpy()
-        depth = query_depth(self.cfg.k, self.n, self.m, self.cfg.safety)
-        ids, version = self.search.search(queries, depth)
         n, m, seed = self.n, self.m, self.seed
+        if getattr(self.search, "searches_subsets", False):
+            # the k nearest of S less the element itself are among the k + 1 nearest of S
+            subset = keyed.subset_for(step, m, n, seed)
+            ids, version = self.search.search(queries, self.cfg.k + 1, among=subset)
+        else:  # an index over all N: search k' deep, assemble_candidates keeps S's members
+            ids, version = self.search.search(
+                queries, query_depth(self.cfg.k, n, m, self.cfg.safety))
 
         def coins(rows: np.ndarray) -> np.ndarray:  # this step's M/N coins of those ids only
             return keyed.coins_for(rows, step, m, n, seed)

@@ -22,6 +22,55 @@ def test_torch_exact_search_equals_brute_force_knn():
     assert version == 0 and search.update(torch.from_numpy(latents)) == 1
 
 
+def test_torch_exact_search_among_rows_equals_brute_force_over_those_rows():
+    rng = np.random.default_rng(1)
+    latents = rng.normal(size=(2000, 8)).astype(np.float32)
+    queries = rng.normal(size=(9, 8)).astype(np.float32)
+    rows = np.sort(rng.choice(2000, 700, replace=False))
+    search = TorchExactSearch(block=300)
+    search.update(torch.from_numpy(latents))
+    ids, _ = search.search(queries, 12, among=rows)
+    d2 = ((queries[:, None, :].astype(np.float64) - latents[rows][None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(ids, rows[np.argsort(d2, axis=1, kind="stable")[:, :12]])
+
+
+class FullSearch:
+    """TorchExactSearch without the subset shortcut: the index services' path (k' deep)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def search(self, queries, k):
+        return self.inner.search(queries, k)
+
+
+def test_rat_sampler_keeps_the_k_nearest_of_the_steps_subset_less_the_element_itself():
+    """Brute force: row b's components are the k nearest (float64 distance of the cached
+    means) among the subset S of this step, less b's own exemplar; the same set as the k'-deep
+    search over all N that the index services use."""
+    from exvae_dist.retrieval import keyed
+
+    cfg, model, images = _model_and_data("prior.k=5", "prior.subsample=150")
+    means = model.net.encode_top(images)[0].detach()
+    search = TorchExactSearch()
+    search.update(means)
+    ids = np.array([3, 50, 51, 120, 200, 260, 333, 399])
+    for step in (0, 7):
+        subset = keyed.subset_for(step, 150, 400, 2)
+        with torch.no_grad():
+            q = model.net.encode_top(images[ids])[0].double().numpy()
+        d2 = ((q[:, None, :] - means.double().numpy()[subset][None]) ** 2).sum(-1)
+        expected = set()
+        for b, row in enumerate(np.argsort(d2, axis=1, kind="stable")):
+            expected |= set([int(i) for i in subset[row] if i != ids[b]][:5])
+        prior = PriorSampler(cfg.prior, images, search, seed=2)(model, ids, images[ids], step)
+        assert prior.n_short == 0 and set(prior.ids.tolist()) == expected
+        full = PriorSampler(cfg.prior, images, FullSearch(search), seed=2)(
+            model, ids, images[ids], step)
+        assert full.n_short == 0 and np.array_equal(full.ids, prior.ids)
+        assert torch.equal(full.exclude, prior.exclude)
+
+
 def test_search_errors_are_clear():
     search = TorchExactSearch()
     with pytest.raises(RuntimeError, match="update"):

@@ -120,24 +120,40 @@ class TorchExactSearch:
         if self._low_t is not None:
             self._low_t[:, ids] = latents.t().bfloat16()
 
-    def _search_bfloat16(self, q: torch.Tensor, k: int) -> torch.Tensor:
-        scores = self._half_sq[None, :] - (q.bfloat16() @ self._low_t).float()
-        wide = min(self.latents.shape[0], self.prefilter * k)
+    # the in-memory cache can search the step's subset S alone (step.PriorSampler asks for
+    # the k + 1 nearest of S instead of k' = 2kN/M of all N, and is never short of survivors)
+    searches_subsets = True
+
+    def _search_bfloat16(self, q: torch.Tensor, k: int, latents: torch.Tensor,
+                         low_t: torch.Tensor, half_sq: torch.Tensor) -> torch.Tensor:
+        scores = half_sq[None, :] - (q.bfloat16() @ low_t).float()
+        wide = min(latents.shape[0], self.prefilter * k)
         cand = smallest_k(scores, wide)[1]
-        d2 = (q[:, None, :] - self.latents[cand]).pow(2).sum(-1)
+        d2 = (q[:, None, :] - latents[cand]).pow(2).sum(-1)
         pos = torch.topk(d2, k, dim=1, largest=False, sorted=True).indices
         return torch.gather(cand, 1, pos)
 
     @torch.no_grad()
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    def search(self, queries: np.ndarray, k: int,
+               among: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+        """queries [B, d] -> (ids [B, k] int64 nearest first, version). `among`: int64 row
+        ids [M] to search instead of all N (a step's exemplar subset)."""
         if self.latents is None:
             raise RuntimeError("search before the exemplar cache was filled: call update() first")
         q = torch.as_tensor(queries, dtype=torch.float32).to(self.latents.device)
         if q.dim() != 2 or q.shape[1] != self.latents.shape[1]:
             raise ValueError(f"queries must be [B, {self.latents.shape[1]}], got {tuple(q.shape)}")
-        k = min(k, self.latents.shape[0])
-        if self._low_t is not None:
-            ids = self._search_bfloat16(q, k)
+        latents, half_sq, low_t = self.latents, self._half_sq, self._low_t
+        rows = None
+        if among is not None:
+            rows = torch.as_tensor(among, dtype=torch.int64).to(latents.device)
+            latents, half_sq = latents[rows], half_sq[rows]
+            low_t = low_t[:, rows] if low_t is not None else None
+        k = min(k, latents.shape[0])
+        if low_t is not None:
+            ids = self._search_bfloat16(q, k, latents, low_t, half_sq)
         else:
-            ids = exact_topk(q, self.latents, k, self.block, self._half_sq)[1]
+            ids = exact_topk(q, latents, k, self.block, half_sq)[1]
+        if rows is not None:
+            ids = rows[ids]
         return ids.cpu().numpy().astype(np.int64), self.version
