@@ -107,11 +107,19 @@ class AuthorsStep:
         if "prior_log_variance" in mine:
             mine["prior_log_variance"].fill_(float(state["prior.log_var"]))
 
-    def check_weights(self, our_encode_top) -> float:
-        """Largest |difference| of the encoder means of 100 images between the two codes."""
+    @torch.no_grad()
+    def check_weights(self, our_model) -> float:
+        """Largest |difference| between the two codes on the same weights, over the encoder
+        means and log-variances of 100 images, the pixel probabilities decoded from those
+        means, and the prior's log-variance lambda."""
         x = self.train_x[:100]
-        with torch.no_grad():
-            return (self.model.q_z(x)[0] - our_encode_top(x)[0]).abs().max().item()
+        mean, logvar = our_model.net.encode_top(x)
+        their_mean, their_logvar = self.model.q_z(x)
+        gaps = [(their_mean - mean).abs().max(), (their_logvar - logvar).abs().max(),
+                (self.model.p_x(mean)[0] - torch.sigmoid(our_model.net.decoder_params(mean))).abs().max()]
+        if hasattr(self.model, "prior_log_variance") and our_model.prior_kind == "exemplar":
+            gaps.append((self.model.prior_log_variance - our_model.prior.log_var).abs().max())
+        return max(g.item() for g in gaps)
 
     def __call__(self, ids: np.ndarray, i: int) -> None:
         x = binarize(self.train_x[ids], True, 0, i, 0)  # the batch our variants see

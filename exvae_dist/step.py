@@ -92,7 +92,7 @@ class PriorSampler:
         n, m, seed = self.n, self.m, self.seed
         if getattr(self.search, "searches_subsets", False):
             # the k nearest of S less the element itself are among the k + 1 nearest of S
-            subset = keyed.subset_for(step, m, n, seed)
+            subset = keyed.subset_for(step, m, n, seed) if m < n else None  # None: all N
             ids, version = self.search.search(queries, self.cfg.k + 1, among=subset)
         else:  # an index over all N: search k' deep, assemble_candidates keeps S's members
             ids, version = self.search.search(

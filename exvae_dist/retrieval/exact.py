@@ -87,10 +87,13 @@ class TorchExactSearch:
     latent cache: exact_topk over all N cached means.
 
     precision="bfloat16" scores with a bfloat16 matmul first (with d=40 a float32 matmul runs
-    far below peak on CPU), keeps `prefilter * k` per query and re-ranks those by exact
-    float32 distance: approximate only where a bfloat16 rounding error exceeds the gap to the
-    prefilter's cut-off.
+    far below peak on CPU), keeps max(`prefilter` * k, MIN_SHORTLIST) per query and re-ranks
+    those by exact float32 distance: approximate only where a bfloat16 rounding error exceeds
+    the gap to the shortlist's cut-off (the floor keeps a k = 11 search of a subset as safe
+    as the 40-deep search of all N it replaced).
     """
+
+    MIN_SHORTLIST = 160
 
     def __init__(self, block: int = 65536, precision: str = "float32", prefilter: int = 4):
         if precision not in ("float32", "bfloat16"):
@@ -121,13 +124,14 @@ class TorchExactSearch:
             self._low_t[:, ids] = latents.t().bfloat16()
 
     # the in-memory cache can search the step's subset S alone (step.PriorSampler asks for
-    # the k + 1 nearest of S instead of k' = 2kN/M of all N, and is never short of survivors)
+    # the k + 1 nearest of S instead of k' = 2kN/M of all N: never short of survivors when
+    # M > k)
     searches_subsets = True
 
     def _search_bfloat16(self, q: torch.Tensor, k: int, latents: torch.Tensor,
                          low_t: torch.Tensor, half_sq: torch.Tensor) -> torch.Tensor:
         scores = half_sq[None, :] - (q.bfloat16() @ low_t).float()
-        wide = min(latents.shape[0], self.prefilter * k)
+        wide = min(latents.shape[0], max(self.prefilter * k, self.MIN_SHORTLIST))
         cand = smallest_k(scores, wide)[1]
         d2 = (q[:, None, :] - latents[cand]).pow(2).sum(-1)
         pos = torch.topk(d2, k, dim=1, largest=False, sorted=True).indices
@@ -136,8 +140,8 @@ class TorchExactSearch:
     @torch.no_grad()
     def search(self, queries: np.ndarray, k: int,
                among: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
-        """queries [B, d] -> (ids [B, k] int64 nearest first, version). `among`: int64 row
-        ids [M] to search instead of all N (a step's exemplar subset)."""
+        """queries [B, d] -> (ids [B, k] int64 nearest first, version). `among`: distinct
+        int64 row ids [M] to search instead of all N (a step's exemplar subset)."""
         if self.latents is None:
             raise RuntimeError("search before the exemplar cache was filled: call update() first")
         q = torch.as_tensor(queries, dtype=torch.float32).to(self.latents.device)
