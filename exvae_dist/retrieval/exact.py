@@ -94,6 +94,10 @@ class TorchExactSearch:
     """
 
     MIN_SHORTLIST = 160
+    # the in-memory cache can search the step's subset S alone (step.PriorSampler asks for
+    # the k + 1 nearest of S instead of k' = 2kN/M of all N: never short of survivors when
+    # M > k)
+    searches_subsets = True
 
     def __init__(self, block: int = 65536, precision: str = "float32", prefilter: int = 4):
         if precision not in ("float32", "bfloat16"):
@@ -122,11 +126,6 @@ class TorchExactSearch:
         self._half_sq[ids] = 0.5 * (latents * latents).sum(1)
         if self._low_t is not None:
             self._low_t[:, ids] = latents.t().bfloat16()
-
-    # the in-memory cache can search the step's subset S alone (step.PriorSampler asks for
-    # the k + 1 nearest of S instead of k' = 2kN/M of all N: never short of survivors when
-    # M > k)
-    searches_subsets = True
 
     def _search_bfloat16(self, q: torch.Tensor, k: int, latents: torch.Tensor,
                          low_t: torch.Tensor, half_sq: torch.Tensor) -> torch.Tensor:
