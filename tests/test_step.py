@@ -86,6 +86,22 @@ def test_rat_sampler_keeps_the_k_nearest_of_the_steps_subset_less_the_element_it
         assert torch.equal(full.exclude, prior.exclude)
 
 
+def test_a_polling_search_over_an_exact_one_takes_the_all_n_path():
+    """The Ray worker's PollingSearch forwards unknown attributes to the search it wraps but
+    its search() takes no among=: the sampler must see searches_subsets False."""
+    from exvae_dist.train.worker import PollingSearch
+
+    cfg, model, images = _model_and_data("prior.k=5", "prior.subsample=150")
+    inner = TorchExactSearch()
+    inner.update(model.net.encode_top(images)[0].detach())
+    polls = []
+    ids = np.arange(8)
+    polled = PriorSampler(cfg.prior, images, PollingSearch(inner, lambda: polls.append(1)),
+                          seed=2)(model, ids, images[ids], 3)
+    direct = PriorSampler(cfg.prior, images, inner, seed=2)(model, ids, images[ids], 3)
+    assert polls == [1] and np.array_equal(polled.ids, direct.ids)
+
+
 def test_search_errors_are_clear():
     search = TorchExactSearch()
     with pytest.raises(RuntimeError, match="update"):

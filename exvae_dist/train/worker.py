@@ -104,6 +104,8 @@ class PollingSearch:
     """The index search with a poll before each query: where rank 0 completes a version the
     encoder actors have finished (the step does not wait for them)."""
 
+    searches_subsets = False  # search() takes no among= (not forwarded by __getattr__)
+
     def __init__(self, search: ShardedSearch, poll):
         self._search, self._poll = search, poll
 
