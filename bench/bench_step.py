@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from authors_code import gate_halves  # this script's own folder is on sys.path
 from exvae_dist import config as config_mod
 from exvae_dist import priors
 from exvae_dist.data import load_dataset
@@ -160,10 +161,10 @@ class ReferenceStyleExactStep:
         with torch.no_grad():  # our fused gate [h; g] -> the reference's two layers
             for ours, layers in (("net.encoder", self.enc), ("net.decoder", self.dec)):
                 for j, layer in enumerate(layers):
-                    w, b = state[f"{ours}.{j}.linear.weight"], state[f"{ours}.{j}.linear.bias"]
-                    n = w.shape[0] // 2
-                    layer.h.weight.copy_(w[:n]); layer.h.bias.copy_(b[:n])
-                    layer.g.weight.copy_(w[n:]); layer.g.bias.copy_(b[n:])
+                    wh, bh, wg, bg = gate_halves(state[f"{ours}.{j}.linear.weight"],
+                                                 state[f"{ours}.{j}.linear.bias"])
+                    layer.h.weight.copy_(wh); layer.h.bias.copy_(bh)
+                    layer.g.weight.copy_(wg); layer.g.bias.copy_(bg)
             for mine, ours in ((self.mean, "net.q_z.mean"), (self.logvar, "net.q_z.logvar"),
                                (self.out, "net.decoder.2")):
                 mine.weight.copy_(state[f"{ours}.weight"]); mine.bias.copy_(state[f"{ours}.bias"])
