@@ -90,6 +90,7 @@ class PriorSampler:
         with torch.no_grad():
             queries = model.net.encode_top(x)[0].float().cpu().numpy()
         n, m, seed = self.n, self.m, self.seed
+        subset = None
         if getattr(self.search, "searches_subsets", False):
             # the k nearest of S less the element itself are among the k + 1 nearest of S
             subset = keyed.subset_for(step, m, n, seed) if m < n else None  # None: all N
@@ -99,6 +100,9 @@ class PriorSampler:
                 queries, query_depth(self.cfg.k, n, m, self.cfg.safety))
 
         def coins(rows: np.ndarray) -> np.ndarray:  # this step's M/N coins of those ids only
+            if subset is not None:  # S is at hand (sorted): look the ids up, no hashing
+                at = np.minimum(np.searchsorted(subset, rows), len(subset) - 1)
+                return subset[at] == rows
             return keyed.coins_for(rows, step, m, n, seed)
 
         cand = assemble_candidates(ids, batch_ids, coins, self.cfg.k, n, subset_size=m)

@@ -84,6 +84,12 @@ def test_rat_sampler_keeps_the_k_nearest_of_the_steps_subset_less_the_element_it
             model, ids, images[ids], step)
         assert full.n_short == 0 and np.array_equal(full.ids, prior.ids)
         assert torch.equal(full.exclude, prior.exclude)
+        # normalizer log |S less {i}|: one fewer where the element itself is in S
+        own = np.isin(ids, subset)
+        assert own.any() and not own.all()  # both cases occur in this batch
+        expected_norm = np.log(150 - own)
+        for sampled in (prior, full):
+            np.testing.assert_allclose(sampled.log_norm.double().numpy(), expected_norm)
 
 
 def test_a_polling_search_over_an_exact_one_takes_the_all_n_path():
