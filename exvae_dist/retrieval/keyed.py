@@ -36,11 +36,25 @@ ROUNDS = 4  # Feistel rounds (even); 4 give a pseudo-random permutation (Luby-Ra
 
 def mix64(x: np.ndarray | int) -> np.ndarray:
     """splitmix64's finaliser: a bijective, well-mixing hash of uint64 values (elementwise)."""
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    z = np.add(np.asarray(x, dtype=np.uint64), _GOLDEN, dtype=np.uint64)
+    if z.ndim == 0:  # a scalar: the same steps, returning a numpy scalar
+        z = np.atleast_1d(z)
+        return _mix_in_place(z)[0]
+    return _mix_in_place(z)
+
+
+def _mix_in_place(z: np.ndarray) -> np.ndarray:
+    # in place, with one scratch array: 2x faster than fresh temporaries on the ~25,000 ids
+    # of a step's subset (keyed.subset_for runs every RAT and exact-prior step)
+    t = np.empty_like(z)
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+        for shift, mult in ((30, _M1), (27, _M2)):
+            np.right_shift(z, np.uint64(shift), out=t)
+            z ^= t
+            z *= mult
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    return z
 
 
 def derive_key(*parts: int) -> np.uint64:
