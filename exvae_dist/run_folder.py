@@ -42,7 +42,10 @@ CONFIG_RECORD = "config.yaml"
 # (train.epochs, early stopping, eval.*, tracking.*, ray.*, index.* search settings, paths,
 # threads, device, progress) may change between the attempts of one run.
 IDENTITY: dict[str, Optional[tuple[str, ...]]] = {
-    "data": ("name", "n_train", "n_valid", "binarize_seed"),
+    # store_fingerprint: the content of data.store (prepare() reads it from the store), so a
+    # store moved to another path still resumes and another store's data never does
+    "data": ("name", "n_train", "n_valid", "binarize_seed", "labels", "pixels",
+             "store_fingerprint"),
     "model": None,  # every key
     "prior": None,
     "train": ("batch_size", "lr", "normalize_grads", "warmup_epochs", "seed",
@@ -51,8 +54,14 @@ IDENTITY: dict[str, Optional[tuple[str, ...]]] = {
 }
 # Identity keys that no checkpoint can survive: the network's shapes, the prior's parameters
 # and the exemplar set (the store and the sampler hold one row per training image).
-STRUCTURAL = ("data.name", "data.n_train", "model.arch", "model.z_dim", "model.hidden",
-              "prior.kind", "prior.n_pseudo")
+STRUCTURAL = ("data.name", "data.n_train", "data.labels", "data.store_fingerprint",
+              "model.arch", "model.z_dim", "model.hidden", "prior.kind", "prior.n_pseudo")
+# Keys whose None in a record means "not recorded" (runs from before it was recorded), not
+# a value: such a record is not compared on them.
+NONE_IS_UNRECORDED = ("data.store_fingerprint",)
+# Files of trained state: a folder with none of them holds nothing a new attempt could lose.
+TRAINED_STATE = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "checkpoint_*",
+                 "checkpoint_manager_snapshot.json")
 
 
 class RunFolderError(config_mod.ConfigError):
@@ -86,6 +95,8 @@ def differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str
     for key in sorted(set(recorded) | set(now)):
         old = recorded.get(key, defaults.get(key))
         new = now.get(key, defaults.get(key))
+        if old is None and key in NONE_IS_UNRECORDED:
+            continue
         if old != new:
             out[key] = (old, new)
     return out
@@ -126,12 +137,19 @@ def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] =
             f"deletes when the job ends: the checkpoints and results would be lost. Pass an "
             f"absolute train.run_dir outside it (e.g. train.run_dir=$PWD/runs expanded by "
             f"the submitting shell, or a folder every node shares such as /shared/runs)")
+    _pin_store(cfg)
     now_fp = fingerprint(cfg)
     recorded = _recorded(path)
     moved_to, changed, resumed = None, {}, False
     if recorded is not None:
         changed = differences(recorded, now_fp)
-        if cfg.train.overwrite:
+        if changed and not cfg.train.overwrite and not _holds_trained_state(path):
+            moved_to = _move_aside(path, now)
+            log.warning("%s holds no checkpoint (its attempt stopped before the first one) and "
+                        "other settings (%s): moved it to %s and starting afresh", path,
+                        _listing(changed), moved_to)
+            changed = {}
+        elif cfg.train.overwrite:
             moved_to = _move_aside(path, now)
             log.warning("train.overwrite=true: moved the old run folder %s to %s and starting "
                         "over", path, moved_to)
@@ -160,24 +178,57 @@ def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] =
                      moved_to=moved_to)
 
 
+def _pin_store(cfg: config_mod.ExperimentConfig) -> None:
+    """data.name=store: fills data.store_fingerprint from the store (a cheap read of its
+    attributes) before the fingerprint is taken and config.yaml written, so both record which
+    data the run trains on; a missing or half-written store fails here, before anything
+    starts. A set value is left for the loader to check against the store."""
+    if cfg.data.name != "store" or cfg.data.store_fingerprint is not None or not cfg.data.store:
+        return
+    from .data.store_data import store_fingerprint  # Zarr only for store runs
+    from .retrieval.store import StoreError
+
+    try:
+        cfg.data.store_fingerprint = store_fingerprint(cfg.data.store)
+    except (StoreError, FileNotFoundError) as err:
+        raise RunFolderError(f"data.store={cfg.data.store}: {err}") from None
+
+
+def _holds_trained_state(path: Path) -> bool:
+    return any(next(path.glob(pattern), None) is not None for pattern in TRAINED_STATE)
+
+
 def _recorded(path: Path) -> Optional[dict[str, Any]]:
-    """The fingerprint a folder records: fingerprint.json, else (a run from before
-    fingerprints) its config.yaml; None for a folder that holds no run."""
+    """The fingerprint a folder records: fingerprint.json (keys it predates filled from its
+    config.yaml), else (a run from before fingerprints) its config.yaml; None for a folder
+    that holds no run."""
     if (path / FINGERPRINT).is_file():
         try:
-            return dict(read_json(path / FINGERPRINT)["fingerprint"])
+            recorded = dict(read_json(path / FINGERPRINT)["fingerprint"])
         except (ValueError, KeyError, TypeError) as err:
             raise RunFolderError(f"{path / FINGERPRINT} is unreadable ({err}): restore it, "
                                  f"or start over with train.overwrite=true") from None
+        missing = set(fingerprint(config_mod.ExperimentConfig())) - set(recorded)
+        if missing and (path / CONFIG_RECORD).is_file():
+            try:  # identity keys added since the run was recorded: its config.yaml says
+                from_yaml = _fingerprint_of_yaml(path / CONFIG_RECORD)
+                recorded.update({k: from_yaml[k] for k in missing})
+            except RunFolderError:
+                pass  # compared against the defaults, as before
+        return recorded
     if (path / CONFIG_RECORD).is_file():
-        try:
-            old = config_mod.from_dict(OmegaConf.to_container(OmegaConf.load(path / CONFIG_RECORD)))
-        except Exception as err:  # a config from another version: keys renamed or removed
-            raise RunFolderError(f"{path} holds a run whose {CONFIG_RECORD} this version cannot "
-                                 f"read ({str(err).splitlines()[0]}): pick a new train.name or "
-                                 f"start over with train.overwrite=true") from None
-        return fingerprint(old)
+        return _fingerprint_of_yaml(path / CONFIG_RECORD)
     return None
+
+
+def _fingerprint_of_yaml(record: Path) -> dict[str, Any]:
+    try:
+        old = config_mod.from_dict(OmegaConf.to_container(OmegaConf.load(record)))
+    except Exception as err:  # a config from another version: keys renamed or removed
+        raise RunFolderError(f"{record.parent} holds a run whose {record.name} this version "
+                             f"cannot read ({str(err).splitlines()[0]}): pick a new train.name "
+                             f"or start over with train.overwrite=true") from None
+    return fingerprint(old)
 
 
 def _move_aside(path: Path, now: Optional[float]) -> Path:

@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+import yaml
 
 from exvae_dist import config as config_mod
 from exvae_dist.run_folder import (FINGERPRINT, IDENTITY, RunFolderError, fingerprint, prepare,
@@ -11,6 +13,13 @@ from exvae_dist.run_folder import (FINGERPRINT, IDENTITY, RunFolderError, finger
 
 def cfg_at(tmp_path, *overrides):
     return config_mod.load("smoke", [f"train.run_dir={tmp_path}", *overrides], env={})
+
+
+def trained(tmp_path, *overrides):
+    """A first attempt that got as far as a checkpoint (trained state to protect)."""
+    folder = prepare(cfg_at(tmp_path, *overrides))
+    (folder.path / "checkpoint.pt").write_text("trained")
+    return folder
 
 
 def test_first_start_records_the_fingerprint_and_a_rerun_resumes(tmp_path):
@@ -29,7 +38,7 @@ def test_first_start_records_the_fingerprint_and_a_rerun_resumes(tmp_path):
     ("prior.k=3", "prior.k"), ("model.z_dim=8", "model.z_dim"), ("data.n_train=500", "data.n_train"),
     ("train.batch_size=50", "train.batch_size")])
 def test_a_changed_setting_is_refused_with_the_ways_on(tmp_path, override, key):
-    prepare(cfg_at(tmp_path))
+    trained(tmp_path)
     before = (cfg_at(tmp_path).run_path() / "config.yaml").read_text()
     with pytest.raises(RunFolderError) as err:
         prepare(cfg_at(tmp_path, override))
@@ -40,7 +49,7 @@ def test_a_changed_setting_is_refused_with_the_ways_on(tmp_path, override, key):
 
 
 def test_allow_changed_resumes_and_records_the_change(tmp_path):
-    prepare(cfg_at(tmp_path))
+    trained(tmp_path)
     folder = prepare(cfg_at(tmp_path, "train.warmup_epochs=10", "train.allow_changed=true"))
     assert folder.resumed and set(folder.changed) == {"train.warmup_epochs"}
     record = json.loads((folder.path / FINGERPRINT).read_text())
@@ -50,7 +59,7 @@ def test_allow_changed_resumes_and_records_the_change(tmp_path):
 
 
 def test_allow_changed_cannot_change_the_model_shape(tmp_path):
-    prepare(cfg_at(tmp_path))
+    trained(tmp_path)
     with pytest.raises(RunFolderError, match=r"model\.z_dim cannot change") as err:
         prepare(cfg_at(tmp_path, "model.z_dim=8", "train.allow_changed=true"))
     assert "train.allow_changed=true   resume" not in str(err.value)
@@ -69,6 +78,7 @@ def test_a_run_from_before_fingerprints_is_checked_against_its_config_yaml(tmp_p
     cfg = cfg_at(tmp_path)
     cfg.run_path().mkdir(parents=True)
     (cfg.run_path() / "config.yaml").write_text(config_mod.to_yaml(cfg))
+    (cfg.run_path() / "checkpoint.pt").write_text("trained")
     assert prepare(cfg).resumed
     (cfg.run_path() / FINGERPRINT).unlink()
     with pytest.raises(RunFolderError, match="train.warmup_epochs"):
@@ -92,3 +102,64 @@ def test_identity_keys_exist_and_exclude_schedule_and_infrastructure():
     for key in ("train.epochs", "ray.num_workers", "train.run_dir", "data.root", "train.name",
                 "train.overwrite", "train.allow_changed", "train.device"):
         assert key not in keys
+
+
+def test_other_training_classes_are_refused_even_with_allow_changed(tmp_path):
+    """data.labels picks the training images: a resume on other classes would train the same
+    checkpoint on other data, so it is structural."""
+    trained(tmp_path, "data.labels=[0,1]")
+    with pytest.raises(RunFolderError, match=r"data\.labels cannot change"):
+        prepare(cfg_at(tmp_path, "data.labels=[0,1,2]", "train.allow_changed=true"))
+    assert prepare(cfg_at(tmp_path, "data.labels=[0,1]")).resumed
+
+
+def test_a_folder_without_trained_state_is_set_aside_for_a_corrected_rerun(tmp_path):
+    """An attempt that failed before its first checkpoint (e.g. a NaN at lr=1e6) must not
+    block the corrected command; its files are kept beside, never deleted."""
+    failed = prepare(cfg_at(tmp_path, "train.lr=1000000"), now=0)
+    (failed.path / "sessions.jsonl").write_text("{}\n")
+    fixed = prepare(cfg_at(tmp_path), now=0)
+    assert not fixed.resumed and fixed.changed == {}
+    assert fixed.moved_to.name == "smoke.replaced-19700101T000000Z"
+    assert (fixed.moved_to / "sessions.jsonl").is_file()
+    assert json.loads((fixed.path / FINGERPRINT).read_text())["fingerprint"]["train.lr"] == 5e-4
+
+
+def test_identity_keys_added_later_are_read_from_an_older_runs_config_yaml(tmp_path):
+    """A fingerprint.json written before data.labels was an identity key: the run's
+    config.yaml says which classes it trained on."""
+    folder = trained(tmp_path, "data.labels=[3]")
+    record = json.loads((folder.path / FINGERPRINT).read_text())
+    del record["fingerprint"]["data.labels"]
+    (folder.path / FINGERPRINT).write_text(json.dumps(record))
+    assert prepare(cfg_at(tmp_path, "data.labels=[3]")).resumed
+    record = json.loads((folder.path / FINGERPRINT).read_text())
+    del record["fingerprint"]["data.labels"]
+    (folder.path / FINGERPRINT).write_text(json.dumps(record))
+    with pytest.raises(RunFolderError, match=r"data\.labels"):
+        prepare(cfg_at(tmp_path))
+
+
+def test_a_store_run_records_its_stores_content_and_refuses_another(tmp_path):
+    from types import SimpleNamespace
+
+    from exvae_dist.ingest import ingest, open_source
+
+    args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
+    for name, seed in (("a.zarr", 0), ("b.zarr", 1)):
+        x = np.random.default_rng(seed).integers(0, 256, (60, 28, 28), dtype=np.uint8)
+        np.save(tmp_path / f"{name}.npy", x)
+        ingest(open_source(str(tmp_path / f"{name}.npy"), args), tmp_path / name, n_valid=10,
+               n_test=10, progress=False)
+    store = ["data.name=store", "data.n_train=null"]
+    folder = trained(tmp_path, *store, f"data.store={tmp_path / 'a.zarr'}")
+    recorded = yaml.safe_load((folder.path / "config.yaml").read_text())["data"]
+    assert recorded["store_fingerprint"] and recorded["store_fingerprint"] == \
+        folder.fingerprint["data.store_fingerprint"]
+    with pytest.raises(RunFolderError, match=r"data\.store_fingerprint cannot change"):
+        prepare(cfg_at(tmp_path, *store, f"data.store={tmp_path / 'b.zarr'}",
+                       "train.allow_changed=true"))
+    (tmp_path / "a.zarr").rename(tmp_path / "moved.zarr")  # the same content elsewhere
+    assert prepare(cfg_at(tmp_path, *store, f"data.store={tmp_path / 'moved.zarr'}")).resumed
+    with pytest.raises(RunFolderError, match=r"data\.store=.*gone\.zarr"):
+        prepare(cfg_at(tmp_path, *store, f"data.store={tmp_path / 'gone.zarr'}"))
