@@ -64,7 +64,7 @@ def train_command(prog: str, argv: Optional[list[str]], ray: bool) -> int:
         parser.add_argument("--no-ray", action="store_true",
                             help="train in this process without Ray (python -m exvae_dist.trainer)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after --config
     setup_logging()
     use_ray = ray and not args.no_ray
     try:

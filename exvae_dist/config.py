@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -458,11 +459,22 @@ def load(config: str | os.PathLike | None = None, overrides: list[str] | tuple[s
     try:
         if config is not None:
             path = resolve_config_path(config)
-            layers.append(OmegaConf.load(path))
+            try:
+                layer = OmegaConf.load(path)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"--config {path} is not valid YAML: {_one_line(err)}") from None
+            if not isinstance(layer, DictConfig):
+                raise ConfigError(f"--config {path} must be a mapping of sections (data:, "
+                                  f"model:, ...), got a {type(layer).__name__}")
+            layers.append(layer)
         bad = [o for o in overrides if "=" not in o or o.startswith("+")]
         if bad:
             raise ConfigError(f"overrides must look like section.key=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"an override's value is not valid YAML ({_one_line(err)}); "
+                              f"quote lists whole, e.g. 'data.labels=[0,1]'") from None
         merged = OmegaConf.merge(*layers)
         cfg: ExperimentConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -472,6 +484,10 @@ def load(config: str | os.PathLike | None = None, overrides: list[str] | tuple[s
                           f"(see `python -m exvae_dist.train --help` for the keys)") from None
     apply_env(cfg, env, set_by=override_keys(overrides))
     return validate(cfg)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 ENV_KEYS = {"EXVAE_DATA_DIR": "data.root", "RAY_ADDRESS": "ray.address"}

@@ -119,3 +119,29 @@ def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_about(caplog):
         warn_emulated_bf16(config_mod.load(None, [], env={}))  # float32: never a warning
     warned = [r for r in caplog.records if "emulated" in r.getMessage()]
     assert len(warned) == (0 if native else 1)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("data:\n  name: [mnist\n", "is not valid YAML"),
+    ("- data\n- model\n", "must be a mapping of sections")])
+def test_a_config_file_that_is_no_config_is_a_config_error(tmp_path, text, words):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load(str(tmp_path / "c.yaml"))
+
+
+def test_an_override_that_is_no_yaml_value_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"quote lists whole"):
+        load(None, ["data.labels=[0,1"])
+
+
+def test_overrides_may_come_before_the_config_option(capsys):
+    """Nothing on the command line is dropped: an override before --config is read too."""
+    from exvae_dist.cli import train_command
+
+    for argv in (["train.epochs=-5", "--config", "smoke", "train.name=x"],
+                 ["train.name=x", "--config", "smoke", "train.epochs=-5"]):
+        with pytest.raises(SystemExit) as done:
+            train_command("trainer", argv, ray=False)
+        assert done.value.code == 2
+        assert "train.epochs must be >= 1, got -5" in capsys.readouterr().err
