@@ -28,11 +28,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import config as config_mod
 from .data import DataSplits, binarize_once
 from .evaluation import knn, pictures
 from .evaluation.likelihood import describe_prior, estimate_log_likelihood
 from .evaluation.runs import TrainedRun, load_splits, run_command
-from .exemplars import ExemplarSet, choose_set
+from .exemplars import ExemplarSet, ExemplarSetError, choose_set
 from .jsonio import dumps, write_json
 from .objective import encode_means
 from .priors import DEFAULT_CHUNK
@@ -154,13 +155,15 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
     device = resolve_device(cfg.train.device)
     model.to(device)
     splits = splits or load_splits(cfg)
+    # what can be refused is refused before the work starts and before the folder exists
+    check_knn_ks(e, splits)
+    # grey-level exemplars, as in training; eval.exemplars picks a grown set
+    exemplar_set: ExemplarSet = choose_set(trained, splits)
     out = output_folder(trained.path, e.name)
     test_x = torch.from_numpy(splits.test_x).to(device)
     if e.n_test is not None:
         test_x = test_x[:e.n_test]
     t_start = time.perf_counter()
-    # grey-level exemplars, as in training; eval.exemplars picks a grown set
-    exemplar_set: ExemplarSet = choose_set(trained, splits)
     centres = (None if exemplar_set.latents is None
                else torch.from_numpy(exemplar_set.latents).to(device))
     summary: dict = {
@@ -228,6 +231,18 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
     return summary
 
 
+def check_knn_ks(e, splits: DataSplits) -> None:
+    """eval.knn_ks against the kNN reference set (training + validation images)."""
+    if not e.knn or splits.train_y is None or splits.test_y is None:
+        return
+    n_ref = len(splits.train_y) + len(splits.valid_y)
+    if max(e.knn_ks) > n_ref:
+        raise config_mod.ConfigError(
+            f"eval.knn_ks={list(e.knn_ks)}: k={max(e.knn_ks)} exceeds the {n_ref} reference "
+            f"vectors of the kNN classifier (training + validation images): lower eval.knn_ks "
+            f"or set eval.knn=false")
+
+
 def output_folder(run: Path, name: Optional[str]) -> Path:
     """<run>/eval/<name>, empty. name=None: the UTC time (with -2, -3 ... if taken), so each
     evaluation keeps its own folder; a given name replaces that folder's old contents."""
@@ -277,7 +292,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         "eval.n_samples=1000 eval.prior_neighbours=100", argv)
     if trained is None:
         return 2
-    summary = evaluate(trained)
+    try:
+        summary = evaluate(trained)
+    except (config_mod.ConfigError, ExemplarSetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     brief = {k: summary[k] for k in ("test_elbo", "test_reconstruction", "test_kl",
                                      "active_units") if k in summary}
     if "log_likelihood" in summary:

@@ -212,3 +212,21 @@ def test_bad_override_names_the_key(trained_run):
     run, _ = trained_run
     with pytest.raises(config_mod.ConfigError, match="eval.no_such_key"):
         load_run(str(run), ["eval.no_such_key=1"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("eval.knn_ks=[3,1000]", "k=1000 exceeds the 600 reference vectors"),
+    ("eval.exemplars=7", "no exemplar set version 7")])
+def test_a_bad_evaluation_setting_fails_before_any_work_or_folder(trained_run, data_dir,
+                                                                  monkeypatch, capsys,
+                                                                  override, words):
+    from exvae_dist.evaluate import main
+
+    run, _ = trained_run
+    monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
+    before = sorted((run / "eval").iterdir()) if (run / "eval").exists() else []
+    assert main([str(run), override, "eval.name=refused", "eval.pictures=false"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "test log-likelihood" not in err
+    after = sorted((run / "eval").iterdir()) if (run / "eval").exists() else []
+    assert after == before  # no empty folder left behind
