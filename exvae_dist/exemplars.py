@@ -197,7 +197,7 @@ def parse_ids(text: str) -> list[int]:
     return sorted(out)
 
 
-def load_source(source: str, cfg) -> tuple[np.ndarray, np.ndarray, str]:
+def load_source(source: str, cfg, allow_test: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """SOURCE -> (images float32 [M, D] in [0, 1], labels int64 [M], description).
 
     FILE.npz with `images` (uint8 levels or [0, 1] floats, [M, D] or [M, C, H, W]) and
@@ -228,6 +228,12 @@ def load_source(source: str, cfg) -> tuple[np.ndarray, np.ndarray, str]:
     if len(parts) not in (2, 3) or parts[1] not in ("train", "valid", "test"):
         raise ExemplarSetError(f"SOURCE {source!r} is neither FILE.npz nor DATASET:SPLIT[:LABELS] "
                                f"(e.g. mnist:train:5-9)")
+    if parts[1] == "test" and not allow_test:
+        raise ExemplarSetError(
+            f"SOURCE {source!r} is a test split: evaluate scores the test images against the "
+            f"newest exemplar set, so test images among the exemplars would make its "
+            f"log-likelihood no longer held out. Add train or valid images, or pass "
+            f"--allow-test to do it on purpose (the set's description then says so)")
     labels = parse_ids(parts[2]) if len(parts) == 3 else None
     data_cfg = replace(cfg.data, name=parts[0], labels=labels, n_train=None, n_valid=None,
                        n_test=None)
@@ -235,7 +241,8 @@ def load_source(source: str, cfg) -> tuple[np.ndarray, np.ndarray, str]:
     x = getattr(splits, f"{parts[1]}_x")
     y = getattr(splits, f"{parts[1]}_y")
     y = np.full(len(x), UNKNOWN_LABEL) if y is None else y
-    return x, y.astype(np.int64), f"{len(x)} images of {source}"
+    note = " (TEST SPLIT: evaluations on it are not held out)" if parts[1] == "test" else ""
+    return x, y.astype(np.int64), f"{len(x)} images of {source}{note}"
 
 
 def add_exemplars(trained, images: np.ndarray, labels: np.ndarray, source: str,
@@ -266,6 +273,18 @@ def add_exemplars(trained, images: np.ndarray, labels: np.ndarray, source: str,
                       {**meta, "description": base.description, "base_version": None})
         versions = [1]
     base = read_version(trained.path, versions[-1])
+    # an image already in the set (as stored: 8-bit levels) would only double its mixture
+    # weight: skipped, and said so
+    known = {row.tobytes() for row in to_uint8(base.images)}
+    fresh = np.array([row.tobytes() not in known for row in to_uint8(images)], dtype=bool)
+    if not fresh.any():
+        raise ExemplarSetError(f"all {len(images)} images of {source} are already exemplars of "
+                               f"v{versions[-1]}: nothing to add")
+    if not fresh.all():
+        log.warning("skipped %d of the %d images: already exemplars of v%d",
+                    int((~fresh).sum()), len(images), versions[-1])
+        images, labels = images[fresh], labels[fresh]
+        source = f"{source}, less {int((~fresh).sum())} already in v{versions[-1]}"
     device = next(model.parameters()).device
     new = encode_means(model.net, torch.from_numpy(np.ascontiguousarray(images)).to(device))
     new = new.cpu().numpy()
@@ -300,6 +319,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     add.add_argument("source", help="FILE.npz (images, optional labels) or DATASET:SPLIT[:LABELS], "
                                     "e.g. mnist:train:5-9")
     add.add_argument("--n", type=int, default=None, help="add only the first N images")
+    add.add_argument("--allow-test", action="store_true",
+                     help="allow DATASET:test as SOURCE (evaluations of the grown set are then "
+                          "not held out; refused without this)")
     add.add_argument("overrides", nargs="*", help="key=value, e.g. train.threads=1")
     lst = sub.add_parser("list", help="the stored versions of a run")
     lst.add_argument("run")
@@ -318,14 +340,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if trained.cfg.train.threads:
             torch.set_num_threads(trained.cfg.train.threads)
-        images, labels, desc = load_source(args.source, trained.cfg)
+        images, labels, desc = load_source(args.source, trained.cfg, args.allow_test)
         if args.n is not None and args.n < len(images):
             images, labels, desc = images[:args.n], labels[:args.n], f"the first {args.n} of {desc}"
         version = add_exemplars(trained, images, labels, desc)
     except (ExemplarSetError, config_mod.ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"version": version, "added": int(len(images)),
+    meta = json.loads((sets_dir(trained.path) / _name(version) / "set.json").read_text())
+    print(json.dumps({"version": version, "added": meta["added"],
                       "folder": str(sets_dir(trained.path) / _name(version))}, indent=2))
     return 0
 

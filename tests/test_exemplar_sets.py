@@ -82,6 +82,17 @@ def test_adding_exemplars_never_changes_the_old_versions_latents(tmp_path):
         choose_set(run, splits, "9")
 
 
+def test_images_already_in_the_set_are_skipped_and_all_of_them_refused(tmp_path):
+    run, splits = _tiny(tmp_path)
+    new = np.random.default_rng(2).random((6, D)).astype(np.float32)
+    images = np.concatenate([splits.train_x[:4], new, splits.train_x[10:11]])
+    assert add_exemplars(run, images, np.arange(11), "mixed", splits) == 2
+    v2 = read_version(tmp_path, 2)
+    assert len(v2.images) == 40 + 6 and v2.labels[40:].tolist() == [4, 5, 6, 7, 8, 9]
+    with pytest.raises(ExemplarSetError, match="already exemplars of v2: nothing to add"):
+        add_exemplars(run, new[:3], np.zeros(3), "again", splits)
+
+
 def test_a_gaussian_prior_refuses_to_grow(tmp_path):
     run, splits = _tiny(tmp_path, prior="gaussian")
     with pytest.raises(ExemplarSetError, match="only the exemplar prior"):
@@ -168,6 +179,8 @@ def test_grow_generate_explain_evaluate_commands(tmp_path, data_dir, monkeypatch
     assert json.loads(capsys.readouterr().out)["version"] == 2
     assert exemplars.main(["add", run, "mnist:nope"]) == 2
     assert "DATASET:SPLIT" in capsys.readouterr().err
+    assert exemplars.main(["add", run, "mnist:test"]) == 2  # evaluate's own test images
+    assert "is a test split" in capsys.readouterr().err
     out = tmp_path / "gen.npz"
     assert generate_mod.main([run, "--n", "30", "--out", str(out), "--grid",
                               str(tmp_path / "g.png")]) == 0
