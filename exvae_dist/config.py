@@ -350,8 +350,10 @@ NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",
                 "index.refine_factor", "ray.search_retries")
 AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}
-# [low, high) or [low, high] intervals: probabilities and fractions
+# [low, high) or [low, high] intervals: probabilities and fractions; the log-variance where
+# exp(lambda) and the Parzen log-densities stay finite in float32
 INTERVALS = {"augment.momentum": (0.0, 1.0, False), "augment.label_smoothing": (0.0, 1.0, False),
+             "prior.init_log_var": (-30.0, 10.0, True),
              "augment.real_weight": (0.0, 1.0, True),
              "train.exemplar_grad_threshold": (0.0, 1.0, True), "index.pq_bits": (1, 16, True),
              "index.auto_target_recall": (0.0, 1.0, True)}

@@ -36,23 +36,40 @@ def check_config(cfg: ExperimentConfig) -> None:
     warn_emulated_bf16(cfg)
     if cfg.prior.kind != "exemplar":
         return
-    n = cfg.data.n_train
+    n, what = cfg.data.n_train, f"data.n_train={cfg.data.n_train}"
+    if cfg.data.name == "store" and cfg.data.store:
+        stored = _store_rows(cfg.data.store)
+        if stored is not None and (n is None or stored < n):
+            n, what = stored, f"data.store={cfg.data.store} holds {stored} training images"
     if n is not None and n < 2:
         raise PreflightError(
-            f"data.n_train={n}: the exemplar prior of each training image is a leave-one-out "
+            f"{what}: the exemplar prior of each training image is a leave-one-out "
             f"mixture over the OTHER training images, so it needs at least 2 (use more "
             f"images, or prior.kind=gaussian)")
     m = cfg.prior.subsample
     if m is None and n is not None:
         m = subset_size(n, None)  # the default, as step.PriorSampler computes it
-        key = f"prior.subsample (default N // 2 = {m} for data.n_train={n})"
+        key = f"prior.subsample (default N // 2 = {m}, as {what})"
     else:
         key = f"prior.subsample={m}"
     if m is not None and m < 2:
         raise PreflightError(
             f"{key}: a leave-one-out mixture over a subset of M={m} exemplar is empty whenever "
-            f"that exemplar is the image itself; set prior.subsample >= 2 (and data.n_train "
-            f">= 4 for the default N // 2)")
+            f"that exemplar is the image itself; set prior.subsample >= 2 (and use at least 4 "
+            f"training images for the default N // 2)")
+
+
+def _store_rows(path) -> int | None:
+    """The training images of an ingested store (read from its attributes), or None when it
+    cannot be opened: the run folder's check names that problem."""
+    from pathlib import Path
+
+    from .retrieval.store import ExemplarStore  # Zarr only for store runs
+
+    try:
+        return ExemplarStore(Path(path).expanduser()).n
+    except (OSError, ValueError):
+        return None
 
 
 def warn_emulated_bf16(cfg: ExperimentConfig) -> None:

@@ -31,6 +31,7 @@ def test_bundled_config_by_name():
     (["prior.kind=bogus"], "prior.kind"),
     (["train.batch_size=0"], "train.batch_size"),
     (["nosuchthing"], "key=value"),
+    (["prior.init_log_var=-200"], "prior.init_log_var must lie in"),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):

@@ -228,6 +228,27 @@ def test_too_few_exemplars_are_refused_before_training(tmp_path, smoke_cfg, over
     assert not cfg.run_path().exists()  # refused before anything is written or Ray starts
 
 
+def test_a_store_with_too_few_images_is_refused_before_training(tmp_path, smoke_cfg):
+    """A store's N is known only from the store: 3 images leave the default M = N // 2 = 1,
+    whose leave-one-out mixture is empty (the loss would be inf)."""
+    from types import SimpleNamespace
+
+    from exvae_dist.ingest import ingest, open_source
+    from exvae_dist.trainer import fit
+
+    np.save(tmp_path / "tiny.npy", np.random.default_rng(0).integers(0, 256, (5, 28, 28),
+                                                                      dtype=np.uint8))
+    args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
+    ingest(open_source(str(tmp_path / "tiny.npy"), args), tmp_path / "tiny.zarr", n_valid=1,
+           n_test=1, progress=False)
+    cfg = smoke_cfg(tmp_path, "data.name=store", f"data.store={tmp_path / 'tiny.zarr'}",
+                    "data.n_train=null")
+    err, seconds = timed(fit, cfg)
+    assert isinstance(err, PreflightError)
+    assert re.search(r"N // 2 = 1, as data\.store=.*holds 3 training images", str(err)), str(err)
+    assert not cfg.run_path().exists()
+
+
 def test_more_workers_than_the_local_cluster_has_is_refused(tmp_path, smoke_cfg, ray_local):
     from exvae_dist.train.driver import run
 
