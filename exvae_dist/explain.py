@@ -243,6 +243,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         trained = load_run(args.run, args.overrides)
         cfg, model = trained.cfg, trained.model
+        if model.prior_kind != "exemplar" and args.memorisation <= 0:
+            raise ExemplarSetError(
+                f"{trained.path} has a {model.prior_kind} prior: attributions need an "
+                f"exemplar-prior run; for this run only --memorisation N (generated samples "
+                f"against the training and test images) applies")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         out_dir = Path(args.out) if args.out else trained.path / "explain"
@@ -299,6 +304,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     brief = {k: v for k, v in report.items() if k != "attribution"}
+    if isinstance(report["attribution"], str):  # skipped, and why
+        brief["attribution"] = report["attribution"]
     if isinstance(report["attribution"], dict):
         rows = report["attribution"]["per_image"]
         brief["mean_top_k_mass"] = float(np.mean([r["top_k_mass"] for r in rows]))

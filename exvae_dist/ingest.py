@@ -8,8 +8,10 @@ SOURCE is one of
   a folder              PNG / JPEG files, all the same size, read as grey levels; with one
                         sub-folder per class, the sub-folder names are the labels
   path/to/array.zarr    an existing Zarr array (labels from --labels, another Zarr array)
-  deformed-mnist:N      N deformed MNIST digits (exvae_dist/data/deformed.py) with labels;
-                        validation and test are the standard MNIST ones
+  deformed-mnist:N      N MNIST digits with labels: rows 0..49,999 are MNIST's training
+                        digits as they are, later rows deformed copies of them
+                        (exvae_dist/data/deformed.py, --seed); validation and test are
+                        the standard MNIST ones
 
 STORE is the exemplar store to write (a Zarr v3 group). The ingest streams one block of
 rows at a time (never the whole set in memory), shows a progress bar, and can be
@@ -359,7 +361,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--test", type=int, default=None, help="test rows held out (default as "
                                                            "--valid)")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out choice")
-    ap.add_argument("--seed", type=int, default=0, help="deformed-mnist: deformation seed")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="deformed-mnist: deformation seed (rows 50,000 and later; the first "
+                         "50,000 are MNIST's own digits)")
     ap.add_argument("--block-rows", type=int, default=8192,
                     help="rows per written block = per chunk file (default 8192)")
     ap.add_argument("--latent-dim", type=int, default=40,

@@ -208,3 +208,22 @@ def test_grow_generate_explain_evaluate_commands(tmp_path, data_dir, monkeypatch
     original = json.loads(capsys.readouterr().out)
     assert grown["exemplars"].startswith("v1 (300) + the first 120 of") and "300 training" in original["exemplars"]
     assert np.isfinite(grown["log_likelihood"]["bits_per_dim"])
+
+
+def test_explain_on_a_run_without_exemplars_says_what_applies(tmp_path, data_dir, monkeypatch,
+                                                              capsys):
+    from exvae_dist import explain
+    from exvae_dist.trainer import fit
+
+    monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
+    cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.epochs=1",
+                                    "train.max_steps_per_epoch=2", "train.progress=false",
+                                    "train.threads=1", "data.n_train=200", "data.n_valid=50",
+                                    "data.n_test=40", "prior.kind=gaussian",
+                                    "tracking.sample_grid=false", "tracking.enabled=false"],
+                          env={"EXVAE_DATA_DIR": str(data_dir)})
+    fit(cfg)
+    assert explain.main([str(cfg.run_path())]) == 2
+    assert "has a gaussian prior: attributions need an exemplar-prior run" in \
+        capsys.readouterr().err
+    assert not (cfg.run_path() / "explain").exists()
