@@ -97,6 +97,10 @@ def _write_error(path: Path, err: BaseException) -> CheckpointWriteError:
         f"{path.parent}); {kept}")
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that exists but does not load (truncated, corrupt)."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -105,7 +109,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for truncated/corrupt files
-        raise RuntimeError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
                            f"delete it to start over, or load an older one of the same "
                            f"run ({PREVIOUS}, {BEST})") from err
 

@@ -230,3 +230,18 @@ def test_a_bad_evaluation_setting_fails_before_any_work_or_folder(trained_run, d
     assert words in err and "test log-likelihood" not in err
     after = sorted((run / "eval").iterdir()) if (run / "eval").exists() else []
     assert after == before  # no empty folder left behind
+
+
+def test_a_corrupt_checkpoint_names_the_other_one(trained_run, tmp_path, capsys):
+    import shutil
+
+    from exvae_dist.evaluate import main
+
+    run, _ = trained_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "best.pt").write_bytes(b"torn")
+    assert main([str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "best.pt is unreadable" in err and "eval.checkpoint=latest" in err
+    assert "Traceback" not in err

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .. import config as config_mod
-from ..checkpoint import BEST, LATEST, find_checkpoint, load_checkpoint
+from ..checkpoint import BEST, LATEST, UnreadableCheckpoint, find_checkpoint, load_checkpoint
 from ..jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
 from ..objective import VAEWithPrior, build_model
 from ..tracking import RUN_FILE
@@ -106,7 +106,12 @@ def load_run(run: str, overrides: Sequence[str] = (),
     ckpt = find_checkpoint(path, prefer_best=(wants != "latest"))
     if path.is_file():
         path = path.parent
-    state = load_checkpoint(ckpt)
+    try:
+        state = load_checkpoint(ckpt)
+    except UnreadableCheckpoint as err:
+        other = "best" if wants == "latest" else "latest"
+        raise UnreadableCheckpoint(f"{err}; or use the run's other checkpoint: "
+                                   f"eval.checkpoint={other}") from None
     if "config" not in state or "model" not in state:
         raise RuntimeError(f"{ckpt} is not an exvae-dist training checkpoint (no 'config' / "
                            f"'model' entries); point to a run directory written by the trainer")
@@ -161,6 +166,6 @@ def run_command(prog: str, description: str, keys: Sequence[str], example: str,
         return load_run(args.run, args.overrides, env=os.environ)
     except config_mod.ConfigError as err:
         parser.error(str(err))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, UnreadableCheckpoint) as err:
         print(f"error: {err}", file=sys.stderr)
     return None
