@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from .cli import EXIT_INTERRUPTED
 from .retrieval.keyed import SPLIT, KeyedPermutation
 
 log = logging.getLogger(__name__)
@@ -387,6 +388,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (IngestError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.store} is half-written and refused until finished; rerun "
+              f"the same command to resume from its last written block", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"{args.store}: fingerprint {fingerprint}\n"
           f"train on it: python -m exvae_dist.train data.name=store data.store={args.store}")
     return 0

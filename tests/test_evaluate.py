@@ -216,7 +216,8 @@ def test_bad_override_names_the_key(trained_run):
 
 @pytest.mark.parametrize("override, words", [
     ("eval.knn_ks=[3,1000]", "k=1000 exceeds the 600 reference vectors"),
-    ("eval.exemplars=7", "no exemplar set version 7")])
+    ("eval.exemplars=7", "no exemplar set version 7"),
+    ("eval.test_labels=[12]", "eval.test_labels=[12] keeps no test image of mnist")])
 def test_a_bad_evaluation_setting_fails_before_any_work_or_folder(trained_run, data_dir,
                                                                   monkeypatch, capsys,
                                                                   override, words):

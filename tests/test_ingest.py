@@ -175,6 +175,17 @@ def test_labels_of_the_wrong_length_are_refused(tmp_path):
         ingest_mod.open_source(str(tmp_path / "x.npy"), args)
 
 
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    x, _ = make_images(50)
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(ingest_mod, "ingest", interrupted)
+    assert ingest_mod.main([str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress"]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+
 def test_cli_help_explains_sources(capsys):
     with pytest.raises(SystemExit):
         ingest_mod.main(["--help"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -137,6 +138,10 @@ def load_splits(cfg):
     if wanted is None or wanted == cfg.data.labels:
         return load_dataset(cfg.data)
     full = load_dataset(replace(cfg.data, labels=None, n_train=None, n_valid=None, n_test=None))
+    if full.test_y is None or not np.isin(full.test_y, wanted).any():
+        raise config_mod.ConfigError(f"eval.test_labels={list(wanted)} keeps no test image of "
+                                     f"{full.name}" + ("" if full.test_y is None else
+                                     f" (its classes: {sorted(set(full.test_y.tolist()))})"))
     test = keep_labels(replace(full), wanted)
     splits = _take_first(keep_labels(replace(full), cfg.data.labels), cfg.data)
     n = cfg.data.n_test
