@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from . import config as config_mod
 from .jsonio import read_json, write_json, write_text_atomic
+from .run_lock import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,10 @@ def _move_aside(path: Path, now: Optional[float]) -> Path:
         n += 1
         target = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
     path.rename(target)
+    lock = target / LOCK_NAME
+    if lock.is_file():  # this attempt's own lock (run_lock.exclusive_run takes it first)
+        path.mkdir(parents=True)
+        lock.rename(path / LOCK_NAME)  # stays with the run it guards
     return target
 
 

@@ -74,6 +74,19 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
     assert (fresh.moved_to / "checkpoint.pt").read_text() == "old"
 
 
+def test_the_lock_of_this_attempt_stays_with_the_run_when_the_old_folder_moves(tmp_path):
+    """exclusive_run takes <run>/run.lock before prepare() moves an old folder aside: the
+    lock must guard the new folder, or a second start could run beside this one."""
+    from exvae_dist.run_lock import RunLock
+
+    trained(tmp_path)
+    cfg = cfg_at(tmp_path, "model.z_dim=8", "train.overwrite=true")
+    with RunLock(cfg.run_path()):
+        fresh = prepare(cfg, now=0)
+        assert (fresh.path / "run.lock").is_file() and not (fresh.moved_to / "run.lock").exists()
+    assert not (fresh.path / "run.lock").exists()  # released as usual
+
+
 def test_a_run_from_before_fingerprints_is_checked_against_its_config_yaml(tmp_path):
     cfg = cfg_at(tmp_path)
     cfg.run_path().mkdir(parents=True)
