@@ -362,6 +362,12 @@ NON_EMPTY = ("train.run_dir", "tracking.experiment")
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Checks values the type system cannot; raises ConfigError naming the key."""
+    # class lists are sets: one spelling of each ([1, 0, 0] is [0, 1]), so a run's record of
+    # its classes compares equal however they were written
+    for section, key in (("data", "labels"), ("eval", "test_labels")):
+        labels = getattr(getattr(cfg, section), key)
+        if labels is not None:
+            setattr(getattr(cfg, section), key, sorted(set(int(v) for v in labels)))
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

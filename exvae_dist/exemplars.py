@@ -273,18 +273,22 @@ def add_exemplars(trained, images: np.ndarray, labels: np.ndarray, source: str,
                       {**meta, "description": base.description, "base_version": None})
         versions = [1]
     base = read_version(trained.path, versions[-1])
-    # an image already in the set (as stored: 8-bit levels) would only double its mixture
-    # weight: skipped, and said so
-    known = {row.tobytes() for row in to_uint8(base.images)}
-    fresh = np.array([row.tobytes() not in known for row in to_uint8(images)], dtype=bool)
+    # an image already in the set, or met before in this batch (as stored: 8-bit levels),
+    # would only double its mixture weight: skipped, and said so
+    seen = {row.tobytes() for row in to_uint8(base.images)}
+    fresh = np.zeros(len(images), dtype=bool)
+    for i, row in enumerate(to_uint8(images)):
+        key = row.tobytes()
+        fresh[i] = key not in seen
+        seen.add(key)
     if not fresh.any():
         raise ExemplarSetError(f"all {len(images)} images of {source} are already exemplars of "
                                f"v{versions[-1]}: nothing to add")
     if not fresh.all():
-        log.warning("skipped %d of the %d images: already exemplars of v%d",
+        log.warning("skipped %d of the %d images: already exemplars of v%d, or repeated",
                     int((~fresh).sum()), len(images), versions[-1])
         images, labels = images[fresh], labels[fresh]
-        source = f"{source}, less {int((~fresh).sum())} already in v{versions[-1]}"
+        source = f"{source}, less {int((~fresh).sum())} already in v{versions[-1]} or repeated"
     device = next(model.parameters()).device
     new = encode_means(model.net, torch.from_numpy(np.ascontiguousarray(images)).to(device))
     new = new.cpu().numpy()

@@ -389,8 +389,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.store} is half-written and refused until finished; rerun "
-              f"the same command to resume from its last written block", file=sys.stderr)
+        if Path(args.store).expanduser().exists():
+            print(f"\ninterrupted: {args.store} is half-written and refused until finished; "
+                  f"rerun the same command to resume from its last written block",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted before {args.store} was started: nothing was written",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"{args.store}: fingerprint {fingerprint}\n"
           f"train on it: python -m exvae_dist.train data.name=store data.store={args.store}")

@@ -60,6 +60,9 @@ STRUCTURAL = ("data.name", "data.n_train", "data.labels", "data.store_fingerprin
 # Keys whose None in a record means "not recorded" (runs from before it was recorded), not
 # a value: such a record is not compared on them.
 NONE_IS_UNRECORDED = ("data.store_fingerprint",)
+# A recorded value that cannot be known (a key an old fingerprint.json predates, with an
+# unreadable config.yaml): not compared, rather than compared against the defaults.
+UNRECORDED = object()
 # Files of trained state: a folder with none of them holds nothing a new attempt could lose.
 TRAINED_STATE = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "checkpoint_*",
                  "checkpoint_manager_snapshot.json")
@@ -96,7 +99,7 @@ def differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str
     for key in sorted(set(recorded) | set(now)):
         old = recorded.get(key, defaults.get(key))
         new = now.get(key, defaults.get(key))
-        if old is None and key in NONE_IS_UNRECORDED:
+        if old is UNRECORDED or (old is None and key in NONE_IS_UNRECORDED):
             continue
         if old != new:
             out[key] = (old, new)
@@ -165,7 +168,8 @@ def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] =
             log.warning("train.allow_changed=true: resuming %s with changed settings: %s",
                         path, _listing(changed))
         else:
-            raise RunFolderError(_message(cfg, path, changed, []))
+            raise RunFolderError(_message(cfg, path, changed,
+                                          [k for k in changed if k in STRUCTURAL]))
     path.mkdir(parents=True, exist_ok=True)
     history = (read_json(path / FINGERPRINT).get("changes", [])
                if resumed and (path / FINGERPRINT).is_file() else [])
@@ -182,17 +186,22 @@ def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] =
 def _pin_store(cfg: config_mod.ExperimentConfig) -> None:
     """data.name=store: fills data.store_fingerprint from the store (a cheap read of its
     attributes) before the fingerprint is taken and config.yaml written, so both record which
-    data the run trains on; a missing or half-written store fails here, before anything
-    starts. A set value is left for the loader to check against the store."""
-    if cfg.data.name != "store" or cfg.data.store_fingerprint is not None or not cfg.data.store:
+    data the run trains on; a missing, half-written or other store fails here, before
+    anything starts."""
+    if cfg.data.name != "store" or not cfg.data.store:
         return
     from .data.store_data import store_fingerprint  # Zarr only for store runs
-    from .retrieval.store import StoreError
 
     try:
-        cfg.data.store_fingerprint = store_fingerprint(cfg.data.store)
-    except (StoreError, FileNotFoundError) as err:
-        raise RunFolderError(f"data.store={cfg.data.store}: {err}") from None
+        found = store_fingerprint(cfg.data.store)
+    except (OSError, ValueError) as err:  # missing, half-written, corrupt, unreadable
+        raise RunFolderError(f"data.store={cfg.data.store} cannot be used: {err}") from None
+    if cfg.data.store_fingerprint is None:
+        cfg.data.store_fingerprint = found
+    elif cfg.data.store_fingerprint != found:
+        raise RunFolderError(f"data.store={cfg.data.store} holds store {found}, not the "
+                             f"data.store_fingerprint={cfg.data.store_fingerprint} asked for: "
+                             f"point data.store at that store, or drop data.store_fingerprint")
 
 
 def _holds_trained_state(path: Path) -> bool:
@@ -215,7 +224,7 @@ def _recorded(path: Path) -> Optional[dict[str, Any]]:
                 from_yaml = _fingerprint_of_yaml(path / CONFIG_RECORD)
                 recorded.update({k: from_yaml[k] for k in missing})
             except RunFolderError:
-                pass  # compared against the defaults, as before
+                recorded.update({k: UNRECORDED for k in missing})
         return recorded
     if (path / CONFIG_RECORD).is_file():
         return _fingerprint_of_yaml(path / CONFIG_RECORD)
@@ -242,8 +251,13 @@ def _move_aside(path: Path, now: Optional[float]) -> Path:
     path.rename(target)
     lock = target / LOCK_NAME
     if lock.is_file():  # this attempt's own lock (run_lock.exclusive_run takes it first)
-        path.mkdir(parents=True)
-        lock.rename(path / LOCK_NAME)  # stays with the run it guards
+        path.mkdir(parents=True, exist_ok=True)
+        try:  # a link fails where another start took the new folder's lock meanwhile
+            os.link(lock, path / LOCK_NAME)
+        except FileExistsError:
+            raise RunFolderError(f"another start took {path} while this one moved the old "
+                                 f"folder to {target}: let that one run") from None
+        lock.unlink()  # the lock stays with the run it guards
     return target
 
 
@@ -257,6 +271,9 @@ def _message(cfg, path: Path, changed: Mapping[str, tuple], structural: list[str
         lines.append(f"{', '.join(structural)} cannot change in a resumed run (the checkpoint "
                      f"and exemplar store have other shapes), so train.allow_changed=true does "
                      f"not apply.")
+    if "data.store_fingerprint" in changed:
+        lines.append("data.store holds other images than this run was trained on: point it "
+                     "at the run's own store to resume.")
     lines.append("Pick one:")
     if not structural:
         lines.append("  train.allow_changed=true   resume this run with the new settings "

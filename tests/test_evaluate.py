@@ -244,5 +244,8 @@ def test_a_corrupt_checkpoint_names_the_other_one(trained_run, tmp_path, capsys)
     (copy / "best.pt").write_bytes(b"torn")
     assert main([str(copy)]) == 2
     err = capsys.readouterr().err
-    assert "best.pt is unreadable" in err and "eval.checkpoint=latest" in err
+    assert "best.pt is unreadable" in err and "checkpoint.pt: eval.checkpoint=latest" in err
     assert "Traceback" not in err
+    (copy / "checkpoint.pt").unlink()  # no other checkpoint: no hint pointing at one
+    assert main([str(copy)]) == 2
+    assert "eval.checkpoint" not in capsys.readouterr().err

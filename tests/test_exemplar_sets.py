@@ -85,9 +85,9 @@ def test_adding_exemplars_never_changes_the_old_versions_latents(tmp_path):
 def test_images_already_in_the_set_are_skipped_and_all_of_them_refused(tmp_path):
     run, splits = _tiny(tmp_path)
     new = np.random.default_rng(2).random((6, D)).astype(np.float32)
-    images = np.concatenate([splits.train_x[:4], new, splits.train_x[10:11]])
-    assert add_exemplars(run, images, np.arange(11), "mixed", splits) == 2
-    v2 = read_version(tmp_path, 2)
+    images = np.concatenate([splits.train_x[:4], new, splits.train_x[10:11], new[2:3]])
+    assert add_exemplars(run, images, np.arange(12), "mixed", splits) == 2
+    v2 = read_version(tmp_path, 2)  # the training rows and the repeat of new[2] skipped
     assert len(v2.images) == 40 + 6 and v2.labels[40:].tolist() == [4, 5, 6, 7, 8, 9]
     with pytest.raises(ExemplarSetError, match="already exemplars of v2: nothing to add"):
         add_exemplars(run, new[:3], np.zeros(3), "again", splits)

@@ -183,6 +183,9 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "x.npy", x)
     monkeypatch.setattr(ingest_mod, "ingest", interrupted)
     assert ingest_mod.main([str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress"]) == 130
+    assert "nothing was written" in capsys.readouterr().err  # stopped before the store began
+    (tmp_path / "s").mkdir()
+    assert ingest_mod.main([str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress"]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
 
 

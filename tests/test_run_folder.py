@@ -126,6 +126,26 @@ def test_other_training_classes_are_refused_even_with_allow_changed(tmp_path):
     assert prepare(cfg_at(tmp_path, "data.labels=[0,1]")).resumed
 
 
+def test_classes_are_a_set_and_a_structural_change_never_suggests_allow_changed(tmp_path):
+    trained(tmp_path, "data.labels=[0,1]")
+    assert prepare(cfg_at(tmp_path, "data.labels=[1,0,1]")).resumed  # the same classes
+    with pytest.raises(RunFolderError) as err:
+        prepare(cfg_at(tmp_path, "data.labels=[0,2]"))
+    assert "data.labels cannot change" in str(err.value)
+    assert "train.allow_changed=true   resume" not in str(err.value)
+
+
+def test_identity_keys_an_old_record_lacks_are_not_compared_when_its_yaml_is_unreadable(
+        tmp_path):
+    folder = trained(tmp_path, "data.labels=[3]")
+    record = json.loads((folder.path / FINGERPRINT).read_text())
+    for key in ("data.labels", "data.pixels"):
+        del record["fingerprint"][key]
+    (folder.path / FINGERPRINT).write_text(json.dumps(record))
+    (folder.path / "config.yaml").write_text("data: {no_such_key: 1}\n")
+    assert prepare(cfg_at(tmp_path, "data.labels=[3]")).resumed
+
+
 def test_a_folder_without_trained_state_is_set_aside_for_a_corrected_rerun(tmp_path):
     """An attempt that failed before its first checkpoint (e.g. a NaN at lr=1e6) must not
     block the corrected command; its files are kept beside, never deleted."""
@@ -176,3 +196,13 @@ def test_a_store_run_records_its_stores_content_and_refuses_another(tmp_path):
     assert prepare(cfg_at(tmp_path, *store, f"data.store={tmp_path / 'moved.zarr'}")).resumed
     with pytest.raises(RunFolderError, match=r"data\.store=.*gone\.zarr"):
         prepare(cfg_at(tmp_path, *store, f"data.store={tmp_path / 'gone.zarr'}"))
+    with pytest.raises(RunFolderError, match="point it at the run's own store"):
+        prepare(cfg_at(tmp_path, *store, f"data.store={tmp_path / 'b.zarr'}"))
+    pinned = f"data.store_fingerprint={folder.fingerprint['data.store_fingerprint']}"
+    with pytest.raises(RunFolderError, match=r"not the data\.store_fingerprint=.* asked for"):
+        prepare(cfg_at(tmp_path, *store, f"data.store={tmp_path / 'b.zarr'}", pinned,
+                       "train.name=other"))
+    (tmp_path / "b.zarr" / "zarr.json").write_text("{torn")  # a corrupt store: no traceback
+    with pytest.raises(RunFolderError, match=r"b\.zarr cannot be used"):
+        prepare(cfg_at(tmp_path, *store, f"data.store={tmp_path / 'b.zarr'}",
+                       "train.name=other"))

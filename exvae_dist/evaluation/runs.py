@@ -105,14 +105,18 @@ def load_run(run: str, overrides: Sequence[str] = (),
     wants = OmegaConf.select(OmegaConf.from_dotlist([o for o in overrides if "=" in o]),
                              "eval.checkpoint", default="best")
     ckpt = find_checkpoint(path, prefer_best=(wants != "latest"))
-    if path.is_file():
+    named_file = path.is_file()
+    if named_file:
         path = path.parent
     try:
         state = load_checkpoint(ckpt)
     except UnreadableCheckpoint as err:
         other = "best" if wants == "latest" else "latest"
-        raise UnreadableCheckpoint(f"{err}; or use the run's other checkpoint: "
-                                   f"eval.checkpoint={other}") from None
+        alternative = None if named_file else find_checkpoint(path, prefer_best=(other == "best"))
+        if alternative is None or alternative == ckpt:
+            raise
+        raise UnreadableCheckpoint(f"{err}; or use the run's other checkpoint "
+                                   f"{alternative.name}: eval.checkpoint={other}") from None
     if "config" not in state or "model" not in state:
         raise RuntimeError(f"{ckpt} is not an exvae-dist training checkpoint (no 'config' / "
                            f"'model' entries); point to a run directory written by the trainer")
