@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_index import qps  # noqa: E402  (this script's own folder is on sys.path)
+from bench_index import held_out_latents, qps  # noqa: E402  (this script's own folder is on sys.path)
 
 
 def old_walk(index) -> None:
@@ -58,11 +58,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
-    x = np.load(args.latents, mmap_mode="r")
-    queries = np.ascontiguousarray(x[-128:])
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
-    if max(sizes) > len(x) - 128:
-        sys.exit(f"--latents has {len(x) - 128} rows to index, fewer than --sizes asks for")
+    x, queries, sizes = held_out_latents(args.latents, args.sizes)
     built = {}
     for n in sizes:
         rows = np.ascontiguousarray(x[:n])

@@ -92,6 +92,18 @@ def _checkpoint_of(encoder: str) -> Path:
     return find_checkpoint(Path(encoder), prefer_best=True)
 
 
+def held_out_latents(path: str, sizes: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """--latents / --sizes of the scripts that index rows 0 .. N-1 of one [N + 128, d] .npy
+    and query its last 128 rows (none of them indexed): (latents memory-mapped, queries,
+    sizes); exits with a message when the file has too few rows for the sizes."""
+    x = np.load(path, mmap_mode="r")
+    queries = np.ascontiguousarray(x[-BATCH:])
+    counts = [int(float(s)) for s in sizes.split(",")]
+    if max(counts) > len(x) - BATCH:
+        sys.exit(f"--latents has {len(x) - BATCH} rows to index, fewer than --sizes asks for")
+    return x, queries, counts
+
+
 def qps(parts, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
     """Queries per second in batches of BATCH (best of `repeats` passes) and the ids found.
 

@@ -27,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_index import held_out_latents  # noqa: E402  (this script's own folder is on sys.path)
+
 
 def anon_huge_pages_kb() -> int:
     """This process's anonymous memory on transparent huge pages (Linux), in kB."""
@@ -80,11 +82,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
-    x = np.load(args.latents, mmap_mode="r")
-    queries = np.ascontiguousarray(x[-128:])
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
-    if max(sizes) > len(x) - 128:
-        sys.exit(f"--latents has {len(x) - 128} rows to index, fewer than --sizes asks for")
+    x, queries, sizes = held_out_latents(args.latents, args.sizes)
     indexes = {n: load_or_build(n, x, args.index_dir) for n in sizes}
     times = {(n, part): [] for n in sizes for part in ("coarse", "whole")}
     for _ in range(args.rounds):

@@ -42,6 +42,19 @@ def _tiny(tmp_path, prior="exemplar", log_var=-2.0, n_train=40, seed=0):
     return run, splits
 
 
+def _short_run(tmp_path, data_dir, *overrides):
+    """A one-epoch smoke run trained into tmp_path; returns its config."""
+    from exvae_dist.trainer import fit
+
+    cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.epochs=1",
+                                    "train.progress=false", "train.threads=1", "data.n_valid=50",
+                                    "data.n_test=40", "tracking.sample_grid=false",
+                                    "tracking.enabled=false", *overrides],
+                          env={"EXVAE_DATA_DIR": str(data_dir)})
+    fit(cfg)
+    return cfg
+
+
 def _digest(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
@@ -164,16 +177,10 @@ def test_memorisation_check_flags_copies():
 def test_grow_generate_explain_evaluate_commands(tmp_path, data_dir, monkeypatch, capsys):
     from exvae_dist import evaluate, exemplars, explain
     from exvae_dist import generate as generate_mod
-    from exvae_dist.trainer import fit
 
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
-    cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.epochs=1",
-                                    "train.max_steps_per_epoch=3", "train.progress=false",
-                                    "train.threads=1", "data.n_train=300", "data.n_valid=50",
-                                    "data.n_test=40", "data.labels=[0,1,2,3,4]",
-                                    "tracking.sample_grid=false", "tracking.enabled=false"],
-                          env={"EXVAE_DATA_DIR": str(data_dir)})
-    fit(cfg)
+    cfg = _short_run(tmp_path, data_dir, "train.max_steps_per_epoch=3", "data.n_train=300",
+                     "data.labels=[0,1,2,3,4]")
     run = str(cfg.run_path())
     assert exemplars.main(["add", run, "mnist:train:5-9", "--n", "120"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 2
@@ -213,16 +220,10 @@ def test_grow_generate_explain_evaluate_commands(tmp_path, data_dir, monkeypatch
 def test_explain_on_a_run_without_exemplars_says_what_applies(tmp_path, data_dir, monkeypatch,
                                                               capsys):
     from exvae_dist import explain
-    from exvae_dist.trainer import fit
 
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
-    cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.epochs=1",
-                                    "train.max_steps_per_epoch=2", "train.progress=false",
-                                    "train.threads=1", "data.n_train=200", "data.n_valid=50",
-                                    "data.n_test=40", "prior.kind=gaussian",
-                                    "tracking.sample_grid=false", "tracking.enabled=false"],
-                          env={"EXVAE_DATA_DIR": str(data_dir)})
-    fit(cfg)
+    cfg = _short_run(tmp_path, data_dir, "train.max_steps_per_epoch=2", "data.n_train=200",
+                     "prior.kind=gaussian")
     assert explain.main([str(cfg.run_path())]) == 2
     assert "has a gaussian prior: attributions need an exemplar-prior run" in \
         capsys.readouterr().err
