@@ -190,10 +190,10 @@ def _pin_store(cfg: config_mod.ExperimentConfig) -> None:
     anything starts."""
     if cfg.data.name != "store" or not cfg.data.store:
         return
-    from .data.store_data import store_fingerprint  # Zarr only for store runs
+    from .retrieval.store_ingest import ingested_fingerprint  # Zarr only for store runs
 
     try:
-        found = store_fingerprint(cfg.data.store)
+        found = ingested_fingerprint(cfg.data.store)
     except (OSError, ValueError) as err:  # missing, half-written, corrupt, unreadable
         raise RunFolderError(f"data.store={cfg.data.store} cannot be used: {err}") from None
     if cfg.data.store_fingerprint is None:

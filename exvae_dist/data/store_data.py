@@ -26,19 +26,6 @@ class StoreMismatchError(ValueError):
     """The store at data.store is not the one the run was trained on."""
 
 
-def store_fingerprint(path) -> str:
-    """The content fingerprint of the ingested store at `path` (its attributes only: cheap);
-    StoreError for a missing, half-written or non-ingested store."""
-    from ..retrieval.store import ExemplarStore, StoreError
-
-    store = ExemplarStore(Path(path).expanduser())  # refuses a missing or half-written store
-    fingerprint = dict(store._root.attrs).get("fingerprint")
-    if fingerprint is None:
-        raise StoreError(f"{store.path} is an exemplar store but was not made by "
-                         f"`python -m exvae_dist.ingest` (no fingerprint / held-out splits)")
-    return fingerprint
-
-
 def load_store_splits(cfg, train_in_memory: bool = True) -> DataSplits:
     """cfg: DataConfig with name="store" -> DataSplits (train_x None if not train_in_memory;
     read the training rows with train/store_images.StoreImages instead)."""
@@ -82,4 +69,4 @@ def load_store_splits(cfg, train_in_memory: bool = True) -> DataSplits:
              f"{attrs.get('ingest_source', {}).get('kind')})")
 
 
-__all__ = ["load_store_splits", "store_fingerprint", "StoreMismatchError"]
+__all__ = ["load_store_splits", "StoreMismatchError"]

@@ -149,16 +149,27 @@ class StoreBuilder:
         return fingerprint
 
 
+def _ingested_attrs(store: ExemplarStore) -> dict:
+    attrs = dict(store._root.attrs)
+    if "fingerprint" not in attrs:
+        raise StoreError(f"{store.path} is an exemplar store but was not made by "
+                         f"`python -m exvae_dist.ingest` (no fingerprint / held-out splits)")
+    return attrs
+
+
+def ingested_fingerprint(path: str | Path) -> str:
+    """The content fingerprint of the ingested store at `path`, from its attributes only
+    (cheap); StoreError / FileNotFoundError for a missing, half-written or foreign store."""
+    return _ingested_attrs(ExemplarStore(Path(path).expanduser()))["fingerprint"]
+
+
 def read_ingested(path: str | Path, train: bool = True) -> dict:
     """The splits of an ingested store: {"train": (uint8 [N, ...] or None, labels or None),
     "valid": (...), "test": (...), "attrs": dict}. train=False leaves the N training images
     on disk (read them with train/store_images.StoreImages)."""
     store = ExemplarStore(path)  # refuses a half-written store
     root = store._root
-    attrs = dict(root.attrs)
-    if "fingerprint" not in attrs:
-        raise StoreError(f"{store.path} is an exemplar store but was not made by "
-                         f"`python -m exvae_dist.ingest` (no fingerprint / held-out splits)")
+    attrs = _ingested_attrs(store)
 
     def split(name):
         group = root[name]
