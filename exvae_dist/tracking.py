@@ -120,9 +120,18 @@ class NullTracker:
     def end(self, status: str = FINISHED) -> None: ...
 
     def end_for(self, exc: Optional[BaseException]) -> str:
-        """Ends the run with the status that `exc` (None = normal end) calls for; returns it."""
+        """Ends the run with the status that `exc` (None = normal end) calls for; returns it.
+        After an exception (Ctrl-C, a failure) a status that cannot be written is a warning:
+        it must not replace the exception, and with it the exit code, the caller is handling."""
         status = status_for(exc)
-        self.end(status)
+        if exc is None:
+            self.end(status)
+            return status
+        try:
+            self.end(status)
+        except Exception as err:
+            log.warning("could not mark the MLflow run %s (%s); the run folder and its "
+                        "checkpoints are intact", status, err)
         return status
 
     def __enter__(self):
@@ -250,7 +259,19 @@ class MlflowTracker(NullTracker):
             except Exception as err:  # metrics are best effort; the status must be written
                 log.warning("stopping MLflow system metrics failed: %s", err)
         if self.owner:
-            self.client.set_terminated(self.run_id, status=status)
+            self._set_terminated(status)
+
+    def _set_terminated(self, status: str, attempts: int = 6) -> None:
+        # a sqlite store is locked while another writer (the system-metrics thread, another
+        # run on the same store) commits: transient, so waited out (0.5 s doubling, ~15 s)
+        for attempt in range(attempts):
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+                return
+            except Exception as err:
+                if "database is locked" not in str(err) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
 
 
 def make_tracker(cfg, run_path: Path, rank: int = 0) -> NullTracker:

@@ -151,3 +151,35 @@ def test_runs_starting_together_on_a_new_store_all_get_a_run(tmp_path):
     assert len(run_ids) == 3
     t = MlflowTracker(tmp_path / "run0", uri, "race")
     assert len(t.client.search_runs([t.client.get_experiment_by_name("race").experiment_id])) == 3
+
+
+class LockedStore:
+    """A client whose store is locked for the first `locked` status writes."""
+
+    def __init__(self, client, locked):
+        self.client, self.locked, self.calls = client, locked, 0
+
+    def set_terminated(self, run_id, status):
+        self.calls += 1
+        if self.calls <= self.locked:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        self.client.set_terminated(run_id, status=status)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_a_locked_store_is_waited_out_and_never_replaces_a_ctrl_c(tracker, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    t = tracker()
+    real = t.client
+    t.client = LockedStore(real, locked=2)  # locked for a moment: the status still lands
+    t.end(FINISHED)
+    assert t.client.calls == 3 and real.get_run(t.run_id).info.status == FINISHED
+    t = tracker()
+    t.client = LockedStore(real, locked=99)  # locked for good, after Ctrl-C
+    assert t.end_for(KeyboardInterrupt()) == KILLED  # a warning, not a new exception
+    t = tracker()
+    t.client = LockedStore(real, locked=99)
+    with pytest.raises(RuntimeError, match="database is locked"):
+        t.end_for(None)  # a normal end still reports that its status was not written
