@@ -82,8 +82,8 @@ class PriorConfig:
     # Retrieval augmented training: k nearest exemplars per batch element instead of all M.
     rat: bool = True
     k: int = 10  # nearest exemplars retrieved per batch element (RAT)
-    # Query depth k' = ceil(safety * k * N / M) of an index over all N, so that k of them
-    # survive the M/N coins (the one-process trainer's exact search needs none: it searches S).
+    # Query depth k' = ceil(safety * k * N / M) of an index actor over all N, so that k of
+    # them survive the M/N coins (a search in the worker needs none: it searches S alone).
     safety: float = 2.0
     # Initial value of the learned log-variance lambda of the Parzen window.
     init_log_var: float = -2.0
@@ -96,13 +96,6 @@ class PriorConfig:
     # RAT normalizer: "subset" = log|S \ {i}| (a lower bound of the subsampled prior, the
     # default); "union" = log of the retrieved union size (the reference code's choice).
     normalizer: str = "subset"
-    # In-memory neighbour search of the one-process trainer: float32 (exact) or bfloat16
-    # (bfloat16 first pass, float32 re-ranking of 4k candidates per query).
-    search_precision: str = "float32"
-    # One-process trainer: the exemplar means a step re-encodes (with gradients, by the
-    # current weights) are written into the in-memory cache at once, as the reference code
-    # does, so later steps retrieve with fresher latents than the last refresh's.
-    write_back: bool = False
 
 
 @dataclass
@@ -128,22 +121,6 @@ class TrainConfig:
     log_every: int = 50  # steps between metric logs
     max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke runs, benchmarks)
     progress: bool = True  # progress bars
-    # Precision of the exemplars' re-encoding with gradients (the cost of a RAT step):
-    # float32 | bfloat16. Posterior, decoder and all log-densities stay in float32.
-    exemplar_precision: str = "float32"
-    # Exemplars whose largest responsibility over the batch's rows is below this are encoded
-    # without gradients (0 = every exemplar with gradients, the exact estimator). The loss
-    # value is unchanged; the encoder's gradient through those exemplar means is dropped
-    # (each carries a weight below the threshold in every row). Gradients into the posterior
-    # sample and into the prior's log-variance stay exact. A stated approximation.
-    exemplar_grad_threshold: float = 0.0
-    # random: every batch a uniform draw without replacement (SGD as the paper trains).
-    # local: each batch drawn from ~local_cells cells of the exemplar latents (k-means of the
-    # cache at every epoch's start), so the batch elements' neighbours overlap and a RAT step
-    # re-encodes fewer distinct exemplars; changes SGD's batch distribution: a stated trade
-    # (bench/README.md). One-process trainer, exemplar prior only.
-    batching: str = "random"
-    local_cells: int = 4  # batching=local: cells per batch (each cell ~batch_size / this)
     # A rerun of an existing run folder resumes only when the settings that define the run
     # (run_folder.IDENTITY: data, model, prior, optimisation) match its fingerprint.json.
     # allow_changed=true resumes anyway with the new settings (recorded in fingerprint.json);
@@ -210,8 +187,11 @@ class AugmentConfig:
 
 @dataclass
 class IndexConfig:
+    # auto: below auto_exact_below exemplars (one shard) each Ray worker holds the means and
+    # searches them exactly itself, as the one-process trainer does; above, index actors
+    # serve an IVF index. flat / ivfpq: index actors with that FAISS index, at any N.
     kind: str = "auto"  # auto | flat | ivfpq
-    auto_exact_below: int = 200_000  # kind=auto: exact flat index below this many exemplars
+    auto_exact_below: int = 200_000  # kind=auto: exact search below this many exemplars
     # kind=auto above auto_exact_below (per shard): IVF<nlist>_HNSW32,<auto_codes> with
     # nlist ~ N / auto_list_size, so query time stays flat in N (bench/README.md)
     auto_list_size: int = 64  # mean vectors per inverted list
@@ -242,10 +222,6 @@ class IndexConfig:
     keep_versions: int = 3  # latent versions kept in the store (older ones are deleted)
     service_threads: int = 2  # FAISS threads inside the index actor, for queries
     build_threads: int = 1  # FAISS threads of the background rebuild (leave cores to queries)
-    # Block after every refresh until the service serves the new version: steps then search
-    # exactly the version the one-process trainer would (deterministic runs, exact resume)
-    # instead of whatever the background rebuild has finished, at the cost of the build time.
-    wait_for_refresh: bool = False
     # Mid-epoch refreshes on this many separate encoder actors (Ray, RAT only), from a
     # snapshot of the weights, so that training goes on while the N exemplars are encoded
     # (as REALM's index builders do); 0 = the training workers encode their rows and wait.
@@ -319,10 +295,7 @@ CHOICES = {
     "model.arch": ("vae", "hvae", "convhvae"),
     "prior.kind": ("gaussian", "vampprior", "exemplar"),
     "prior.normalizer": ("subset", "union"),
-    "prior.search_precision": ("float32", "bfloat16"),
     "train.device": ("cpu", "cuda"),
-    "train.exemplar_precision": ("float32", "bfloat16"),
-    "train.batching": ("random", "local"),
     "index.kind": ("auto", "flat", "ivfpq"),
     "eval.checkpoint": ("best", "latest"),
     "augment.generated": ("mean", "bernoulli"),
@@ -344,7 +317,7 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
              "eval.validation_samples", "index.nlist", "index.pq_m", "index.nprobe",
              "index.train_size", "index.keep_versions", "index.service_threads",
              "index.build_threads", "index.auto_recall_k", "index.auto_calibration_queries",
-             "train.local_cells", "train.time_budget_hours")
+             "train.time_budget_hours")
 # may be 0 (seeds, counts of nothing, "off")
 NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",
@@ -355,7 +328,7 @@ AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure
 INTERVALS = {"augment.momentum": (0.0, 1.0, False), "augment.label_smoothing": (0.0, 1.0, False),
              "prior.init_log_var": (-30.0, 10.0, True),
              "augment.real_weight": (0.0, 1.0, True),
-             "train.exemplar_grad_threshold": (0.0, 1.0, True), "index.pq_bits": (1, 16, True),
+             "index.pq_bits": (1, 16, True),
              "index.auto_target_recall": (0.0, 1.0, True)}
 NON_EMPTY = ("train.run_dir", "tracking.experiment")
 
@@ -412,17 +385,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                           "`python -m exvae_dist.ingest SOURCE PATH`)")
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError("model.logvar_min must be below model.logvar_max")
-    if cfg.index.refresh_workers and cfg.index.wait_for_refresh:
-        raise ConfigError("index.refresh_workers (refreshes beside training) contradicts "
-                          "index.wait_for_refresh=true (training waits for each refresh): "
-                          "set one of them")
     if cfg.index.kind == "ivfpq" and cfg.model.z_dim % cfg.index.pq_m:
         raise ConfigError(f"index.pq_m={cfg.index.pq_m} must divide model.z_dim="
                           f"{cfg.model.z_dim} (PQ splits each latent into pq_m parts)")
-    if cfg.train.batching == "local" and cfg.prior.kind != "exemplar":
-        raise ConfigError(f"train.batching=local groups batches by cells of the exemplar "
-                          f"latents, which prior.kind={cfg.prior.kind} does not have: use "
-                          f"prior.kind=exemplar or train.batching=random")
     if cfg.train.allow_changed and cfg.train.overwrite:
         raise ConfigError("train.allow_changed=true and train.overwrite=true contradict each "
                           "other: resume with the new settings, or start over; pick one")
@@ -475,6 +440,7 @@ def load(config: str | os.PathLike | None = None, overrides: list[str] | tuple[s
                 raise ConfigError(f"--config {path} must be a mapping of sections (data:, "
                                   f"model:, ...), got a {type(layer).__name__}")
             layers.append(layer)
+        refuse_removed_overrides(overrides)
         bad = [o for o in overrides if "=" not in o or o.startswith("+")]
         if bad:
             raise ConfigError(f"overrides must look like section.key=value, got {bad}")
@@ -514,17 +480,33 @@ def apply_env(cfg: "ExperimentConfig", env: Mapping[str, str], set_by: set[str])
         cfg.ray.address = env["RAY_ADDRESS"]
 
 
-# keys of earlier versions that saved configs (checkpoints) may still hold
-REMOVED_KEYS = {"data": ("exemplars_grey",), "ray": ("report_every",)}
+# Keys of earlier versions that saved configs (checkpoints, run records) may still hold, with
+# the value that meant "off" (a run recorded with another value was trained with a lever that
+# no longer exists). The levers that bench/README.md measured and did not adopt are here: their
+# figures, and the commit that had them, stay there.
+REMOVED_KEYS: dict[str, Any] = {
+    "data.exemplars_grey": True, "ray.report_every": None,
+    "prior.search_precision": "float32", "prior.write_back": False,
+    "train.exemplar_precision": "float32", "train.exemplar_grad_threshold": 0.0,
+    "train.batching": "random", "train.local_cells": 4, "index.wait_for_refresh": False,
+}
 
 
 def drop_removed_keys(d: dict) -> dict:
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
-    for section, names in REMOVED_KEYS.items():
-        for name in names:
-            if isinstance(d.get(section), dict):
-                d[section].pop(name, None)
+    for dotted in REMOVED_KEYS:
+        section, name = dotted.split(".")
+        if isinstance(d.get(section), dict):
+            d[section].pop(name, None)
     return d
+
+
+def refuse_removed_overrides(overrides: Sequence[str]) -> None:
+    """A removed key on the command line is an error that says where it went."""
+    removed = sorted(override_keys(overrides) & set(REMOVED_KEYS))
+    if removed:
+        raise ConfigError(f"{', '.join(removed)} no longer exist: bench/README.md has what "
+                          f"they measured and the commit that had them; drop them")
 
 
 # keys the one-process trainer has no use for: set to anything but their default, refused
@@ -536,19 +518,6 @@ def check_trainer_keys(cfg: "ExperimentConfig", trainer: str) -> None:
     """Every key is honoured or refused by the trainer that receives it (trainer: "ray" or
     "one-process"); raises ConfigError naming the key and what to do instead."""
     if trainer == "ray":
-        if cfg.prior.write_back:
-            raise ConfigError("prior.write_back updates the one-process trainer's in-memory "
-                              "cache; on Ray the latents live in the store and the index "
-                              "actors: leave it false, or train with --no-ray")
-        if cfg.train.batching != "random":
-            raise ConfigError("train.batching=local orders the epoch by k-means cells of the "
-                              "one-process trainer's in-memory cache (O(N) per epoch); the "
-                              "Ray trainer draws keyed random batches: leave it random, or "
-                              "train with --no-ray")
-        if cfg.prior.search_precision != "float32":
-            raise ConfigError("prior.search_precision applies to the one-process trainer's "
-                              "in-memory search; the Ray trainer searches the FAISS index "
-                              "(index.kind): leave it float32, or train with --no-ray")
         if (cfg.train.device == "cuda") != cfg.ray.use_gpu:
             raise ConfigError(f"train.device={cfg.train.device} with ray.use_gpu="
                               f"{str(cfg.ray.use_gpu).lower()}: on Ray each worker trains on "

@@ -9,6 +9,7 @@ acts as the world of one rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,25 @@ class Group:
         t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
         dist.broadcast(t, src)
         return int(t.item())
+
+    def share(self, n: int, rank: Optional[int] = None) -> tuple[int, int]:
+        """Rows [start, stop) of n that `rank` (default: this one) takes when work over n
+        rows is split evenly among the ranks."""
+        rank = self.rank if rank is None else rank
+        return rank * n // self.world, (rank + 1) * n // self.world
+
+    def gather_rows(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's share (`share(n)`) of an [n, ...] tensor -> the whole of it on every
+        rank, on part's device (one all_gather of equal, padded blocks)."""
+        if not self.active or self.world == 1:
+            return part
+        width = -(-n // self.world)
+        block = part.new_zeros((width, *part.shape[1:]), device=self.device)
+        block[:part.shape[0]] = part.to(self.device)
+        blocks = [torch.empty_like(block) for _ in range(self.world)]
+        dist.all_gather(blocks, block)
+        sizes = [stop - start for start, stop in (self.share(n, r) for r in range(self.world))]
+        return torch.cat([b[:size] for b, size in zip(blocks, sizes)]).to(part.device)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks of a short list of floats (float64 on the wire)."""

@@ -40,14 +40,13 @@ from .curves import plot_curves
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
 from .retrieval import keyed
-from .retrieval.index import kmeans_cells
 from .sampling import sample_images, save_grid
 from .step import NeighbourSearch, PriorSampler, log_var_value, train_step, validation_elbo
 
 log = logging.getLogger(__name__)
 
 # random stream ids of torch's generators (the epoch order and coins are keyed.py's)
-BINARIZE, NOISE, LOCAL_BATCHES = 2, 3, 4
+BINARIZE, NOISE = 2, 3
 # one line per start of the loop: when, from which epoch, on what machine (hardware.py)
 SESSIONS = "sessions.jsonl"
 
@@ -96,40 +95,11 @@ class EpochBatches(Batches):
         return self.order(np.arange(start, min(start + self.batch_size, self.n), dtype=np.int64))
 
 
-class CellBatches(Batches):
-    """train.batching=local: the epoch's batches, each of consecutive members of an order
-    that lists the exemplars cell by cell (cells: [N] k-means cell of each exemplar's
-    latent), so a batch spans ~local_cells cells and its elements' retrieved neighbours
-    overlap. The order of the cells, of the exemplars inside each cell and of the batches
-    is keyed by (seed, epoch), as EpochBatches' shuffle; the last short batch is dropped.
-    Holds O(N) ids: the one-process trainer only."""
-
-    def __init__(self, cells: np.ndarray, batch_size: int, seed: int, epoch: int,
-                 max_steps: Optional[int] = None):
-        cells = np.asarray(cells, dtype=np.int64)
-        n = len(cells)
-        rng = np.random.default_rng(stream_seed(seed, LOCAL_BATCHES, epoch))
-        cell_rank = rng.permutation(int(cells.max()) + 1)
-        order = np.argsort(cell_rank[cells] * n + rng.permutation(n), kind="stable")
-        steps, size = max(1, n // batch_size), min(n, batch_size)
-        self.batches = order[:steps * size].reshape(steps, size)[rng.permutation(steps)]
-        self._set_steps(n, batch_size, max_steps)
-
-    def _batch(self, i: int) -> np.ndarray:
-        return self.batches[i]
-
-
 def epoch_batches(p: "Parts", epoch: int) -> Sequence:
-    """The batches of `epoch` as cfg.train.batching says (random: EpochBatches; local:
-    CellBatches over k-means cells of the cache's newest latents, ~batch_size / local_cells
-    exemplars per cell)."""
-    cfg, n = p.cfg.train, len(p.train_images)
-    if cfg.batching == "local":
-        centres = p.cache.centres()
-        n_cells = max(1, round(n * cfg.local_cells / cfg.batch_size))
-        cells = kmeans_cells(np.asarray(centres.float().cpu()), n_cells, seed=cfg.seed + epoch)
-        return CellBatches(cells, cfg.batch_size, cfg.seed, epoch, cfg.max_steps_per_epoch)
-    return EpochBatches(n, cfg.batch_size, cfg.seed, epoch, cfg.max_steps_per_epoch)
+    """The global batches of `epoch`: a keyed shuffle (EpochBatches)."""
+    cfg = p.cfg.train
+    return EpochBatches(len(p.train_images), cfg.batch_size, cfg.seed, epoch,
+                        cfg.max_steps_per_epoch)
 
 
 def refresh_interval(prior_cfg, n: int, batch_size: int) -> int:
@@ -217,17 +187,18 @@ class MetricsLog:
 
 
 class ExemplarCache(Protocol):
-    """The exemplar-latent cache behind the exemplar prior: encodings of all N exemplars.
+    """The exemplar-latent cache behind the exemplar prior (retrieval/cache.py is the one
+    implementation; where it holds and searches the latents is its placement).
 
     images  the exemplar images (rows = exemplar ids; `images[ids]` -> float [len, D])
-    search  the neighbour search over the newest version (None when the prior does not
-            retrieve); `search.search` returns the version each answer came from
     latest  the newest version written
     """
 
     images: Any
-    search: Optional[NeighbourSearch]
     latest: Optional[int]
+
+    def search(self, queries: np.ndarray, k: int, among=None) -> tuple[np.ndarray, int]:
+        """step.NeighbourSearch over the newest served version (RAT only)."""
 
     def start(self, saved: Optional[dict], step: int) -> bool:
         """Agrees on versions (all ranks); True when the checkpoint's version can be reused."""
@@ -249,10 +220,6 @@ class ExemplarCache(Protocol):
 
     def step_metrics(self) -> dict:
         """Extra numbers for the step records (e.g. search retries)."""
-
-    # optional, called only with prior.write_back (the one-process InMemoryCache has it):
-    # def write_back(self, ids, latents) -> None: the means a step re-encoded replace the
-    #     cached rows `ids` at once
 
 
 class CheckpointSink(Protocol):
@@ -328,7 +295,7 @@ def start(p: Parts) -> tuple[TrainState, PriorSampler, Optional[dict]]:
         log.info("rank %d resumed %s at epoch %d, step %d", p.group.rank, p.run, state.epoch,
                  state.step)
     uses_index = p.cache is not None and p.cfg.prior.rat
-    sampler = PriorSampler(p.cfg.prior, p.train_images, p.cache.search if uses_index else None,
+    sampler = PriorSampler(p.cfg.prior, p.train_images, p.cache if uses_index else None,
                            seed=p.cfg.train.seed)
     if p.cache is not None and not p.cache.start(saved, state.step):
         p.cache.refresh(p.model.net, state.step)
@@ -405,8 +372,6 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
         seed_noise(seed, state.step, group.rank)
         prior = sampler(p.model, local, x, state.step)  # queries come from the unwrapped encoder
         m = train_step(p.wrapped, state.optimizer, x, prior, beta, cfg.train.normalize_grads)
-        if cfg.prior.write_back and prior.encoded is not None:
-            cache.write_back(prior.ids, prior.encoded)
         dt = time.perf_counter() - ts
         state.step += 1
         examples_since_log += len(ids)

@@ -7,7 +7,6 @@ sees exactly one forward per backward. Pure torch.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from .models import LatentVariableModel, build_net
-from .priors import DEFAULT_CHUNK, build_prior, max_responsibility
+from .priors import DEFAULT_CHUNK, build_prior
 
 
 @dataclass
@@ -28,7 +27,6 @@ class ELBOTerms:
     log_px: torch.Tensor
     kl: torch.Tensor
     grad_exemplars: int = -1  # exemplars encoded with gradients (-1: no exemplars re-encoded)
-    centres: Optional[torch.Tensor] = None  # [C, d] the re-encoded exemplars' means (detached)
 
 
 def kl_beta(epoch: int, warmup_epochs: int) -> float:
@@ -41,17 +39,10 @@ def kl_beta(epoch: int, warmup_epochs: int) -> float:
 class VAEWithPrior(nn.Module):
     """An architecture and its prior over the top latent."""
 
-    def __init__(self, net: LatentVariableModel, prior: nn.Module,
-                 exemplar_precision: str = "float32", exemplar_grad_threshold: float = 0.0):
+    def __init__(self, net: LatentVariableModel, prior: nn.Module):
         super().__init__()
         self.net = net
         self.prior = prior
-        # Re-encoding ~1000 exemplars with gradients dominates a RAT step; bfloat16 halves it
-        # on CPUs with AMX / on GPUs. The distances and log-densities stay in float32.
-        self.exemplar_dtype = {"float32": None, "bfloat16": torch.bfloat16}[exemplar_precision]
-        # train.exemplar_grad_threshold: exemplars below this largest responsibility are
-        # encoded without gradients (0: all with gradients, the exact estimator)
-        self.grad_threshold = float(exemplar_grad_threshold)
 
     @property
     def prior_kind(self) -> str:
@@ -79,54 +70,25 @@ class VAEWithPrior(nn.Module):
         exclude:   [B, C] bool leave-one-out mask; log_norm: [B] normalizer (see priors.py)
         """
         top = None
-        truncate = exemplars is not None and self.grad_threshold > 0
         if exemplars is not None:
             # Batch and exemplars are encoded in separate passes: concatenating them first
             # copies every exemplar image once more (78 MB per step at M = 25,000).
             top = self.net.encode_top(x)
-            with self._exemplar_precision(x), torch.set_grad_enabled(
-                    torch.is_grad_enabled() and not truncate):
-                centres = self.net.encode_top(exemplars.to(x.dtype))[0]
-            centres = centres.to(x.dtype)
+            centres = self.net.encode_top(exemplars.to(x.dtype))[0]
         t = self.net.terms(x, 1, top=top)
         z = t.z_top[0]
-        n_grad = -1 if exemplars is None else exemplars.shape[0]
-        if truncate and torch.is_grad_enabled():
-            centres, n_grad = self._with_gradients(x, z, exemplars, centres, exclude)
         log_p = self.log_prior(z, centres, exclude, log_norm)
         kl = t.log_q[0] - t.log_p_cond[0] - log_p
         elbo = t.log_px[0] - beta * kl
         return ELBOTerms(loss=-elbo.mean(), elbo=elbo, log_px=t.log_px[0], kl=kl,
-                         grad_exemplars=n_grad,
-                         centres=None if exemplars is None else centres.detach())
-
-    def _exemplar_precision(self, x: torch.Tensor):
-        return (torch.autocast(device_type=x.device.type, dtype=self.exemplar_dtype)
-                if self.exemplar_dtype is not None else contextlib.nullcontext())
-
-    def _with_gradients(self, x, z, exemplars, centres, exclude) -> tuple[torch.Tensor, int]:
-        """The centres (values unchanged, encoded without gradients) with gradients attached
-        to the exemplars whose largest responsibility reaches the threshold: those are
-        encoded again with gradients, and only their encoder Jacobian enters: centre + (e -
-        e.detach()) is the centre's value exactly and e's gradient. The responsibilities use
-        the detached z and lambda; gradients into z and lambda see every centre."""
-        resp = max_responsibility(z.detach(), centres, self.prior.log_var.detach(), exclude)
-        keep = torch.nonzero(resp >= self.grad_threshold).squeeze(1)
-        if keep.numel() == 0:
-            return centres, 0
-        with self._exemplar_precision(x):
-            encoded = self.net.encode_top(exemplars[keep].to(x.dtype))[0]
-        encoded = encoded.to(x.dtype)
-        attached = centres[keep] + (encoded - encoded.detach())
-        return centres.index_put((keep,), attached), int(keep.numel())
+                         grad_exemplars=-1 if exemplars is None else exemplars.shape[0])
 
 
 def build_model(cfg, image_shape=(1, 28, 28)) -> VAEWithPrior:
     """cfg: config.ExperimentConfig -> VAEWithPrior (architecture + prior)."""
     net = build_net(cfg.model, image_shape)
     x_dim = math.prod(image_shape)
-    return VAEWithPrior(net, build_prior(cfg.prior, x_dim), cfg.train.exemplar_precision,
-                        cfg.train.exemplar_grad_threshold)
+    return VAEWithPrior(net, build_prior(cfg.prior, x_dim))
 
 
 @torch.no_grad()

@@ -33,7 +33,6 @@ def check_config(cfg: ExperimentConfig) -> None:
     whenever the one drawn is i itself). The loss would be inf and the run would die with
     "non-finite loss" instead of this message.
     """
-    warn_emulated_bf16(cfg)
     if cfg.prior.kind != "exemplar":
         return
     n, what = cfg.data.n_train, f"data.n_train={cfg.data.n_train}"
@@ -70,25 +69,6 @@ def _store_rows(path) -> int | None:
         return ExemplarStore(Path(path).expanduser()).n
     except (OSError, ValueError):
         return None
-
-
-def warn_emulated_bf16(cfg: ExperimentConfig) -> None:
-    """bfloat16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX) is emulated:
-    a RAT step measured 4.8x SLOWER than float32 on an AVX2-only AMD EPYC (bench/README.md).
-    A warning, not a refusal: the results are the same, only slower."""
-    wants = cfg.train.exemplar_precision == "bfloat16" or \
-        cfg.prior.search_precision == "bfloat16"
-    if not wants or cfg.train.device != "cpu":
-        return
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return  # not Linux: nothing to tell from
-    if flags and not {"avx512_bf16", "amx_bf16"} & set(flags):
-        log.warning("bfloat16 (train.exemplar_precision / prior.search_precision) on a CPU "
-                    "without AVX512-BF16 or AMX: it is emulated here and slower than float32 "
-                    "(bench/README.md measured 4.8x); leave both at float32 on this machine")
 
 
 def check_cluster(cfg: ExperimentConfig) -> None:

@@ -61,29 +61,6 @@ def _block_logits(z_scaled: torch.Tensor, inv_var: torch.Tensor, centres: torch.
     return logits
 
 
-@torch.no_grad()
-def max_responsibility(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Tensor,
-                       exclude: Optional[torch.Tensor] = None,
-                       chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """[C]: the largest responsibility of each centre over the rows,
-    max_b r_bc with r_bc = Normal(z_b; c, s^2 I) / sum_{c' kept} Normal(z_b; c', s^2 I).
-
-    The gradient of row b's log-density into centre c is r_bc (z_b - c) / s^2, so a centre
-    whose largest responsibility is small carries little gradient in every row. Same shapes
-    as exemplar_log_prob; excluded centres have responsibility 0 in their row.
-    """
-    log_var = torch.as_tensor(log_var, dtype=z.dtype, device=z.device).reshape(())
-    inv_var = torch.exp(-log_var)
-    z_scaled = z * inv_var
-    blocks = [_block_logits(z_scaled, inv_var, centres, exclude, start, chunk)
-              for start in range(0, centres.shape[0], chunk)]
-    if not blocks:
-        return z.new_zeros(0)
-    lse = torch.logsumexp(torch.stack([fast_logsumexp(b, dim=1) for b in blocks], 1), dim=1)
-    lse = lse.masked_fill(torch.isinf(lse), 0.0)[:, None]  # rows with no kept centre
-    return torch.cat([(b - lse).exp().amax(0) for b in blocks])
-
-
 def exemplar_log_prob(z: torch.Tensor, centres: torch.Tensor, log_var: torch.Tensor,
                       exclude: Optional[torch.Tensor] = None,
                       log_norm: Optional[torch.Tensor] = None,

@@ -50,8 +50,7 @@ IDENTITY: dict[str, Optional[tuple[str, ...]]] = {
     "model": None,  # every key
     "prior": None,
     "train": ("batch_size", "lr", "normalize_grads", "warmup_epochs", "seed",
-              "max_steps_per_epoch", "exemplar_precision", "exemplar_grad_threshold",
-              "batching", "local_cells"),
+              "max_steps_per_epoch"),
 }
 # Identity keys that no checkpoint can survive: the network's shapes, the prior's parameters
 # and the exemplar set (the store and the sampler hold one row per training image).
@@ -97,6 +96,10 @@ def differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str
     defaults = fingerprint(config_mod.ExperimentConfig())
     out = {}
     for key in sorted(set(recorded) | set(now)):
+        if key in config_mod.REMOVED_KEYS:  # a lever that no longer exists: only "off" resumes
+            if recorded[key] != config_mod.REMOVED_KEYS[key]:
+                out[key] = (recorded[key], "removed")
+            continue
         old = recorded.get(key, defaults.get(key))
         new = now.get(key, defaults.get(key))
         if old is UNRECORDED or (old is None and key in NONE_IS_UNRECORDED):

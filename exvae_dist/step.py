@@ -23,16 +23,19 @@ import torch
 
 from .objective import VAEWithPrior, encode_means
 from .retrieval import keyed
-from .retrieval.candidates import assemble_candidates, query_depth, subset_size
+from .retrieval.candidates import assemble_candidates, subset_size
 
 
 class NeighbourSearch(Protocol):
-    """Nearest cached exemplar means of each query, over ALL N exemplars. A search whose
-    `searches_subsets` is True also takes `among=` row ids [M] and searches only those
-    (TorchExactSearch: the step's subset S, which is cheaper and exact)."""
+    """The k nearest cached exemplar means of each query among a step's subset S (or all N).
+    One protocol wherever the search runs: in this process (retrieval/exact.py, which lists
+    S and searches its rows) or in index actors over all N (train/service_client.py, which
+    searches k' deep and keeps S's members)."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-        """queries: [B, d] float32 -> (ids [B, k] int64 nearest first, index version)."""
+    def search(self, queries: np.ndarray, k: int,
+               among: Optional[keyed.StepSubset] = None) -> tuple[np.ndarray, int]:
+        """queries: [B, d] float32 -> (ids [B, k] int64 nearest first, -1 where fewer than k
+        members were found; the version of the cache that answered)."""
 
 
 @dataclass
@@ -46,7 +49,6 @@ class PriorBatch:
     n_short: int = 0  # rows with fewer than k retrieved survivors (RAT)
     index_version: int = -1
     ids: Optional[np.ndarray] = None  # [C] exemplar ids of `exemplars`
-    encoded: Optional[torch.Tensor] = None  # [C, d] their means as this step encoded them
 
 
 class PriorSampler:
@@ -89,29 +91,18 @@ class PriorSampler:
                    step: int) -> PriorBatch:
         with torch.no_grad():
             queries = model.net.encode_top(x)[0].float().cpu().numpy()
-        n, m, seed = self.n, self.m, self.seed
-        subset = None
-        if getattr(self.search, "searches_subsets", False):
-            # the k nearest of S less the element itself are among the k + 1 nearest of S
-            subset = keyed.subset_for(step, m, n, seed) if m < n else None  # None: all N
-            ids, version = self.search.search(queries, self.cfg.k + 1, among=subset)
-        else:  # an index over all N: search k' deep, assemble_candidates keeps S's members
-            ids, version = self.search.search(
-                queries, query_depth(self.cfg.k, n, m, self.cfg.safety))
-
-        def coins(rows: np.ndarray) -> np.ndarray:  # this step's M/N coins of those ids only
-            if subset is not None:  # S is at hand (sorted): look the ids up, no hashing
-                at = np.minimum(np.searchsorted(subset, rows), len(subset) - 1)
-                return subset[at] == rows
-            return keyed.coins_for(rows, step, m, n, seed)
-
-        cand = assemble_candidates(ids, batch_ids, coins, self.cfg.k, n, subset_size=m)
+        subset = keyed.StepSubset(step, self.m, self.n, self.seed)
+        # the k nearest of S less the element itself are among the k + 1 nearest of S
+        ids, version = self.search.search(queries, self.cfg.k + 1, among=subset)
+        cand = assemble_candidates(ids, batch_ids, subset.contains, self.cfg.k, self.n,
+                                   subset_size=self.m)
         exclude = torch.from_numpy(cand.exclude).to(x.device)
         log_norm = (torch.from_numpy(cand.log_norm).to(x.device, x.dtype)
                     if self.cfg.normalizer == "subset" else None)
         return PriorBatch(exemplars=self.images[torch.from_numpy(cand.ids)].to(x.device),
                           exclude=exclude, log_norm=log_norm, n_candidates=len(cand.ids),
                           n_short=cand.n_short, index_version=version, ids=cand.ids)
+
 
 def normalize_gradients(params) -> None:
     """Divides each parameter's gradient by its L2 norm (the reference AdamNormGrad)."""
@@ -134,7 +125,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         raise FloatingPointError(
             f"non-finite loss {loss} (beta={beta}); lower train.lr or check the data "
             "(all-zero images, NaNs)")
-    prior.encoded = out.centres  # the fresh means, for a cache that takes them (write_back)
     out.loss.backward()
     if normalize_grads:
         normalize_gradients(model.parameters())

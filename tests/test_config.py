@@ -107,19 +107,23 @@ def test_describe_selects_sections():
     assert "eval.n_samples=5000" in text and "data.root=null" in text and "train.lr" not in text
 
 
-def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_about(caplog):
-    import logging
+def test_a_removed_lever_is_refused_by_name_and_saved_configs_holding_it_still_load():
+    with pytest.raises(config_mod.ConfigError, match=r"train.batching.*bench/README.md"):
+        config_mod.load(None, ["train.batching=local"], env={})
+    saved = config_mod.to_dict(config_mod.load(None, [], env={}))
+    saved["prior"]["write_back"] = True  # a checkpoint of an earlier release
+    saved["train"]["exemplar_precision"] = "bfloat16"
+    assert config_mod.from_dict(saved) == config_mod.load(None, [], env={})
 
-    from exvae_dist.preflight import warn_emulated_bf16
 
-    cfg = config_mod.load(None, ["train.exemplar_precision=bfloat16"], env={})
-    flags = open("/proc/cpuinfo").read()
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    with caplog.at_level(logging.WARNING, logger="exvae_dist.preflight"):
-        warn_emulated_bf16(cfg)
-        warn_emulated_bf16(config_mod.load(None, [], env={}))  # float32: never a warning
-    warned = [r for r in caplog.records if "emulated" in r.getMessage()]
-    assert len(warned) == (0 if native else 1)
+def test_a_run_recorded_with_a_removed_lever_resumes_only_when_it_was_off():
+    from exvae_dist import run_folder
+
+    now = run_folder.fingerprint(config_mod.load(None, [], env={}))
+    off = {**now, "train.batching": "random", "prior.write_back": False}
+    assert run_folder.differences(off, now) == {}
+    on = {**now, "prior.write_back": True}
+    assert run_folder.differences(on, now) == {"prior.write_back": (True, "removed")}
 
 
 @pytest.mark.parametrize("text, words", [

@@ -40,7 +40,7 @@ def cpu_noise(monkeypatch):
 
 
 def test_training_step_on_cuda_equals_cpu(monkeypatch, data_dir):
-    cfg = config_mod.load("smoke", ["train.exemplar_precision=float32"])
+    cfg = config_mod.load("smoke", [])
     torch.manual_seed(0)
     cpu_model = build_model(cfg, (1, 28, 28))
     gpu_model = build_model(cfg, (1, 28, 28))

@@ -34,29 +34,17 @@ def test_torch_exact_search_among_rows_equals_brute_force_over_those_rows():
     np.testing.assert_array_equal(ids, rows[np.argsort(d2, axis=1, kind="stable")[:, :12]])
 
 
-def test_bfloat16_search_of_a_subset_at_k_11_finds_the_float32_neighbours():
-    """bfloat16 scores are least exact far from the origin: offset latents, the k + 1 = 11
-    deep search of a subset that RAT makes, against float64 brute force over the same rows
-    (with a shortlist of 4 * 11 instead of the 160 floor, 23 of the 300 rows differ)."""
-    rng = np.random.default_rng(2)
-    latents = rng.normal(size=(20000, 40)).astype(np.float32) + 4.0
-    queries = latents[:300] + 0.3 * rng.normal(size=(300, 40)).astype(np.float32)
-    rows = np.sort(rng.choice(20000, 10000, replace=False))
-    low = TorchExactSearch(precision="bfloat16")
-    low.update(torch.from_numpy(latents))
-    d2 = ((queries[:, None, :].astype(np.float64) - latents[rows][None]) ** 2).sum(-1)
-    want = rows[np.argsort(d2, axis=1, kind="stable")[:, :11]]
-    np.testing.assert_array_equal(low.search(queries, 11, among=rows)[0], want)
-
-
 class FullSearch:
-    """TorchExactSearch without the subset shortcut: the index services' path (k' deep)."""
+    """A search over all N answering "among S" as the index actors do (k' deep, S's members
+    kept: candidates.nearest_members, what ShardedSearch.search runs)."""
 
     def __init__(self, inner):
         self.inner = inner
 
-    def search(self, queries, k):
-        return self.inner.search(queries, k)
+    def search(self, queries, k, among=None):
+        from exvae_dist.retrieval.candidates import nearest_members
+
+        return nearest_members(self.inner.search, queries, k, among, safety=2.0)
 
 
 def test_rat_sampler_keeps_the_k_nearest_of_the_steps_subset_less_the_element_itself():
@@ -92,20 +80,23 @@ def test_rat_sampler_keeps_the_k_nearest_of_the_steps_subset_less_the_element_it
             np.testing.assert_allclose(sampled.log_norm.double().numpy(), expected_norm)
 
 
-def test_a_polling_search_over_an_exact_one_takes_the_all_n_path():
-    """The Ray worker's PollingSearch forwards unknown attributes to the search it wraps but
-    its search() takes no among=: the sampler must see searches_subsets False."""
-    from exvae_dist.train.worker import PollingSearch
+def test_a_subset_lists_the_same_members_as_its_coins():
+    from exvae_dist.retrieval import keyed
 
-    cfg, model, images = _model_and_data("prior.k=5", "prior.subsample=150")
-    inner = TorchExactSearch()
-    inner.update(model.net.encode_top(images)[0].detach())
-    polls = []
-    ids = np.arange(8)
-    polled = PriorSampler(cfg.prior, images, PollingSearch(inner, lambda: polls.append(1)),
-                          seed=2)(model, ids, images[ids], 3)
-    direct = PriorSampler(cfg.prior, images, inner, seed=2)(model, ids, images[ids], 3)
-    assert polls == [1] and np.array_equal(polled.ids, direct.ids)
+    subset = keyed.StepSubset(5, 150, 400, 2)
+    ids = np.arange(400)
+    by_coins = subset.contains(ids)  # before S is listed: keyed coins
+    assert np.array_equal(np.flatnonzero(by_coins), subset.ids)
+    assert np.array_equal(subset.contains(ids), by_coins)  # after: binary search in S
+    assert keyed.StepSubset(5, 400, 400, 2).contains(ids).all()
+
+
+def test_first_members_keeps_the_first_k_accepted_ids_in_rank_order():
+    from exvae_dist.retrieval.candidates import first_members
+
+    ranked = np.array([[5, -1, 2, 8, 4, 6], [1, 3, 5, 7, 9, -1]])
+    got = first_members(ranked, lambda ids: ids % 2 == 0, 2)
+    assert got.tolist() == [[2, 8], [-1, -1]]
 
 
 def test_search_errors_are_clear():
@@ -163,73 +154,8 @@ def test_rat_sampler_never_offers_an_element_itself():
     assert len(chosen[0]) > 0
 
 
-def test_bfloat16_exemplar_encoding_stays_close_to_float32():
-    cfg, model, images = _model_and_data()
-    x = torch.bernoulli(images[:8])
-    torch.manual_seed(1)
-    full = model(x, 1.0, exemplars=images[100:300]).loss
-    model.exemplar_dtype = torch.bfloat16
-    torch.manual_seed(1)
-    low = model(x, 1.0, exemplars=images[100:300]).loss
-    assert abs(full.item() - low.item()) < 0.01 * abs(full.item())
-
-
 def test_normalized_gradients_have_unit_norm():
     p = torch.nn.Parameter(torch.randn(5, 3))
     p.grad = torch.randn(5, 3) * 40
     normalize_gradients([p])
     assert torch.linalg.norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)
-
-
-def test_bfloat16_search_recalls_the_exact_neighbours_on_clustered_latents():
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(50, 40, generator=g) * 3
-    latents = centres[torch.randint(0, 50, (20000,), generator=g)] + torch.randn(20000, 40, generator=g)
-    queries = latents[:64] + 0.3 * torch.randn(64, 40, generator=g)
-    d2 = ((queries[:, None, :].double() - latents[None].double()) ** 2).sum(-1)
-    exact = torch.argsort(d2, dim=1)[:, :40].numpy()
-    search = TorchExactSearch(precision="bfloat16")
-    search.update(latents)
-    ids, _ = search.search(queries.numpy(), 40)
-    recall = np.mean([len(set(a) & set(b)) / 40 for a, b in zip(ids, exact)])
-    assert recall >= 0.99
-    # what it returns is ranked by exact distance
-    got = np.take_along_axis(d2.numpy(), ids, 1)
-    assert np.all(np.diff(got, axis=1) >= 0)
-
-
-def test_validation_elbo_averages_its_samples():
-    from exvae_dist.step import validation_elbo
-
-    cfg = config_mod.load("smoke", ["prior.kind=gaussian"])
-    torch.manual_seed(0)
-    model = build_model(cfg, (1, 28, 28)).eval()
-    x = (torch.rand(30, 784) < 0.3).float()
-    torch.manual_seed(1)
-    four = validation_elbo(model, x, None, batch_size=30, samples=4)
-    torch.manual_seed(1)
-    singles = [validation_elbo(model, x, None, batch_size=30) for _ in range(4)]
-    for key in ("elbo", "log_px", "kl"):
-        assert four[key] == pytest.approx(np.mean([s[key] for s in singles]), rel=1e-6)
-    assert len({round(s["elbo"], 6) for s in singles}) > 1  # the draws really differ
-
-
-@pytest.mark.parametrize("n,k,group", [(3000, 25, 64), (3001, 25, 64), (1000, 40, 7),
-                                       (130, 3, 64), (50, 10, 64)])
-def test_smallest_k_equals_a_full_sort(n, k, group):
-    """The two-pass selection (group minima, then the chosen groups) returns exactly the k
-    smallest of each row, sorted, whatever the partial last group; integer-valued scores give
-    ties at the cut-off, where the values (not the columns) must agree."""
-    from exvae_dist.retrieval.exact import smallest_k
-
-    g = torch.Generator().manual_seed(n)
-    scores = torch.randn(9, n, generator=g)
-    scores[0] = torch.arange(n, 0, -1).float()  # the smallest in the partial group
-    s, cols = smallest_k(scores, k, group)
-    ref_s, ref_cols = torch.sort(scores, dim=1, stable=True)
-    assert torch.equal(s, ref_s[:, :k]) and torch.equal(cols, ref_cols[:, :k])
-    ties = torch.randint(0, 20, (9, n), generator=g).float()
-    s, cols = smallest_k(ties, k, group)
-    assert torch.equal(s, torch.sort(ties, dim=1).values[:, :k])
-    assert torch.equal(torch.gather(ties, 1, cols), s)
-    assert all(len(set(r.tolist())) == k for r in cols)  # no column twice

@@ -24,6 +24,7 @@ from exvae_dist.train.refresh import StoreLatents
 from exvae_dist.train.store_images import StoreImages
 from exvae_dist.train.service_client import ServiceSearch
 from exvae_dist.train.worker import build_parts
+from exvae_dist.retrieval.cache import ACTORS, WORKER, placement
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,16 +71,21 @@ def one_epoch(parts):
     return state, summary
 
 
-def test_one_worker_ddp_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_local):
+@pytest.mark.parametrize("where", [WORKER, ACTORS])
+def test_one_worker_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_local, where):
+    """The Ray worker's parts in a 1-rank gloo group, with the exemplar cache in the worker
+    (the default below index.auto_exact_below) or served by an index actor that each refresh
+    waits for: the same steps, candidates, versions and weights as the one-process trainer."""
     import torch.distributed as dist
 
     from exvae_dist.retrieval.service import start_index_service
     from exvae_dist.trainer import build_parts as one_process_parts
 
-    cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "index.kind=flat",
+    cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100",
                 "train.max_steps_per_epoch=3", "tracking.enabled=false",
-                "tracking.sample_grid=false", "prior.refresh_every=2",
-                "index.wait_for_refresh=true", "ray.resident_mb=0")
+                "tracking.sample_grid=false", "prior.refresh_every=2", "ray.resident_mb=0",
+                *(("index.kind=flat",) if where == ACTORS else ()))
+    assert placement(cfg.index, 1000, rat=True) == where
     splits = load_dataset(cfg.data)
     defaults = config_mod.to_dict(config_mod.ExperimentConfig())
     # the one-process trainer has no index and no Ray: those sections at their defaults
@@ -87,21 +93,25 @@ def test_one_worker_ddp_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_l
                                     "ray": defaults["ray"]})
     state_a, summary_a = one_epoch(one_process_parts(one_cfg, splits))
 
-    # the Ray worker's parts: DDP in a 1-rank gloo group, the index service over the store
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     handle = None
     try:
         store = ensure_store(tmp_path / "store.zarr", splits.train_x, splits.image_shape,
                              state_a.model.net.top_dim)
-        handle = start_index_service(str(store.path), cfg.index)
+        if where == ACTORS:
+            handle = start_index_service(str(store.path), cfg.index)
         parts = build_parts(cfg, tmp_path / "ray", store, torch.from_numpy(splits.valid_x),
-                            splits.dynamic, splits.image_shape, ServiceSearch(handle),
-                            Group.current())
-        assert parts.wrapped is not parts.model  # really wrapped in DDP
-        # ray.resident_mb=0: images read from the store by id, centres streamed in blocks
+                            splits.dynamic, splits.image_shape,
+                            ServiceSearch(handle) if handle else None, Group.current(),
+                            where=where)
+        parts.cache.serve_every_version = where == ACTORS
+        assert parts.wrapped is parts.model  # a world of one rank: no DDP copy of gradients
+        # ray.resident_mb=0: images read from the store by id
         assert parts.train_images.resident is None
         state_b, summary_b = one_epoch(parts)
-        assert isinstance(parts.cache.centres(), StoreLatents)
+        # the actors' means are streamed from the store in blocks; the worker holds them
+        assert isinstance(parts.cache.centres(), StoreLatents if where == ACTORS
+                          else torch.Tensor)
     finally:
         dist.destroy_process_group()
         if handle is not None:
@@ -313,13 +323,13 @@ def test_ddp_worker_steps_with_the_other_priors(tmp_path, data_dir, prior):
 
 
 def test_one_worker_resumed_run_equals_an_uninterrupted_one(tmp_path, data_dir, ray_local):
-    """Ray with 1 worker: 1 epoch + resume = 2 epochs, to the last bit; index.store_path puts
-    the exemplar store where it says."""
+    """Ray with 1 worker (the exemplar cache in the worker, the default at this N): 1 epoch +
+    resume = 2 epochs, to the last bit; index.store_path puts the exemplar store where it
+    says."""
     from exvae_dist.train.driver import run
 
-    common = ("data.n_train=600", "data.n_valid=100", "index.kind=flat", "train.log_every=1",
-              "prior.refresh_every=2", "tracking.enabled=false", "tracking.sample_grid=false",
-              "index.wait_for_refresh=true")
+    common = ("data.n_train=600", "data.n_valid=100", "train.log_every=1",
+              "prior.refresh_every=2", "tracking.enabled=false", "tracking.sample_grid=false")
     run(smoke(data_dir, tmp_path, "train.name=whole", *common))
     store = tmp_path / "elsewhere" / "store.zarr"
     parts = ("train.name=parts", f"index.store_path={store}", *common)
@@ -457,5 +467,3 @@ def test_mid_epoch_refreshes_on_encoder_actors(tmp_path, data_dir, ray_local):
     assert summary["index_version"] == store.latest_complete() >= 3
     for v in store.complete_versions():
         assert np.isfinite(store.read_latents(v)).all()
-    with pytest.raises(config_mod.ConfigError, match="refresh_workers"):
-        smoke(data_dir, tmp_path, "index.refresh_workers=1", "index.wait_for_refresh=true")

@@ -250,49 +250,6 @@ def test_ray_and_index_keys_are_refused_by_the_one_process_trainer(tmp_path, smo
             fit(smoke_cfg(tmp_path, key, "tracking.enabled=false"))
 
 
-def test_write_back_puts_the_steps_fresh_means_into_the_cache(tmp_path, data_dir):
-    """prior.write_back: after a RAT step, the cached rows of its candidates are the means the
-    step encoded (the weights before the update), in the cache and in its search alike."""
-    import copy
-
-    import numpy as np
-
-    from exvae_dist import loop
-    from exvae_dist.data import load_dataset
-    from exvae_dist.objective import encode_means
-    from exvae_dist.step import train_step
-    from exvae_dist.trainer import build_parts
-
-    cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "data.n_train=500",
-                                    "data.n_valid=50", "tracking.enabled=false",
-                                    "tracking.sample_grid=false", "prior.write_back=true"],
-                          env={"EXVAE_DATA_DIR": str(data_dir)})
-    parts = build_parts(cfg, load_dataset(cfg.data))
-    state, sampler, _ = loop.start(parts)
-    ids = np.arange(50, 100)  # a first step moves the weights away from the cache's
-    x = loop.binarize(parts.train_images[ids], True, 0, 0, 0)
-    train_step(parts.wrapped, state.optimizer, x, sampler(parts.model, ids, x, 0), 1.0)
-    before = copy.deepcopy(parts.model.net)
-    stale = parts.cache.centres().clone()
-    ids = np.arange(50)
-    x = loop.binarize(parts.train_images[ids], True, 0, 0, 0)
-    prior = sampler(parts.model, ids, x, 1)
-    train_step(parts.wrapped, state.optimizer, x, prior, 1.0)
-    assert not torch.allclose(stale[torch.from_numpy(prior.ids)], prior.encoded, atol=1e-4)
-    parts.cache.write_back(prior.ids, prior.encoded)
-    rows = torch.from_numpy(prior.ids)
-    expected = encode_means(before, parts.train_images[rows])
-    torch.testing.assert_close(parts.cache.centres()[rows], expected, rtol=1e-5, atol=1e-5)
-    search = parts.cache.search
-    torch.testing.assert_close(search._half_sq[rows], 0.5 * (expected * expected).sum(1),
-                               rtol=1e-5, atol=1e-5)
-    others = torch.ones(len(stale), dtype=torch.bool)
-    others[rows] = False
-    assert torch.equal(parts.cache.centres()[others], stale[others])  # nothing else moved
-    with pytest.raises(config_mod.ConfigError, match="write_back"):
-        config_mod.check_trainer_keys(cfg, "ray")
-
-
 def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke_cfg):
     from exvae_dist.curves import epoch_records, main
 
@@ -310,34 +267,3 @@ def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke
     main([str(kept), "--out", str(out)])
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         main([str(tmp_path / "nothing"), "--out", str(out)])
-
-
-def test_cell_batches_draw_each_exemplar_once_from_few_cells():
-    from exvae_dist.loop import CellBatches
-
-    rng = np.random.default_rng(0)
-    cells = rng.permutation(np.repeat(np.arange(40), 25))  # 40 cells of 25 = 1,000 ids
-    batches = CellBatches(cells, 100, seed=0, epoch=3)
-    ids = np.concatenate(list(batches))
-    assert len(batches) == 10 and sorted(ids) == list(range(1000))  # each id once
-    # a batch spans the 4 (here: 4 to 5) cells it is cut from, not ~40 as a random one
-    assert max(len(set(cells[b])) for b in batches) <= 5
-    again = CellBatches(cells, 100, seed=0, epoch=3)
-    assert all(np.array_equal(a, b) for a, b in zip(batches, again))  # keyed
-    other = CellBatches(cells, 100, seed=0, epoch=4)
-    assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
-    assert len(CellBatches(cells, 100, 0, 0, max_steps=3)) == 3
-
-
-def test_local_batching_retrieves_fewer_distinct_candidates(tmp_path, smoke_cfg):
-    common = ("train.epochs=2", "tracking.enabled=false", "train.log_every=1")
-    fit(smoke_cfg(tmp_path, "train.name=random", *common))
-    fit(smoke_cfg(tmp_path, "train.name=local", "train.batching=local", *common))
-    def candidates(name):  # epoch 2: the cells come from a trained encoder's latents
-        return np.mean([r["candidates"] for r in records(tmp_path / name)
-                        if "candidates" in r and r.get("epoch") == 1])
-    assert candidates("local") < 0.8 * candidates("random")
-    with pytest.raises(config_mod.ConfigError, match="train.batching=local"):
-        smoke_cfg(tmp_path, "train.batching=local", "prior.kind=gaussian")
-    with pytest.raises(config_mod.ConfigError, match="train.batching=local"):
-        config_mod.check_trainer_keys(smoke_cfg(tmp_path, "train.batching=local"), "ray")

@@ -53,6 +53,33 @@ def query_depth(k: int, n: int, m: int, safety: float = 2.0) -> int:
     return int(min(n, math.ceil(safety * k * n / m)))
 
 
+def first_members(neighbour_ids: np.ndarray, contains: Callable[[np.ndarray], np.ndarray],
+                  k: int) -> np.ndarray:
+    """The first k ids of each ranked row [B, k'] that `contains` accepts, in rank order:
+    [B, k] int64, -1 where a row has fewer. How an index over all N answers "the k nearest
+    among the subset S": search k' = query_depth deep, keep S's members."""
+    neighbour_ids = np.asarray(neighbour_ids, dtype=np.int64)
+    keep = neighbour_ids >= 0
+    if keep.any():
+        keep[keep] = np.asarray(contains(neighbour_ids[keep]), dtype=bool)
+    keep &= np.cumsum(keep, axis=1) <= k
+    out = np.full((neighbour_ids.shape[0], k), -1, dtype=np.int64)
+    rows, cols = np.nonzero(keep)
+    out[rows, np.cumsum(keep, axis=1)[rows, cols] - 1] = neighbour_ids[rows, cols]
+    return out
+
+
+def nearest_members(search_all: Callable, queries: np.ndarray, k: int, among,
+                    safety: float = 2.0) -> tuple[np.ndarray, int]:
+    """The k nearest of each query among the subset `among` (a keyed.StepSubset) from an
+    index over all N: search_all(queries, depth) -> (ids [B, depth], version) is asked
+    k' = query_depth(k, N, M, safety) deep and S's members are kept (first_members)."""
+    if among.everything:
+        return search_all(queries, k)
+    ids, version = search_all(queries, query_depth(k, among.n, among.m, safety))
+    return first_members(ids, among.contains, k), version
+
+
 def draw_coins(n: int, m: int, rng: np.random.Generator) -> np.ndarray:
     """[N] bool Bernoulli(M/N) coins: the dense form of a subset, for tests and benchmarks
     (training uses retrieval/keyed.coins_for, which never builds an [N] vector)."""

@@ -83,28 +83,15 @@ def exact_topk(queries: torch.Tensor, points: torch.Tensor, k: int, block: int =
 
 
 class TorchExactSearch:
-    """The one-process trainer's neighbour search (step.NeighbourSearch) over an in-memory
-    latent cache: exact_topk over all N cached means.
+    """The in-process neighbour search (step.NeighbourSearch) over a latent cache held in
+    memory: exact_topk over the cached means of the step's subset S (or all N).
 
-    precision="bfloat16" scores with a bfloat16 matmul first (with d=40 a float32 matmul runs
-    far below peak on CPU), keeps max(`prefilter` * k, MIN_SHORTLIST) per query and re-ranks
-    those by exact float32 distance: approximate only where a bfloat16 rounding error exceeds
-    the gap to the shortlist's cut-off (the floor keeps a k = 11 search of a subset as safe
-    as the 40-deep search of all N it replaced).
+    Searching S alone (the k + 1 nearest of S, never short of survivors when M > k) is what
+    the reference code does, and cheaper than searching all N k' deep and filtering.
     """
 
-    MIN_SHORTLIST = 160
-    # the in-memory cache can search the step's subset S alone (step.PriorSampler asks for
-    # the k + 1 nearest of S instead of k' = 2kN/M of all N: never short of survivors when
-    # M > k)
-    searches_subsets = True
-
-    def __init__(self, block: int = 65536, precision: str = "float32", prefilter: int = 4):
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
+    def __init__(self, block: int = 65536):
         self.block = block
-        self.precision = precision
-        self.prefilter = prefilter
         self.latents: Optional[torch.Tensor] = None
         self.version = -1
 
@@ -113,51 +100,26 @@ class TorchExactSearch:
         one more than before)."""
         self.latents = latents.detach().float().contiguous()
         self._half_sq = 0.5 * (self.latents * self.latents).sum(1)
-        self._low_t = (self.latents.t().contiguous().bfloat16()
-                       if self.precision == "bfloat16" else None)
         self.version = self.version + 1 if version is None else version
         return self.version
 
-    def write_rows(self, ids: torch.Tensor, latents: torch.Tensor) -> None:
-        """Replaces the cached means of rows `ids` [C] with `latents` [C, d] (the same version:
-        rows re-encoded by a training step, prior.write_back)."""
-        latents = latents.detach().float().to(self.latents.device)
-        self.latents[ids] = latents
-        self._half_sq[ids] = 0.5 * (latents * latents).sum(1)
-        if self._low_t is not None:
-            self._low_t[:, ids] = latents.t().bfloat16()
-
-    def _search_bfloat16(self, q: torch.Tensor, k: int, latents: torch.Tensor,
-                         low_t: torch.Tensor, half_sq: torch.Tensor) -> torch.Tensor:
-        scores = half_sq[None, :] - (q.bfloat16() @ low_t).float()
-        wide = min(latents.shape[0], max(self.prefilter * k, self.MIN_SHORTLIST))
-        cand = smallest_k(scores, wide)[1]
-        d2 = (q[:, None, :] - latents[cand]).pow(2).sum(-1)
-        pos = torch.topk(d2, k, dim=1, largest=False, sorted=True).indices
-        return torch.gather(cand, 1, pos)
-
     @torch.no_grad()
-    def search(self, queries: np.ndarray, k: int,
-               among: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
-        """queries [B, d] -> (ids [B, k] int64 nearest first, version). `among`: distinct
-        int64 row ids [M] to search instead of all N (a step's exemplar subset)."""
+    def search(self, queries: np.ndarray, k: int, among=None) -> tuple[np.ndarray, int]:
+        """queries [B, d] -> (ids [B, k] int64 nearest first, version). `among`: the rows to
+        search instead of all N: a keyed.StepSubset, or distinct int64 row ids [M]."""
         if self.latents is None:
             raise RuntimeError("search before the exemplar cache was filled: call update() first")
         q = torch.as_tensor(queries, dtype=torch.float32).to(self.latents.device)
         if q.dim() != 2 or q.shape[1] != self.latents.shape[1]:
             raise ValueError(f"queries must be [B, {self.latents.shape[1]}], got {tuple(q.shape)}")
-        latents, half_sq, low_t = self.latents, self._half_sq, self._low_t
-        rows = None
+        if among is not None and hasattr(among, "contains"):  # a StepSubset
+            among = None if among.everything else among.ids
+        latents, half_sq, rows = self.latents, self._half_sq, None
         if among is not None:
             rows = torch.as_tensor(among, dtype=torch.int64).to(latents.device)
             # index_select, not latents[rows]: 4x faster on CPU for the ~25,000 rows of S
             latents, half_sq = latents.index_select(0, rows), half_sq.index_select(0, rows)
-            low_t = low_t.index_select(1, rows) if low_t is not None else None
-        k = min(k, latents.shape[0])
-        if low_t is not None:
-            ids = self._search_bfloat16(q, k, latents, low_t, half_sq)
-        else:
-            ids = exact_topk(q, latents, k, self.block, half_sq)[1]
+        ids = exact_topk(q, latents, min(k, latents.shape[0]), self.block, half_sq)[1]
         if rows is not None:
             ids = rows[ids]
         return ids.cpu().numpy().astype(np.int64), self.version

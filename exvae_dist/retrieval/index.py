@@ -199,22 +199,6 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return ids.astype(np.int64, copy=False), dists
 
 
-def kmeans_cells(latents: np.ndarray, n_cells: int, seed: int = 0) -> np.ndarray:
-    """int64 [N]: the k-means cell (0..n_cells-1) of each latent row, FAISS k-means with 10
-    iterations on all rows (train.batching=local draws batches from a few cells each)."""
-    x = _as_matrix(latents, "latents")
-    n_cells = int(max(1, min(n_cells, x.shape[0])))
-    if n_cells == 1:
-        return np.zeros(x.shape[0], np.int64)
-    # cells of ~25 rows are meant here: FAISS's warning below 39 points per centroid is not
-    km = faiss.Kmeans(x.shape[1], n_cells, niter=10, seed=seed, verbose=False,
-                      min_points_per_centroid=1,
-                      max_points_per_centroid=max(256, -(-x.shape[0] // n_cells)))
-    km.train(x)
-    _, cells = km.index.search(x, 1)
-    return cells[:, 0].astype(np.int64)
-
-
 def brute_force_knn(latents: np.ndarray, queries: np.ndarray, k: int,
                     block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Reference exact kNN in numpy (float64 distances, blocks of queries): ids [B, k], d2 [B, k].

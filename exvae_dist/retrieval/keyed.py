@@ -177,6 +177,43 @@ def subset_for(step: int, m: int, n: int, seed: int) -> np.ndarray:
     return np.sort(KeyedPermutation(n, seed, COINS, step).inverse(np.arange(m, dtype=np.int64)))
 
 
+class StepSubset:
+    """The exemplar subset S of one training step, as a searcher and the candidate assembly
+    ask about it: `contains(ids)` costs O(len(ids)) (keyed coins) until `ids` is asked for,
+    which lists all of S once in O(m) and then answers membership by binary search.
+
+    An in-memory search lists S and searches only its rows; an index over all N asks
+    `contains` about what it retrieved. Both see the same S: coins_for and subset_for agree.
+    """
+
+    def __init__(self, step: int, m: int, n: int, seed: int):
+        if not 0 < m <= n:
+            raise ValueError(f"subset size m={m} must be in 1..n={n}")
+        self.step, self.m, self.n, self.seed = step, m, n, seed
+        self._ids: np.ndarray | None = None
+
+    @property
+    def everything(self) -> bool:
+        return self.m == self.n
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 [m], sorted."""
+        if self._ids is None:
+            self._ids = subset_for(self.step, self.m, self.n, self.seed)
+        return self._ids
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """bool [len(ids)]: which ids are in S."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.everything:
+            return np.ones(ids.shape, dtype=bool)
+        if self._ids is None:
+            return coins_for(ids, self.step, self.m, self.n, self.seed)
+        at = np.minimum(np.searchsorted(self._ids, ids), self.m - 1)
+        return self._ids[at] == ids
+
+
 __all__ = ["mix64", "derive_key", "keyed_bits", "keyed_uniform", "keyed_normal",
            "KeyedPermutation", "epoch_order", "epoch_batch_ids", "coins_for",
-           "subset_for"]
+           "subset_for", "StepSubset"]

@@ -21,6 +21,7 @@ from .. import run_folder
 from ..tracking import probe
 from ..data import DataSplits, load_dataset
 from ..objective import build_model
+from ..retrieval.cache import ACTORS, WORKER, placement
 from ..retrieval.candidates import query_depth, subset_size
 from .exemplars import ensure_store, open_exemplar_store, to_bytes
 from .. import preflight  # hook: issue16
@@ -61,7 +62,9 @@ def index_config(cfg: config_mod.ExperimentConfig, n: int) -> config_mod.IndexCo
     the workers search (RAT's k'), not for a fixed 10."""
     if cfg.index.auto_recall_k is not None:
         return cfg.index
-    depth = query_depth(cfg.prior.k, n, subset_size(n, cfg.prior.subsample), cfg.prior.safety)
+    # the sampler asks for the k + 1 nearest of the step's subset (retrieval/cache.py)
+    depth = query_depth(cfg.prior.k + 1, n, subset_size(n, cfg.prior.subsample),
+                        cfg.prior.safety)
     return dataclasses.replace(cfg.index, auto_recall_k=depth)
 
 
@@ -106,7 +109,7 @@ def check_resources(cfg: config_mod.ExperimentConfig) -> None:
 
 
 def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=None,
-                 encoders=None):
+                 encoders=None, where: str = WORKER):
     """The TorchTrainer of a run (gloo on CPU, NCCL on GPU: TorchConfig's default)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -122,6 +125,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
         "store_path": str(store_path(cfg)),
         "service": service,
         "encoders": encoders,  # index.refresh_workers RefreshEncoder actors, or None
+        "placement": where,  # of the exemplar cache: in each worker, or in the index actors
         # validation images are binary: bytes through the object store, a quarter the size
         "valid": ray.put(to_bytes(splits.valid_x)),
         "dynamic": splits.dynamic,
@@ -178,8 +182,11 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     check_resources(cfg)
     preflight.check_cluster(cfg)  # hook: issue16
 
+    where = placement(cfg.index, store.n, cfg.prior.rat)
+    log.info("exemplar cache: %s (%d exemplars)", "searched in each worker" if where == WORKER
+             else f"served by {cfg.index.shards} index actor(s)", store.n)
     service = None
-    if cfg.prior.kind == "exemplar" and cfg.prior.rat:
+    if cfg.prior.kind == "exemplar" and cfg.prior.rat and where == ACTORS:
         from ..retrieval.service import start_index_shards  # hook: issue12
 
         service = start_index_shards(str(store_path(cfg)), index_config(cfg, store.n),
@@ -192,7 +199,7 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
                                           splits.image_shape, cfg.index.refresh_workers,
                                           cfg.index.refresh_cpus)
     try:
-        result = make_trainer(cfg, splits, service, encoders).fit()
+        result = make_trainer(cfg, splits, service, encoders, where).fit()
     finally:
         for handle in [*(service or []), *(encoders or [])]:  # hook: issue12
             ray.kill(handle)

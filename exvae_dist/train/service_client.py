@@ -64,21 +64,32 @@ class ShardedSearch:
     """
 
     def __init__(self, handles, retries: int = 10, timeout_s: float = 300.0,
-                 poll_s: float = 0.1):
+                 poll_s: float = 0.1, safety: float = 2.0):
         self.handles = list(handles) if isinstance(handles, (list, tuple)) else [handles]
         if not self.handles:
             raise ValueError("ShardedSearch needs at least one index shard handle")
         self.retries = retries
         self.timeout_s = timeout_s
         self.poll_s = poll_s
+        self.safety = safety  # prior.safety: how deep a search among a subset goes
         self.version: Optional[int] = None  # the version queries name; None until known
         self.retried = 0
 
     # -- NeighbourSearch -------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-        ids, _dists, version = self.search_with_distances(queries, k)
-        return ids, version
+    def search(self, queries: np.ndarray, k: int, among=None) -> tuple[np.ndarray, int]:
+        """The k nearest of each query among `among` (a keyed.StepSubset; None: all N). The
+        index holds all N, so it is searched k' = query_depth(k, N, M, safety) deep and S's
+        members are kept, the first k of them (-1 where a row found fewer)."""
+        from ..retrieval.candidates import nearest_members
+
+        def search_all(q: np.ndarray, depth: int) -> tuple[np.ndarray, int]:
+            ids, _dists, version = self.search_with_distances(q, depth)
+            return ids, version
+
+        if among is None:
+            return search_all(queries, k)
+        return nearest_members(search_all, queries, k, among, self.safety)
 
     def search_with_distances(self, queries: np.ndarray, k: int
                               ) -> tuple[np.ndarray, np.ndarray, int]:
