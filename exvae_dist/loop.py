@@ -11,7 +11,8 @@ Nothing here knows about Ray, Zarr or MLflow. A trainer is a shell that builds `
              for one process, the Zarr store + FAISS index service on Ray
     sink     where checkpoints go and come from (`CheckpointSink`): files in the run folder,
              or Ray Train checkpoints
-    tracker  MLflow on rank 0 (tracking.py), a NullTracker elsewhere
+    recorder metrics.jsonl, grids, curves, summary.json and MLflow on rank 0 (recorder.py),
+             a NullRecorder elsewhere
 
 Randomness is keyed, not carried: the global batches of epoch e come from (seed, e), the
 exemplar subset of global step t from (seed, t) (retrieval/keyed.py: O(ids asked), never N), and the binarization and reparameterization noise of
@@ -22,7 +23,6 @@ the number of workers (each rank takes its slice of the same global batch).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -35,20 +35,15 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from . import hardware, jsonio
-from .curves import plot_curves
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
 from .retrieval import keyed
-from .sampling import sample_images, save_grid
-from .step import NeighbourSearch, PriorSampler, log_var_value, train_step, validation_elbo
+from .step import PriorSampler, log_var_value, train_step, validation_elbo
 
 log = logging.getLogger(__name__)
 
 # random stream ids of torch's generators (the epoch order and coins are keyed.py's)
 BINARIZE, NOISE = 2, 3
-# one line per start of the loop: when, from which epoch, on what machine (hardware.py)
-SESSIONS = "sessions.jsonl"
 
 
 def stream_seed(seed: int, stream: int, *key: int) -> int:
@@ -156,36 +151,6 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-class MetricsLog:
-    """metrics.jsonl in the run directory: one JSON object per logged step or epoch."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(jsonio.dumps(record, indent=None) + "\n")
-
-    def rewind(self, step: int) -> int:
-        """Drops the records after `step` (written by an attempt that died after the
-        checkpoint a resumed run restarts from: those steps are trained again, and would
-        otherwise appear twice). Returns how many records were dropped."""
-        if not self.path.is_file():
-            return 0
-        lines = self.path.read_text().splitlines()
-        keep = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the crash
-                continue
-            if record.get("step", 0) <= step:
-                keep.append(line)
-        if len(keep) < len(lines):
-            jsonio.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
-        return len(lines) - len(keep)
-
-
 class ExemplarCache(Protocol):
     """The exemplar-latent cache behind the exemplar prior (retrieval/cache.py is the one
     implementation; where it holds and searches the latents is its placement).
@@ -243,7 +208,7 @@ class Parts:
     image_shape: tuple
     cache: Optional[ExemplarCache]  # None unless the prior is the exemplar prior
     sink: CheckpointSink
-    tracker: Any
+    recorder: Any  # recorder.RunRecorder on rank 0 (files, MLflow), a NullRecorder elsewhere
     run: Path
     group: Group = field(default_factory=Group)
     device: torch.device = torch.device("cpu")
@@ -306,21 +271,10 @@ def fit(parts: Parts) -> dict:
     """Trains (or resumes) a run; returns the last epoch's summary (rank 0's is complete)."""
     p, cfg, group = parts, parts.cfg, parts.group
     state, sampler, _ = start(p)
-    metrics_log = MetricsLog(p.run / "metrics.jsonl") if group.rank == 0 else None
-    if metrics_log is not None:
-        dropped = metrics_log.rewind(state.step)
-        if dropped:
-            log.info("dropped %d metrics records after step %d (an attempt that did not reach "
-                     "its next checkpoint)", dropped, state.step)
-        p.tracker.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
-        session = hardware.session_record(state.epoch, state.step, cfg.train.device)
-        with open(p.run / SESSIONS, "a") as f:
-            f.write(json.dumps(session) + "\n")
-        p.tracker.set_tags({**hardware.hardware_tags(session), **(p.tags or {})})
     summary: dict = {}
     try:
-        budget = TimeBudget(cfg.train.time_budget_hours,
-                            epoch_walls(p.run) if group.rank == 0 else [])
+        walls = p.recorder.begin(cfg, state.epoch, state.step, p.tags)
+        budget = TimeBudget(cfg.train.time_budget_hours, walls)
         out_of_time = False
         while state.epoch < cfg.train.epochs and not state.stopper.should_stop:
             if budget.hours is not None and group.broadcast_int(budget.exhausted()):
@@ -328,19 +282,20 @@ def fit(parts: Parts) -> dict:
                 log.info("time budget: %.2f h spent; the next epoch would end past %.2f h",
                          sum(budget.walls) / 3600, budget.hours)
                 break
-            summary = run_epoch(p, state, sampler, metrics_log)
+            summary = run_epoch(p, state, sampler)
             p.sink.save(state.state_dict(), bool(summary["improved"]), summary)
             budget.walls.append(summary.get("epoch_seconds", 0.0))
-        if group.rank == 0:
-            summary = finish_run(p.run, summary, state.stopper, p.tracker, out_of_time)
-    except BaseException as exc:  # Ctrl-C: KILLED; anything else: FAILED
-        p.tracker.end_for(exc)
+        if state.stopper.should_stop and group.rank == 0:
+            log.info("early stopping: no validation improvement for %d epochs",
+                     state.stopper.patience)
+        summary = p.recorder.finish(summary, state.stopper.should_stop, out_of_time)
+    except BaseException as exc:
+        p.recorder.failed(exc)
         raise
     return summary
 
 
-def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
-              metrics_log: Optional[MetricsLog]) -> dict:
+def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
     """One epoch: steps (with mid-epoch refreshes), the epoch-end refresh, validation."""
     cfg, group, cache = p.cfg, p.group, p.cache
     uses_index = cache is not None and cfg.prior.rat
@@ -395,10 +350,7 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
                                "staleness": cache.staleness(m["index_version"], state.step),
                                **cache.step_metrics()})
             t_log, examples_since_log = now, 0
-            if metrics_log is not None:
-                metrics_log.write(record)
-                p.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
-                                      state.step)
+            p.recorder.step(record)
             if hasattr(items, "set_postfix"):
                 items.set_postfix(loss=f"{loss:.2f}", ex_s=f"{record['examples_per_second']:.0f}",
                                   **({"index": m["index_version"]} if uses_index else {}))
@@ -433,15 +385,8 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler,
                         "step_ms_during_rebuild": 1e3 * r_s / r_n if r_n else math.nan,
                         "steps_during_rebuild": r_n / group.world,
                         "step_ms_steady": 1e3 * s_s / s_n if s_n else math.nan})
+    p.recorder.epoch(summary, p.model, centres, p.image_shape)
     if group.rank == 0:
-        if metrics_log is not None:
-            metrics_log.write(summary)
-        p.tracker.log_metrics(summary, state.step)
-        if cfg.tracking.sample_grid:
-            grid = write_sample_grid(p.model, centres, p.run, state.epoch, p.image_shape)
-            p.tracker.log_artifact(grid, "samples")
-        if metrics_log is not None:  # the curves are drawn from the run's metrics.jsonl
-            p.tracker.log_artifact(plot_curves([p.run], p.run / "curves.png"), "curves")
         log.info("epoch %d/%d: train loss %.2f, val ELBO %.2f%s (%.1f s, %.0f examples/s)",
                  state.epoch, cfg.train.epochs, summary["train_loss"], val["elbo"],
                  " (best)" if improved else "", summary["epoch_seconds"],
@@ -460,20 +405,6 @@ def validate(p: Parts, centres: Optional[torch.Tensor]) -> dict:
     return {"elbo": elbo / total, "log_px": log_px / total, "kl": kl / total}
 
 
-def epoch_walls(run: Path) -> list[float]:
-    """The wall time of each epoch metrics.jsonl records, in order (every session)."""
-    walls = []
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                seconds = json.loads(line).get("epoch_seconds")
-            except json.JSONDecodeError:
-                continue
-            if seconds is not None:
-                walls.append(float(seconds))
-    return walls
-
-
 @dataclass
 class TimeBudget:
     """train.time_budget_hours: no epoch starts that would end past the budget, judged by the
@@ -487,49 +418,3 @@ class TimeBudget:
         spent = sum(self.walls)
         next_epoch = spent / len(self.walls) if self.walls else 0.0
         return spent + next_epoch > self.hours * 3600
-
-
-def run_time(run: Path) -> dict:
-    """wall_seconds: the sum of the epochs' wall times in metrics.jsonl (every session of the
-    run, none counted twice: rewind drops a dead attempt's records); sessions: how many starts
-    sessions.jsonl records, and the distinct machines (host, CPU, GPU, torch threads)."""
-    wall = sum(epoch_walls(run))
-    machines, starts = [], 0
-    if (run / SESSIONS).is_file():
-        for line in (run / SESSIONS).read_text().splitlines():
-            s = json.loads(line)
-            starts += 1
-            machine = {k: s.get(k) for k in ("host", "cpu", "cores", "gpu", "torch_threads")}
-            if machine not in machines:
-                machines.append(machine)
-    return {"wall_seconds": wall, "wall_hours": wall / 3600, "sessions": starts,
-            "machines": machines}
-
-
-def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker,
-               out_of_time: bool = False) -> dict:
-    """The end of a run (rank 0): summary.json (atomically; a rerun of a finished run keeps
-    the summary it had), the final config and best checkpoint to the tracker."""
-    from .checkpoint import BEST
-
-    if stopper.should_stop:
-        log.info("early stopping: no validation improvement for %d epochs", stopper.patience)
-    if not summary and (run / "summary.json").is_file():  # rerun of a finished run
-        summary = json.loads((run / "summary.json").read_text())
-    summary = jsonio.strict({**summary, "stopped_early": stopper.should_stop,
-                             "stopped_by_time_budget": out_of_time, **run_time(run)})
-    jsonio.write_json(run / "summary.json", summary)
-    if (run / "config.yaml").is_file():
-        tracker.log_artifact(run / "config.yaml")
-    if (run / BEST).is_file():
-        tracker.log_artifact(run / BEST, "checkpoints")
-    tracker.end()
-    return summary
-
-
-def write_sample_grid(model: VAEWithPrior, centres, run: Path, epoch: int, image_shape) -> Path:
-    """100 prior samples of the current model as run/samples/epoch_XXXX.png."""
-    gen = torch.Generator().manual_seed(epoch)
-    images = sample_images(model, 100, centres, generator=gen)
-    return save_grid(images, run / "samples" / f"epoch_{epoch:04d}.png", image_shape,
-                     title=f"{model.prior_kind} prior, epoch {epoch}")

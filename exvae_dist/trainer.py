@@ -19,9 +19,10 @@ from . import run_folder
 from .checkpoint import BEST, LATEST, load_resume_state, save_checkpoint
 from .data import DataSplits, load_dataset
 from .loop import Parts, fit as fit_parts
-from .objective import build_model, encode_means
+from .objective import build_model
 from .retrieval.cache import ExemplarCache
 from .run_lock import exclusive_run
+from .recorder import make_recorder
 from .tracking import make_tracker, probe
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def build_parts(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] =
     return Parts(cfg=cfg, model=model, wrapped=model, train_images=train_x,
                  valid_x=torch.from_numpy(splits.valid_x).to(device), dynamic=splits.dynamic,
                  image_shape=tuple(splits.image_shape), cache=cache, sink=FileSink(run),
-                 tracker=make_tracker(cfg, run), run=run, device=device,
+                 recorder=make_recorder(run, make_tracker(cfg, run), 0, cfg.tracking.sample_grid),
+                 run=run, device=device,
                  progress=progress_bar, tags={"trainer": "one-process"})
 
 

@@ -3,13 +3,13 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from exvae_dist import config as config_mod
 from exvae_dist.checkpoint import find_checkpoint, load_checkpoint
-from exvae_dist.loop import EarlyStopping, MetricsLog, TimeBudget
+from exvae_dist.loop import EarlyStopping, TimeBudget
+from exvae_dist.recorder import MetricsLog
 from exvae_dist.trainer import fit
 
 

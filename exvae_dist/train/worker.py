@@ -26,6 +26,7 @@ from ..group import Group
 from ..loop import Parts, fit
 from ..objective import build_model
 from ..retrieval.store import ExemplarStore
+from ..recorder import make_recorder
 from ..tracking import make_tracker
 from .exemplars import from_bytes
 from .refresh import LatentRefresh
@@ -128,7 +129,9 @@ def build_parts(cfg: config_mod.ExperimentConfig, run: Path, store: ExemplarStor
                               background_refresh=bool(encoders))
     return Parts(cfg=cfg, model=model, wrapped=wrap(model, group, device), train_images=images,
                  valid_x=valid_x, dynamic=dynamic, image_shape=tuple(image_shape), cache=cache,
-                 sink=RaySink(run, group), tracker=make_tracker(cfg, run, group.rank), run=run,
+                 sink=RaySink(run, group), run=run,
+                 recorder=make_recorder(run, make_tracker(cfg, run, group.rank), group.rank,
+                                        cfg.tracking.sample_grid),
                  group=group, device=device, progress=progress,
                  tags={"trainer": "ray", "num_workers": group.world, "cache": where})
 
