@@ -81,7 +81,7 @@ class AuthorsStep:
         if kind == "rat":  # their train_one_epoch fills it at the epoch's start
             with torch.no_grad():
                 self.cache = self.model.cache_z(self.dataset)
-        self.extra: dict = {"candidates": [], "grad_candidates": []}
+        self.extra: dict = {"candidates": []}
         self._encoded = 0
         q_z = self.model.q_z
 
@@ -133,4 +133,3 @@ class AuthorsStep:
         if self.cache is not None:  # as their loop does after each step
             self.cache = (self.cache[0].detach(), self.cache[1].detach())
         self.extra["candidates"].append(self._encoded)
-        self.extra["grad_candidates"].append(self._encoded)

@@ -7,9 +7,8 @@ former [B, K, d] broadcast form.
     EXVAE_DATA_DIR=../shared/data python bench/bench_step.py [--steps 30] [--exact-steps 5]
 
 The variants run interleaved (one step of each per round), so a change in the machine's load
-hits all of them alike. Prints the share of exemplars above responsibility thresholds on the
-pretrained model (what train.exemplar_grad_threshold drops), then a table of mean step times
-with their ratios to the Gaussian step and to the reference-style exact step.
+hits all of them alike. Prints a table of mean step times with their ratios to the Gaussian
+step and to the reference-style exact step.
 
 `--reference DIR` (a checkout of github.com/sajadn/Exemplar-VAE) adds the authors' own
 Gaussian, exact and RAT steps to the same rounds, from the same weights and batches
@@ -34,15 +33,12 @@ from authors_code import gate_halves  # this script's own folder is on sys.path
 from exvae_dist import config as config_mod
 from exvae_dist import priors
 from exvae_dist.data import load_dataset
-from exvae_dist.loop import CellBatches, binarize, make_optimizer
+from exvae_dist.loop import binarize, make_optimizer
 from exvae_dist.models.layers import diag_normal_log_prob
 from exvae_dist.objective import build_model
-from exvae_dist.priors import max_responsibility
+from exvae_dist.retrieval.candidates import nearest_members
 from exvae_dist.retrieval.exact import TorchExactSearch
-from exvae_dist.retrieval.index import kmeans_cells
 from exvae_dist.step import PriorSampler, exemplar_centres, train_step
-
-THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-6)
 
 
 def pretrained_state(cfg, splits, steps: int, cache: str | None = None) -> dict:
@@ -71,13 +67,16 @@ def pretrained_state(cfg, splits, steps: int, cache: str | None = None) -> dict:
 
 
 class AllExemplarsSearch:
-    """A TorchExactSearch seen without its subset shortcut (no `searches_subsets`)."""
+    """A TorchExactSearch asked for the k nearest among S the way the index actors answer
+    it: all N searched k' deep, S's members kept (candidates.nearest_members). The same
+    candidates as the search of S alone (but for float32 near-ties at the last place), at
+    the cost of a wider, deeper search."""
 
-    def __init__(self, inner: TorchExactSearch):
-        self.inner = inner
+    def __init__(self, inner: TorchExactSearch, safety: float):
+        self.inner, self.safety = inner, safety
 
-    def search(self, queries, k):
-        return self.inner.search(queries, k)
+    def search(self, queries, k, among):
+        return nearest_members(self.inner.search, queries, k, among, self.safety)
 
 
 class OurStep:
@@ -90,28 +89,19 @@ class OurStep:
         self.model = build_model(cfg, splits.image_shape)
         self.model.load_state_dict(state, strict=cfg.prior.kind == "exemplar")
         self.opt = make_optimizer(self.model, cfg)
-        search = TorchExactSearch(precision=cfg.prior.search_precision)
-        # all_n: search all N k' deep and keep the subset's members afterwards (the index
-        # services' way, and the in-memory search's before it searched the subset alone)
+        search = TorchExactSearch()
+        # all_n: the in-memory search's way before it searched the subset alone (4af9ae9)
         self.sampler = PriorSampler(cfg.prior, self.train_x,
-                                    AllExemplarsSearch(search) if all_n else search, seed=1)
+                                    AllExemplarsSearch(search, cfg.prior.safety) if all_n
+                                    else search, seed=1)
         if cfg.prior.kind == "exemplar" and cfg.prior.rat:
             search.update(exemplar_centres(self.model, self.train_x))
-        self.extra: dict = {"candidates": [], "grad_candidates": []}
-        self.local = None
-        if cfg.train.batching == "local":  # batches cut from k-means cells of the cache
-            n = self.train_x.shape[0]
-            cells = kmeans_cells(exemplar_centres(self.model, self.train_x).numpy(),
-                                 round(n * cfg.train.local_cells / cfg.train.batch_size))
-            self.local = CellBatches(cells, cfg.train.batch_size, seed=0, epoch=0)
+        self.extra: dict = {"candidates": []}
 
     def __call__(self, ids: np.ndarray, i: int) -> None:
-        if self.local is not None:  # its own batch instead of the round's random one
-            ids = self.local[i % len(self.local)]
         x = binarize(self.train_x[ids], True, 0, i, 0)
         m = train_step(self.model, self.opt, x, self.sampler(self.model, ids, x, i), 1.0)
         self.extra["candidates"].append(m["candidates"])
-        self.extra["grad_candidates"].append(m["grad_candidates"])
 
 
 def broadcast_mixture_log_prob(z, means, logvars):
@@ -172,7 +162,7 @@ class ReferenceStyleExactStep:
                        for p in mod.parameters()] + [self.log_var]
         self.opt = torch.optim.Adam(self.params, lr=5e-4, foreach=False)
         self.gen = torch.Generator().manual_seed(0)
-        self.extra: dict = {"candidates": [], "grad_candidates": []}
+        self.extra: dict = {"candidates": []}
 
     def encode(self, x):
         for layer in self.enc:
@@ -205,39 +195,6 @@ class ReferenceStyleExactStep:
                 p.grad /= p.grad.norm() + 1e-7
         self.opt.step()
         self.extra["candidates"].append(self.m)
-        self.extra["grad_candidates"].append(self.m)
-
-
-@torch.no_grad()
-def responsibility_shares(splits, state, steps: int = 5) -> dict:
-    """On the pretrained model: for the exact prior (M = 25,000) and RAT's retrieved union,
-    the share of exemplars whose largest responsibility over the batch reaches each threshold,
-    and the largest responsibility mass a row loses below it (max_b sum of r_bc dropped)."""
-    out = {}
-    for label, overrides in (("exact (M=25,000)", ["prior.rat=false"]), ("RAT (k=10)", [])):
-        step = OurStep(overrides, splits, state)
-        model, rows = step.model, {t: ([], []) for t in THRESHOLDS}
-        rng = np.random.default_rng(7)
-        for i in range(steps):
-            ids = rng.choice(step.train_x.shape[0], 100, replace=False)
-            x = binarize(step.train_x[ids], True, 0, i, 0)
-            prior = step.sampler(model, ids, x, i)
-            mean, logvar = model.net.encode_top(x)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-            centres = model.net.encode_top(prior.exemplars)[0]
-            lv = model.prior.log_var
-            rmax = max_responsibility(z, centres, lv, prior.exclude)
-            logits = (-((z[:, None] - centres[None]) ** 2).sum(-1) / (2 * lv.exp()))
-            if prior.exclude is not None:
-                logits = logits.masked_fill(prior.exclude, float("-inf"))
-            r = torch.softmax(logits, 1)
-            for t in THRESHOLDS:
-                drop = rmax < t
-                rows[t][0].append(1.0 - drop.float().mean().item())
-                rows[t][1].append((r * drop[None]).sum(1).max().item())
-        out[label] = {t: (statistics.mean(a), max(b)) for t, (a, b) in rows.items()}
-        out[label]["lambda"] = model.prior.log_var.item()
-    return out
 
 
 def authors_counterpart(label: str) -> str:
@@ -259,8 +216,6 @@ def main() -> None:
     p.add_argument("--pretrain-steps", type=int, default=500)
     p.add_argument("--pretrained", default=None,
                    help="file to keep the pretrained weights in (reused when it exists)")
-    p.add_argument("--threshold", type=float, default=1e-4,
-                   help="train.exemplar_grad_threshold of the truncated variants")
     p.add_argument("--only", default="all", choices=("all", "exact", "rat", "vampprior"))
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="a checkout of the authors' code (github.com/sajadn/Exemplar-VAE): "
@@ -273,43 +228,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 100, MNIST 50,000, "
           f"weights after {args.pretrain_steps} RAT steps (lambda = {state['prior.log_var'].item():.2f})")
 
-    if args.only != "vampprior":
-        shares = responsibility_shares(splits, state)
-        print("| exemplars | " + " | ".join(f"share >= {t:g} (max row mass below)"
-                                         for t in THRESHOLDS) + " |")
-        print("|---|" + "---|" * len(THRESHOLDS))
-        for label, row in shares.items():
-            print(f"| {label} | " + " | ".join(f"{row[t][0]:.3f} ({row[t][1]:.1e})"
-                                             for t in THRESHOLDS) + " |")
-
-    thr = f"train.exemplar_grad_threshold={args.threshold:g}"
-    bf16 = "train.exemplar_precision=bfloat16"
     gauss = ("gaussian prior", lambda: OurStep(["prior.kind=gaussian"], splits, state))
     exact = [
         gauss,
         ("exact, reference-style float32", lambda: ReferenceStyleExactStep(splits, state)),
         ("exact (M=25,000)", lambda: OurStep(["prior.rat=false"], splits, state)),
-        (f"exact, grad threshold {args.threshold:g}",
-         lambda: OurStep(["prior.rat=false", thr], splits, state)),
-        ("exact, bf16 encoding", lambda: OurStep(["prior.rat=false", bf16], splits, state)),
-        (f"exact, bf16 + grad threshold {args.threshold:g}",
-         lambda: OurStep(["prior.rat=false", bf16, thr], splits, state)),
     ]
     rat = [
         gauss,
         ("RAT (k=10)", lambda: OurStep([], splits, state)),
-        ("RAT, search over all N, k' deep (before)", lambda: OurStep([], splits, state, all_n=True)),
-        (f"RAT, grad threshold {args.threshold:g}", lambda: OurStep([thr], splits, state)),
-        ("RAT, bf16 encoding", lambda: OurStep([bf16], splits, state)),
-        (f"RAT, bf16 + grad threshold {args.threshold:g}", lambda: OurStep([bf16, thr], splits, state)),
-        ("RAT, bf16 encoding + bf16 search",
-         lambda: OurStep([bf16, "prior.search_precision=bfloat16"], splits, state)),
-        ("RAT, local batching (4 cells per batch)",
-         lambda: OurStep(["train.batching=local"], splits, state)),
-        ("RAT, local batching (1 cell per batch)",
-         lambda: OurStep(["train.batching=local", "train.local_cells=1"], splits, state)),
-        ("RAT, local batching (4 cells) + bf16 encoding",
-         lambda: OurStep(["train.batching=local", bf16], splits, state)),
+        ("RAT, search over all N, k' deep (the index actors' way)",
+         lambda: OurStep([], splits, state, all_n=True)),
     ]
     if args.reference:
         from authors_code import AuthorsStep
@@ -358,17 +287,16 @@ def main() -> None:
         print(f"\n{os.getloadavg()[0]:.2f} load average (1 min) at the end")
         print("| step | wall ms per step | CPU ms per step | x Gaussian (CPU) "
               "| x reference-style exact (CPU) | x authors' code, same kind (CPU) "
-              "| exemplars encoded | with gradients |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| exemplars encoded |")
+        print("|---|---|---|---|---|---|---|")
         for label, run in runners:
             c = [v for v in run.extra["candidates"] if v] or [0]
-            g = [v for v in run.extra["grad_candidates"] if v >= 0] or [0]
             vs_ref = f"{mean[label] / ref:.2f}" if ref and "exact" in label else ""
             theirs = mean.get(authors_counterpart(label))
             vs_authors = f"{mean[label] / theirs:.2f}" if theirs else ""
             print(f"| {label} | {wall[label] * 1e3:.1f} | {mean[label] * 1e3:.1f} "
                   f"| {mean[label] / mean['gaussian prior']:.2f} "
-                  f"| {vs_ref} | {vs_authors} | {statistics.mean(c):.0f} | {statistics.mean(g):.0f} |")
+                  f"| {vs_ref} | {vs_authors} | {statistics.mean(c):.0f} |")
 
 
 if __name__ == "__main__":
