@@ -5,8 +5,7 @@ WorkerGroupError as retryable, up to FailureConfig.max_failures, and there is no
 for another policy), so a deterministic failure inside a worker costs max_failures + 1
 attempts. What can be known up front is therefore checked here, on the driver:
 
-- check_config(cfg): N or M too small for the exemplar prior's leave-one-out mixture (and a
-  warning for bfloat16 on a CPU that only emulates it).
+- check_config(cfg): N or M too small for the exemplar prior's leave-one-out mixture.
 - check_cluster(cfg): more workers than a cluster without an autoscaler can ever place
   (call it after connecting to Ray, before the trainer).
 """
