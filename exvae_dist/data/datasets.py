@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +36,7 @@ import numpy as np
 
 from . import sources
 from .download import Fetch, ensure_file, writable_dir
+from .splits import DataSplits, binarize_once, dynamic_binarize, take_first
 from .readers import (IMAGE_PIXELS, OMNIGLOT_LEVELS, omniglot_to_28, read_binarized_mnist,
                       read_chardata, read_idx, read_omniglot_npz)
 
@@ -57,42 +57,10 @@ OMNIGLOT_NPZ_NOTE = (
 OMNIGLOT_CHARDATA_NOTE = "Omniglot 28x28 from Burda et al.'s chardata.mat (as in the papers)."
 
 
-@dataclass
-class DataSplits:
-    """One dataset, split. Images are flattened 28x28, C order, float32.
-
-    train_x: [N, 784] in [0, 1]: grey levels if `dynamic` (binarize each step), else {0, 1}.
-    valid_x: [Nv, 784] {0, 1}, binarized once.   test_x: [Nt, 784] {0, 1}, binarized once.
-    *_y: [.] int64 class ids (digit / garment class / Omniglot character 0..1622) or None.
-    """
-
-    name: str
-    train_x: np.ndarray
-    train_y: Optional[np.ndarray]
-    valid_x: np.ndarray
-    valid_y: Optional[np.ndarray]
-    test_x: np.ndarray
-    test_y: Optional[np.ndarray]
-    image_shape: tuple
-    dynamic: bool
-    note: str = ""
-
-
 def data_root(cfg) -> Path:
     """The data folder: `cfg.root` (the entry point maps EXVAE_DATA_DIR into it), else
     ~/.cache/exvae_dist/data. cfg: exvae_dist.config.DataConfig."""
     return Path(cfg.root).expanduser() if cfg.root else DEFAULT_ROOT.expanduser()
-
-
-def dynamic_binarize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """x: [..., D] grey levels in [0, 1] -> float32 {0, 1} of the same shape, P(1) = x."""
-    return (rng.random(x.shape, dtype=np.float32) < x).astype(np.float32)
-
-
-def binarize_once(x: np.ndarray, seed: int, stream: int) -> np.ndarray:
-    """Fixed binarization of an evaluation split; `stream` keeps validation and test
-    draws independent of each other for the same seed."""
-    return dynamic_binarize(x, np.random.default_rng([seed, stream]))
 
 
 def eight_bit(cfg) -> bool:
@@ -141,7 +109,7 @@ def load_dataset(cfg, *, fetch: Optional[Fetch] = None, train_in_memory: bool = 
             raise ValueError("data.n_train / data.labels cut the training set in memory, but "
                              "the Ray trainer reads an ingested store's training rows where "
                              "they are: ingest the subset you want into a store of its own")
-        return _take_first(load_store_splits(cfg, train_in_memory), cfg)
+        return take_first(load_store_splits(cfg, train_in_memory), cfg)
     loaders = {"mnist": _load_idx_dataset, "fashion_mnist": _load_idx_dataset,
                "binarized_mnist": _load_binarized_mnist, "omniglot": _load_omniglot,
                "colour_mnist": _load_colour_mnist}
@@ -153,7 +121,7 @@ def load_dataset(cfg, *, fetch: Optional[Fetch] = None, train_in_memory: bool = 
                          "data.name=mnist for 8-bit levels, or data.pixels=binary")
     splits = loaders[cfg.name](cfg, folder, fetch)
     splits = keep_labels(splits, getattr(cfg, "labels", None))
-    splits = _take_first(splits, cfg)
+    splits = take_first(splits, cfg)
     log.info("%s: %d train / %d validation / %d test images from %s", splits.name,
              len(splits.train_x), len(splits.valid_x), len(splits.test_x), folder)
     return splits
@@ -362,27 +330,6 @@ def _load_colour_mnist(cfg, folder: Path, fetch: Optional[Fetch]) -> DataSplits:
                       image_shape=COLOUR_SHAPE, dynamic=not eight_bit(cfg),
                       note="colour_mnist: MNIST digits painted with per-image colours, made "
                            "here (not a published dataset)")
-
-
-# ------------------------------------------------------------------------ helpers
-
-def _take_first(s: DataSplits, cfg) -> DataSplits:
-    """Applies data.n_train / n_valid / n_test: the first n of each split."""
-
-    def cut(x, y, n, key):
-        if n is None:
-            return x, y
-        if n <= 0 or n > len(x):
-            raise ValueError(f"data.{key}={n}, but {s.name} has {len(x)} images in that split; "
-                             f"use 1..{len(x)} or null for all")
-        # Copies, so that a small smoke-run split does not pin the full arrays in memory.
-        return x[:n].copy(), (None if y is None else y[:n].copy())
-
-    if s.train_x is not None:
-        s.train_x, s.train_y = cut(s.train_x, s.train_y, cfg.n_train, "n_train")
-    s.valid_x, s.valid_y = cut(s.valid_x, s.valid_y, cfg.n_valid, "n_valid")
-    s.test_x, s.test_y = cut(s.test_x, s.test_y, cfg.n_test, "n_test")
-    return s
 
 
 __all__ = ["DataSplits", "load_dataset", "data_root", "dynamic_binarize", "binarize_once",

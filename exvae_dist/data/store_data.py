@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DataSplits, binarize_once
+from .splits import DataSplits, binarize_once
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,18 @@
 """The evaluation pictures: samples, exemplar-conditioned samples, reconstructions, latent
 interpolations and a t-SNE map of test means. Every function writes one PNG (atomically,
-through sampling.save_grid or a temp name) and returns its path."""
+through runs/figures.py or a temp name) and returns its path."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..objective import VAEWithPrior
-from ..sampling import sample_images, sample_top, save_grid
+from ..core.objective import VAEWithPrior
+from ..core.sampling import sample_images, sample_top
+from ..runs.figures import save_figure, save_grid
 
 
 @torch.no_grad()
@@ -97,14 +97,3 @@ def tsne_map(means: np.ndarray, labels: Optional[np.ndarray], path: Path, seed: 
     return save_figure(fig, path)
 
 
-def save_figure(fig, path: Path) -> Path:
-    """A matplotlib figure as a PNG, written through a temp name (never half a picture)."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -18,10 +16,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .. import config as config_mod
-from ..checkpoint import BEST, LATEST, UnreadableCheckpoint, find_checkpoint, load_checkpoint
-from ..jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
-from ..objective import VAEWithPrior, build_model
-from ..tracking import RUN_FILE
+from ..runs.checkpoint import (BEST, LATEST, UnreadableCheckpoint, find_checkpoint,
+                               load_checkpoint)
+from ..runs.jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
+from ..core.objective import VAEWithPrior, build_model
+from ..runs.tracking import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def load_splits(cfg):
     from dataclasses import replace
 
     from ..data import keep_labels, load_dataset
-    from ..data.datasets import _take_first
+    from ..data.splits import take_first
 
     wanted = cfg.eval.test_labels
     if wanted is None or wanted == cfg.data.labels:
@@ -147,7 +146,7 @@ def load_splits(cfg):
                                      f"{full.name}" + ("" if full.test_y is None else
                                      f" (its classes: {sorted(set(full.test_y.tolist()))})"))
     test = keep_labels(replace(full), wanted)
-    splits = _take_first(keep_labels(replace(full), cfg.data.labels), cfg.data)
+    splits = take_first(keep_labels(replace(full), cfg.data.labels), cfg.data)
     n = cfg.data.n_test
     splits.test_x, splits.test_y = test.test_x[:n], test.test_y[:n]
     return splits
@@ -155,26 +154,3 @@ def load_splits(cfg):
 
 __all__ = ["TrainedRun", "RunNotFoundError", "resolve_run", "load_run", "config_with_overrides",
            "write_json", "load_splits", "BEST", "LATEST"]
-
-
-def run_command(prog: str, description: str, keys: Sequence[str], example: str,
-                argv: Optional[list[str]]) -> Optional[TrainedRun]:
-    """The command line shared by `evaluate` and `augment`: `<run> [key=value ...]`, --help
-    listing the config keys that start with one of `keys`. Returns the loaded run, or None
-    after printing why it could not be loaded (the command then exits with 2); a bad key
-    exits through argparse."""
-    from ..cli import make_parser, setup_logging
-
-    parser = make_parser(prog, description, keys)
-    parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
-                                    "MLflow run id recorded under train.run_dir")
-    parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        return load_run(args.run, args.overrides, env=os.environ)
-    except config_mod.ConfigError as err:
-        parser.error(str(err))
-    except (FileNotFoundError, UnreadableCheckpoint) as err:
-        print(f"error: {err}", file=sys.stderr)
-    return None

@@ -8,34 +8,24 @@ and MLflow.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import config as config_mod
-from . import run_folder
-from .checkpoint import BEST, LATEST, load_resume_state, save_checkpoint
-from .data import DataSplits, load_dataset
-from .loop import Parts, fit as fit_parts
-from .objective import build_model
-from .retrieval.cache import ExemplarCache
-from .run_lock import exclusive_run
-from .recorder import make_recorder
-from .tracking import make_tracker, probe
+from .. import config as config_mod
+from ..runs import run_folder
+from ..runs.hardware import resolve_device
+from ..runs.checkpoint import BEST, LATEST, load_resume_state, save_checkpoint
+from ..data import DataSplits, load_dataset
+from ..core.loop import Parts, fit as fit_parts
+from ..core.objective import build_model
+from ..core.cache import ExemplarCache
+from ..runs.run_lock import exclusive_run
+from ..runs.recorder import make_recorder
+from ..runs.tracking import make_tracker, probe
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """train.device as a torch.device; a clear error when CUDA was asked for and is missing."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise config_mod.ConfigError(
-            f"train.device={name} but this torch ({torch.__version__}) sees no CUDA device: "
-            "install a CUDA build of torch on a GPU machine, or set train.device=cpu")
-    return device
 
 
 class FileSink:
@@ -90,13 +80,3 @@ def build_parts(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] =
                  recorder=make_recorder(run, make_tracker(cfg, run), 0, cfg.tracking.sample_grid),
                  run=run, device=device,
                  progress=progress_bar, tags={"trainer": "one-process"})
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from .cli import train_command
-
-    return train_command("python -m exvae_dist.trainer", argv, ray=False)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ..config import ConfigError
+
 
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
@@ -48,3 +50,13 @@ def hardware_tags(record: dict) -> dict:
     """The session's hardware as tracker tags (hardware.cpu, ...)."""
     return {f"hardware.{k}": str(v) for k, v in record.items()
             if k not in ("started_utc", "from_epoch", "from_step")}
+
+
+def resolve_device(name: str) -> torch.device:
+    """train.device as a torch.device; a clear error when CUDA was asked for and is missing."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.device={name} but this torch ({torch.__version__}) sees no CUDA device: "
+            "install a CUDA build of torch on a GPU machine, or set train.device=cpu")
+    return device

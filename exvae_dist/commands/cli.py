@@ -19,7 +19,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import config as config_mod
+from .. import config as config_mod
+from ..evaluation.runs import TrainedRun, load_run
+from ..runs.checkpoint import UnreadableCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,11 @@ def train_command(prog: str, argv: Optional[list[str]], ray: bool) -> int:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            from .train.driver import run
+            from ..train.driver import run
 
             summary = run(cfg)
         else:
-            from .trainer import fit
+            from ..train.local import fit
 
             summary = fit(cfg)
     except KeyboardInterrupt:
@@ -100,3 +102,24 @@ def describe_result(summary: dict) -> str:
     keys = ("epoch", "step", "train_loss", "val_elbo", "best_val_elbo", "examples_per_second",
             "stopped_early", "stopped_by_time_budget", "wall_hours")
     return json.dumps({k: summary[k] for k in keys if k in summary}, indent=2)
+
+
+def run_command(prog: str, description: str, keys: Sequence[str], example: str,
+                argv: Optional[list[str]]) -> Optional[TrainedRun]:
+    """The command line shared by `evaluate` and `augment`: `<run> [key=value ...]`, --help
+    listing the config keys that start with one of `keys`. Returns the loaded run, or None
+    after printing why it could not be loaded (the command then exits with 2); a bad key
+    exits through argparse."""
+    parser = make_parser(prog, description, keys)
+    parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "
+                                    "MLflow run id recorded under train.run_dir")
+    parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return load_run(args.run, args.overrides, env=os.environ)
+    except config_mod.ConfigError as err:
+        parser.error(str(err))
+    except (FileNotFoundError, UnreadableCheckpoint) as err:
+        print(f"error: {err}", file=sys.stderr)
+    return None
