@@ -1,4 +1,4 @@
-"""Keyed randomness (retrieval/keyed.py) and the coin-function candidate assembly."""
+"""Keyed randomness (core/keyed.py) and the coin-function candidate assembly."""
 
 import numpy as np
 import pytest

@@ -10,11 +10,17 @@ import pytest
 
 from exvae_dist.config import IndexConfig
 from exvae_dist.retrieval.index import brute_force_knn
-from exvae_dist.retrieval.service import (IndexHolder, IndexNotReady, start_index_service,
-                                          wait_for_version)
+from exvae_dist.retrieval.service import IndexHolder, IndexNotReady, start_index_service
 from exvae_dist.retrieval.store import ExemplarStore, StoreError
 
 N, D, K = 2000, 8, 5
+
+
+def served(handle, version, timeout):
+    """The workers' one wait for an index version (ShardedSearch.wait_served)."""
+    from exvae_dist.train.service_client import ShardedSearch
+
+    return ShardedSearch([handle]).wait_served(version, timeout=timeout)
 CFG = IndexConfig(kind="flat", service_threads=1)
 
 
@@ -139,14 +145,14 @@ def test_service_serves_and_hammer_across_refreshes(ray_local, tmp_path):
     ray = ray_local
     store = make_store(tmp_path / "s.zarr", versions=(1,))
     handle = start_index_service(str(store.path), CFG)
-    wait_for_version(handle, 1, timeout=60)
+    served(handle, 1, timeout=60)
     with querying(lambda: ray.get(handle.search.remote(QUERIES, K)), threads=2) as (answers,
                                                                                   errors):
         for v in range(2, 6):
             publish(store, v)
             assert ray.get(handle.refresh.remote(v)) == v
             time.sleep(0.05)
-        wait_for_version(handle, 5, timeout=60)
+        served(handle, 5, timeout=60)
         time.sleep(0.1)
     assert not errors, errors[:3]
     assert {v for _, _, v in answers} >= {1, 5}
@@ -167,7 +173,7 @@ def test_service_errors_reach_the_caller_readably(ray_local, tmp_path):
         ray.get(handle.search.remote(QUERIES, K), timeout=30)
     publish(empty, 1)
     ray.get(handle.refresh.remote(1))
-    wait_for_version(handle, 1, timeout=60)
+    served(handle, 1, timeout=60)
     with pytest.raises(ValueError, match=r"queries must have shape \[B, 8\].*got \(16, 3\)"):
         ray.get(handle.search.remote(QUERIES[:, :3], K), timeout=30)
     with pytest.raises(StoreError, match="version 9 .* is not complete"):
@@ -179,14 +185,14 @@ def test_killed_service_restarts_with_newest_complete_version(ray_local, tmp_pat
     ray = ray_local
     store = make_store(tmp_path / "s.zarr", versions=(1,))
     handle = start_index_service(str(store.path), CFG)
-    wait_for_version(handle, 1, timeout=60)
+    served(handle, 1, timeout=60)
     publish(store, 2)
     publish(store, 3)  # written, never announced to the service
     store.begin_version(4)  # incomplete: must not be picked up
     store.write_rows(4, 0, latents_of(4)[:512])
     assert ray.get(handle.search.remote(QUERIES, K))[2] == 1
     ray.kill(handle, no_restart=False)
-    status = wait_for_version(handle, 3, timeout=90)
+    status = served(handle, 3, timeout=90)
     assert status["version"] == 3 and status["queries_served"] == 0  # a fresh holder
     ids, dists, version = ray.get(handle.search.remote(QUERIES, K), timeout=60)
     assert version == 3

@@ -251,7 +251,8 @@ def test_ray_and_index_keys_are_refused_by_the_one_process_trainer(tmp_path, smo
 
 
 def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke_cfg):
-    from exvae_dist.runs.curves import epoch_records, main
+    from exvae_dist.commands.curves import main
+    from exvae_dist.runs.curves import epoch_records
 
     cfg = smoke_cfg(tmp_path, "train.epochs=2", "tracking.enabled=false")
     fit(cfg)

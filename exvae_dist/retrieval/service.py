@@ -3,7 +3,7 @@
     handle = start_index_service(store_path, cfg.index, name="exvae-index")   # all rows
     handles = start_index_shards(store_path, cfg.index, name="exvae-index", shards=2)
     handle.refresh.remote(v)                      # returns at once; builds v in the background
-    wait_for_version(handle, v, timeout=60)
+    ShardedSearch([handle]).wait_served(v)       # train/service_client.py
     ids, dists, version = ray.get(handle.search.remote(mu, k))
 
 `IndexHolder` does the work and knows nothing about Ray: it owns one background builder
@@ -135,7 +135,7 @@ class IndexHolder:
         """ids [B, k] int64, squared distances [B, k] float32, and the version they come from
         (the newest this holder has built).
 
-        queries: [B, d] float32. Leave-one-out is retrieval.candidates' job, on the ranking
+        queries: [B, d] float32. Leave-one-out is core.candidates' job, on the ranking
         of all N. If no version is loaded yet but one is being built (a fresh or restarted
         service), waits up to wait_s for it.
         """
@@ -417,21 +417,3 @@ def _start_shard(store_path, cfg: IndexConfig, name, shard, shards, max_concurre
     options.update(extra)
     actor = ray.remote(IndexService).options(**options)
     return actor.remote(str(store_path), dataclasses.asdict(cfg), shard, shards)
-
-
-def wait_for_version(handle, version: int, timeout: float = 120.0, poll_s: float = 0.05) -> dict:
-    """Polls handle.status() until it serves `version` or newer; returns that status.
-
-    TimeoutError (with the last status, including any build error) otherwise.
-    """
-    import ray
-
-    deadline = time.monotonic() + timeout
-    status: dict = {}
-    while time.monotonic() < deadline:
-        status = ray.get(handle.status.remote(), timeout=max(1.0, deadline - time.monotonic()))
-        if (status.get("version") or 0) >= version:
-            return status
-        time.sleep(poll_s)
-    raise TimeoutError(f"index service did not serve version {version} within {timeout} s; "
-                       f"last status: {status}")
