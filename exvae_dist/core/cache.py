@@ -6,7 +6,7 @@ Where the means live and where the search runs is placement, chosen by the train
 
 - "worker": every rank encodes its share of the rows, the shares are gathered so that every
   rank holds all N means, and an exact torch search answers in the process
-  (retrieval/exact.py). The one-process trainer, and Ray workers whenever the index would
+  (core/exact.py). The one-process trainer, and Ray workers whenever the index would
   be the exact one anyway (index.kind=auto below index.auto_exact_below, one shard): no
   actor round trip per step, and the same steps as the one-process trainer.
 - "actors": every rank writes its rows into a latent version of the exemplar store

@@ -15,7 +15,7 @@ Nothing here knows about Ray, Zarr or MLflow. A trainer is a shell that builds `
              a NullRecorder elsewhere
 
 Randomness is keyed, not carried: the global batches of epoch e come from (seed, e), the
-exemplar subset of global step t from (seed, t) (retrieval/keyed.py: O(ids asked), never N), and the binarization and reparameterization noise of
+exemplar subset of global step t from (seed, t) (core/keyed.py: O(ids asked), never N), and the binarization and reparameterization noise of
 step t on rank r from (seed, stream, t, r). No random state is saved or restored, a resumed
 run draws exactly what an uninterrupted one draws, and the batches and coins do not depend on
 the number of workers (each rank takes its slice of the same global batch).
@@ -152,7 +152,7 @@ class EarlyStopping:
 
 
 class ExemplarCache(Protocol):
-    """The exemplar-latent cache behind the exemplar prior (retrieval/cache.py is the one
+    """The exemplar-latent cache behind the exemplar prior (core/cache.py is the one
     implementation; where it holds and searches the latents is its placement).
 
     images  the exemplar images (rows = exemplar ids; `images[ids]` -> float [len, D])

@@ -4,10 +4,10 @@
               -> ONE forward of VAEWithPrior over batch + exemplars -> backward -> step
 
 The neighbour search sits behind the small `NeighbourSearch` interface: an in-memory latent
-cache (retrieval/exact.py) in the one-process trainer, the FAISS index service on Ray.
+cache (core/exact.py) in the one-process trainer, the FAISS index service on Ray.
 
 The exemplar subset S of a step is a keyed function of (seed, global step, id)
-(retrieval/keyed.py): the same on every rank and after a resume, with no random state to save
+(core/keyed.py): the same on every rank and after a resume, with no random state to save
 (METHOD.md section 3 fixes it per minibatch), and a step asks it only about the ids it touches,
 so nothing of size N is drawn per step.
 """
@@ -28,7 +28,7 @@ from .candidates import assemble_candidates, subset_size
 
 class NeighbourSearch(Protocol):
     """The k nearest cached exemplar means of each query among a step's subset S (or all N).
-    One protocol wherever the search runs: in this process (retrieval/exact.py, which lists
+    One protocol wherever the search runs: in this process (core/exact.py, which lists
     S and searches its rows) or in index actors over all N (train/service_client.py, which
     searches k' deep and keeps S's members)."""
 

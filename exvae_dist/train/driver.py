@@ -62,7 +62,7 @@ def index_config(cfg: config_mod.ExperimentConfig, n: int) -> config_mod.IndexCo
     the workers search (RAT's k'), not for a fixed 10."""
     if cfg.index.auto_recall_k is not None:
         return cfg.index
-    # the sampler asks for the k + 1 nearest of the step's subset (retrieval/cache.py)
+    # the sampler asks for the k + 1 nearest of the step's subset (core/cache.py)
     depth = query_depth(cfg.prior.k + 1, n, subset_size(n, cfg.prior.subsample),
                         cfg.prior.safety)
     return dataclasses.replace(cfg.index, auto_recall_k=depth)

@@ -1,7 +1,7 @@
 """The one-process trainer: no Ray, no cluster; `python -m exvae_dist.trainer`.
 
 A shell around loop.fit: the training set on the training device, the exemplar cache in this
-process (retrieval/cache.py, placement "worker"), checkpoints as files in the run folder,
+process (core/cache.py, placement "worker"), checkpoints as files in the run folder,
 and MLflow.
 """
 

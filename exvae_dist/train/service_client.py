@@ -55,7 +55,7 @@ class ShardedSearch:
     answer never mixes versions. v is the newest version that every shard reported ready
     (each reply carries the shard's ready versions); the client moves to a newer one only
     once all shards hold it, and shards keep the version named last until then (see
-    retrieval/service.py). Leave-one-out is left to retrieval.candidates, as with
+    retrieval/service.py). Leave-one-out is left to core.candidates, as with
     the in-memory search.
 
     A dead or restarting shard (Ray restarts it; it reloads its rows of the newest complete

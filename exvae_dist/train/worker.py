@@ -2,7 +2,7 @@
 
 It builds the loop's parts from what Ray gives it: the process group and device, the model in
 DDP, the exemplar images read from the store by id (StoreImages: bounded memory), the exemplar
-cache (retrieval/cache.py: in the worker, or written into the store and served by the index
+cache (core/cache.py: in the worker, or written into the store and served by the index
 actors, as the driver placed it), and Ray Train checkpoints (`RaySink`).
 `train.batch_size` is the GLOBAL batch: every rank takes its slice of each global batch, so a
 run trains on the same batches and coins whatever the number of workers (loop.py).
@@ -106,7 +106,7 @@ def build_parts(cfg: config_mod.ExperimentConfig, run: Path, store: ExemplarStor
                 progress=None, encoders: Optional[list] = None,
                 where: str = WORKER) -> Parts:
     """The loop's parts on one rank (also used by tests with a 1-rank gloo group). `where`:
-    the exemplar cache's placement (retrieval/cache.py; the driver chooses it)."""
+    the exemplar cache's placement (core/cache.py; the driver chooses it)."""
     images = StoreImages(store, cfg.ray.resident_mb << 20)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg, image_shape).to(device)
