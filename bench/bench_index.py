@@ -256,7 +256,7 @@ def bench_service(n: int, threads: int) -> dict:
             out.append(time.perf_counter() - start)
         return np.array(out)
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, configure_logging=False)
     med = lambda a: float(np.median(a)) * 1e3  # noqa: E731
     result = {"n": n}

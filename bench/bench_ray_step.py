@@ -52,8 +52,10 @@ def build(name: str, cfg, splits, store, handle):
     from exvae_dist.train.service_client import ShardedSearch
     from exvae_dist.train.worker import build_parts as worker_parts
 
-    if name == "one_process":
-        parts = local_parts(cfg, splits)
+    if name == "one_process":  # no index section there: its defaults
+        d = config_mod.to_dict(cfg)
+        d["index"] = config_mod.to_dict(config_mod.ExperimentConfig())["index"]
+        parts = local_parts(config_mod.from_dict(d), splits)
     else:
         actors = name.startswith("ray_actors")
         parts = worker_parts(cfg, Path(cfg.train.run_dir) / name, store,
@@ -63,8 +65,19 @@ def build(name: str, cfg, splits, store, handle):
                              Group.current(), where=ACTORS if actors else WORKER)
         if name.endswith("_ddp"):
             parts.wrapped = DistributedDataParallel(parts.model)
+    parts.sink = FreshStart()
     state, sampler, _ = loop.start(parts)
     return parts, state, sampler
+
+
+class FreshStart:
+    """A checkpoint sink outside a Ray Train session: nothing to resume, nothing saved."""
+
+    def load(self):
+        return None
+
+    def save(self, state, improved, metrics):
+        pass
 
 
 def timed_steps(parts, state, sampler, batches, first: int, steps: int) -> dict:
@@ -118,7 +131,7 @@ def main() -> int:
     splits = load_dataset(cfg.data)
     store = ensure_store(root / "store.zarr", splits.train_x, splits.image_shape,
                          cfg.model.z_dim)
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=0, world_size=1)
     handle = start_index_service(str(store.path), cfg.index)

@@ -97,7 +97,7 @@ def main() -> int:
     skip = set(args.skip.split(",")) - {""}
     results: dict[str, dict] = {}
     t_all = time.perf_counter()
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
     try:
         rounds: dict[str, list[dict]] = {}

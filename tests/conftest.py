@@ -32,7 +32,7 @@ def ray_local():
     """One local Ray for the whole session, bound to 127.0.0.1, 2 CPUs."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
