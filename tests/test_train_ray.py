@@ -67,7 +67,7 @@ def one_epoch(parts):
     """An epoch of the loop as fit runs it, without checkpoints (no Ray Train session here)."""
     parts.sink = NoCheckpoints()
     state, sampler, _ = loop.start(parts)
-    summary = loop.run_epoch(parts, state, sampler, None)
+    summary = loop.run_epoch(parts, state, sampler)
     return state, summary
 
 
@@ -417,7 +417,7 @@ class NoCheckpoints:
 
 parts.sink = NoCheckpoints()
 state, sampler, _ = loop.start(parts)   # a refresh pass over all N rows
-summary = loop.run_epoch(parts, state, sampler, None)  # steps, refresh, streamed validation
+summary = loop.run_epoch(parts, state, sampler)  # steps, refresh, streamed validation
 assert np.isfinite(summary["val_elbo"])
 # VmHWM: this process image's peak (ru_maxrss would carry the forking parent's across exec)
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
