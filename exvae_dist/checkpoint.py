@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -107,11 +108,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path}: train a model first "
                                 f"(python -m exvae_dist.train) or point to its run directory")
     try:
+        verify_digest(path)
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for truncated/corrupt files
         raise UnreadableCheckpoint(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
                            f"delete it to start over, or load an older one of the same "
                            f"run ({PREVIOUS}, {BEST})") from err
+
+
+def verify_digest(path: Path) -> None:
+    """Checks every entry of a checkpoint against the CRC-32 digest torch.save stores for it in
+    the zip archive (torch.load itself does not check them, and loads random bytes written
+    into a tensor as weights). Raises zipfile.BadZipFile (or ValueError) when one differs."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"entry {bad} fails its CRC-32 digest: the file's bytes changed "
+                         f"after it was written")
 
 
 def first_readable(candidates: Sequence[Path], load: Callable[[Path], T],
@@ -143,9 +156,12 @@ def first_readable(candidates: Sequence[Path], load: Callable[[Path], T],
 
 
 def resume_candidates(run: str | os.PathLike) -> list[Path]:
-    """The one-process trainer's checkpoints in a run folder, newest first."""
+    """The one-process trainer's checkpoints in a run folder, newest first (by modification
+    time; checkpoint.pt, checkpoint.prev.pt, best.pt on a tie): a best.pt written after
+    checkpoint.prev.pt is the better fallback."""
     run = Path(run)
-    return [run / name for name in (LATEST, PREVIOUS, BEST) if (run / name).is_file()]
+    found = [run / name for name in (LATEST, PREVIOUS, BEST) if (run / name).is_file()]
+    return sorted(found, key=lambda p: -p.stat().st_mtime_ns)  # stable: ties keep that order
 
 
 def load_resume_state(run: str | os.PathLike) -> Optional[dict[str, Any]]:

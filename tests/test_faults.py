@@ -5,6 +5,7 @@ a second start in a run folder refused, inputs that cannot work refused before R
 import errno
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -102,6 +103,47 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path, smo
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text()
               .splitlines() if "val_elbo" in line]
     assert epochs == [1, 2, 3]  # the lost epoch 2's records were rewound, then redone
+
+
+def scribble(path: Path, seek: int = 200, size: int = 4096, seed: int = 0) -> None:
+    """Random bytes written into a file in place, like `dd if=/dev/urandom of=path bs=1
+    seek=200 count=4096 conv=notrunc`."""
+    with open(path, "r+b") as f:
+        f.seek(seek)
+        f.write(np.random.default_rng(seed).bytes(size))
+
+
+def test_random_bytes_in_a_checkpoint_fail_its_digest(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"w": torch.randn(1000, 100), "epoch": 1})
+    assert load_checkpoint(path)["epoch"] == 1
+    for seek in (200, 100_000):  # the pickle, then a tensor's bytes (torch.load takes them)
+        save_checkpoint(path, {"w": torch.randn(1000, 100), "epoch": 1})
+        scribble(path, seek=seek)
+        with pytest.raises(ckpt.UnreadableCheckpoint, match="unreadable"):
+            load_checkpoint(path)
+
+
+def test_random_bytes_in_checkpoints_fall_back_to_the_newest_good_one(tmp_path, smoke_cfg,
+                                                                      caplog):
+    """Issue 32 point 6: checkpoint.pt truncated, random bytes in checkpoint.prev.pt; best.pt
+    (written after prev) is the newest readable one, and the run finishes from it."""
+    from exvae_dist.trainer import fit
+
+    cfg = smoke_cfg(tmp_path, "train.epochs=2")
+    fit(cfg)
+    run = cfg.run_path()
+    assert ckpt.resume_candidates(run)[0].name == ckpt.LATEST
+    data = (run / ckpt.LATEST).read_bytes()
+    (run / ckpt.LATEST).write_bytes(data[:len(data) // 3])
+    scribble(run / ckpt.PREVIOUS, seek=2000)  # data.pkl is small: this lands in the weights
+    for name, age in ((ckpt.PREVIOUS, 100), (ckpt.BEST, 50)):  # prev older than best
+        os.utime(run / name, (time.time() - age,) * 2)
+    assert [p.name for p in ckpt.resume_candidates(run)] == [ckpt.LATEST, ckpt.BEST,
+                                                             ckpt.PREVIOUS]
+    with caplog.at_level(logging.WARNING):
+        again = fit(smoke_cfg(tmp_path, "train.epochs=3"))
+    assert f"resuming from the previous good checkpoint {run / ckpt.BEST}" in caplog.text
+    assert again["epoch"] == 3 and again["step"] == 6
 
 
 def test_first_readable_never_returns_start_over_while_checkpoints_exist(tmp_path):
