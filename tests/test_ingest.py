@@ -277,6 +277,33 @@ def test_store_images_within_the_bound_are_read_once_into_memory(tmp_path):
     assert StoreImages(store, cache_bytes=500 * 120 - 1).resident is None
 
 
+def flip_a_byte(store_path, chunk: int) -> None:
+    """One pixel of an images chunk changed in place: only the chunk's CRC32C sees it."""
+    [path] = [p for p in (store_path / "images" / "c" / str(chunk)).rglob("*") if p.is_file()]
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0])  # held resident; read by id (pread)
+def test_a_flipped_image_chunk_stops_the_row_reader_and_names_the_ingest(tmp_path, cache_bytes):
+    """Issue 32 point 8a: RawRows read rows by pread and skipped the chunk's checksum, so the
+    Ray trainer trained on flipped pixels. Every chunk it touches is now verified once."""
+    x, _ = make_images(500)
+    np.save(tmp_path / "x.npy", x)
+    run(ingest_mod.open_source(str(tmp_path / "x.npy"), Args()), tmp_path / "s")
+    store = ExemplarStore(tmp_path / "s")
+    images = StoreImages(store, cache_bytes)
+    assert isinstance(images.reader, RawRows)
+    assert torch.equal(images[np.array([3, 1])], images[np.array([3, 1])])
+    flip_a_byte(tmp_path / "s", chunk=0)
+    advice = r"re-run the `python -m exvae_dist.ingest` command"
+    with pytest.raises(StoreError, match=r"corrupt: chunk 0 .*CRC32C.*" + advice):
+        StoreImages(store, cache_bytes)[np.array([3, 1])]
+    with pytest.raises(StoreError, match=advice):
+        store.images(np.arange(10))  # the one-process trainer's read names the ingest too
+
+
 @pytest.mark.slow
 def test_run_trained_on_a_store_evaluates_on_its_test_split_and_refuses_another(
         tmp_path, data_dir, monkeypatch, capsys):
