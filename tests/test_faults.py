@@ -299,3 +299,83 @@ def test_more_workers_than_the_local_cluster_has_is_refused(tmp_path, smoke_cfg,
     assert isinstance(err, PreflightError)
     assert "ray.num_workers=3" in str(err) and "need 3 CPUs" in str(err) and "has 2" in str(err)
     assert not (cfg.run_path() / "run.lock").exists()
+
+
+@pytest.mark.parametrize("fault", ["wrong_root", "truncated_gz", "missing_store"])
+def test_a_bad_data_path_is_refused_before_anything_starts(tmp_path, smoke_cfg, data_dir, fault):
+    """Issue 32 point 3: the message came after Ray had started (~13 s), after a traceback,
+    and left an empty data folder and a run folder behind."""
+    import shutil
+
+    from exvae_dist.train.driver import run
+
+    extra = {"wrong_root": [f"data.root={tmp_path / 'nowhere'}", "data.download=false"],
+             "missing_store": ["data.name=store", f"data.store={tmp_path / 'no.zarr'}",
+                               "data.n_train=null"]}.get(fault, [])
+    if fault == "truncated_gz":
+        shutil.copytree(data_dir / "mnist", tmp_path / "data" / "mnist")
+        gz = tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz"
+        gz.write_bytes(gz.read_bytes()[:100_000])
+        extra = [f"data.root={tmp_path / 'data'}"]
+    cfg = smoke_cfg(tmp_path, *extra)
+    err, seconds = timed(run, cfg)
+    assert isinstance(err, PreflightError), repr(err)
+    assert re.search({"wrong_root": "not found in .*nowhere.*set data.root",
+                      "truncated_gz": "checksum mismatch .*train-images-idx3-ubyte.gz",
+                      "missing_store": r"data.store=.*no.zarr does not exist: ingest"}[fault], str(err)), str(err)
+    assert not cfg.run_path().exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_the_train_command_refuses_a_wrong_data_path_in_one_line(tmp_path):
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "exvae_dist.train", "--config", "smoke",
+                          f"data.root={tmp_path / 'nowhere'}", "data.download=false",
+                          f"train.run_dir={tmp_path}",
+                          "tracking.enabled=false"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    print(f"refused in {time.perf_counter() - start:.1f} s: {out.stderr}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "train-images-idx3-ubyte.gz not found in" in out.stderr
+    assert "Ray" not in out.stderr  # refused before Ray started
+    assert list(tmp_path.iterdir()) == []  # no run folder, no data folder
+
+
+def test_a_failed_download_leaves_no_empty_data_folder(tmp_path):
+    from exvae_dist.data import sources
+    from exvae_dist.data.download import DataFileMissingError, download_file
+
+    def offline(url, dest):
+        raise OSError("network is unreachable")
+
+    with pytest.raises(DataFileMissingError):
+        download_file(sources.MNIST["train_images"], tmp_path / "root" / "mnist", fetch=offline)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override,cause", [
+    ("prior.k=100000", r"prior\.k=100000: .*cannot exceed 99"),
+    ("index.shards=64", r"index\.shards=64: .*this machine has \d+ CPUs"),
+])
+def test_impossible_retrieval_settings_are_refused_before_training(tmp_path, smoke_cfg,
+                                                                   override, cause):
+    from exvae_dist.train.driver import run
+
+    cfg = smoke_cfg(tmp_path, override)
+    err, seconds = timed(run, cfg)
+    assert isinstance(err, PreflightError) and re.search(cause, str(err)), str(err)
+    assert not cfg.run_path().exists()
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about_with_the_final_beta(smoke_cfg, tmp_path,
+                                                                         caplog):
+    from exvae_dist.preflight import check_config
+
+    with caplog.at_level(logging.WARNING):
+        check_config(smoke_cfg(tmp_path, "train.epochs=3", "train.warmup_epochs=100"))
+    assert "train.warmup_epochs=100 exceeds train.epochs=3" in caplog.text
+    assert "reaches 0.03 in the last epoch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_config(smoke_cfg(tmp_path, "train.epochs=3", "train.warmup_epochs=3"))
+    assert "warmup" not in caplog.text

@@ -117,6 +117,13 @@ def test_readme_blocks_are_what_this_test_and_ci_cover():
     quick = next(b for b in blocks if "train.epochs=10 train.warmup_epochs=10" in b
                  and "-m exvae_dist.train " in b)
     assert "train.name=" in quick  # never silently resumes the default run
+    # a run shorter than the KL warm-up ends with beta < 1 (a poor model): each README run
+    # that sets train.epochs sets a warm-up that fits
+    for line in text.replace("\\\n", " ").splitlines():
+        epochs = re.search(r"train\.epochs=(\d+)", line)
+        if epochs and COMMAND.search(line):
+            warmup = re.search(r"train\.warmup_epochs=(\d+)", line)
+            assert warmup and int(warmup.group(1)) <= int(epochs.group(1)), line
 
 
 @pytest.mark.slow

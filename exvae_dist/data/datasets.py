@@ -159,6 +159,30 @@ def load_dataset(cfg, *, fetch: Optional[Fetch] = None, train_in_memory: bool = 
     return splits
 
 
+def required_files(cfg) -> list[tuple[sources.RemoteFile, Path]]:
+    """(registered file, folder) pairs that load_dataset(cfg) reads, so a run can check them
+    (present, or fetched when cfg.download; sha256 verified) before anything starts. A copy
+    the loaders accept without a registered file (binarized MNIST's .amat text, Omniglot's
+    chardata.mat or its 28x28 cache) stands in for the registered ones."""
+    if cfg.name not in sources.FOLDERS:  # a store, or a name load_dataset refuses itself
+        return []
+    folder = data_root(cfg) / sources.FOLDERS[cfg.name]
+    if cfg.name in ("mnist", "colour_mnist"):
+        mnist = data_root(cfg) / sources.FOLDERS["mnist"]
+        return [(r, mnist) for r in sources.MNIST.values()]
+    if cfg.name == "fashion_mnist":
+        return [(r, folder) for r in sources.FASHION_MNIST.values()]
+    if cfg.name == "binarized_mnist":
+        return [(r, folder) for split, r in sources.BINARIZED_MNIST.items()
+                if (folder / r.name).is_file()
+                or not (folder / sources.BINARIZED_MNIST_AMAT[split]).is_file()]
+    if cfg.name == "omniglot":
+        if (folder / sources.OMNIGLOT_CHARDATA).is_file() or (folder / OMNIGLOT_CACHE).is_file():
+            return []
+        return [(r, folder) for r in sources.OMNIGLOT_NPZ.values()]
+    return []
+
+
 # ------------------------------------------------------------------- per dataset
 
 def _load_idx_dataset(cfg, folder: Path, fetch: Optional[Fetch]) -> DataSplits:

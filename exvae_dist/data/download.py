@@ -135,6 +135,7 @@ def download_file(remote: RemoteFile, folder: Path, *, fetch: Optional[Fetch] = 
     """
     fetch = fetch or urlopen_fetch
     folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # removed on failure
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / remote.name
     failures: list[str] = []
@@ -159,6 +160,11 @@ def download_file(remote: RemoteFile, folder: Path, *, fetch: Optional[Fetch] = 
         _verified[key] = remote.sha256
         _write_sidecar(folder, remote.name, key, remote.sha256)
         return final
+    for empty in made:  # a refused start leaves no empty data folder behind
+        try:
+            empty.rmdir()
+        except OSError:
+            break
     if failures and len(mismatches) == len(failures):
         raise ChecksumMismatchError(
             f"downloaded {remote.name} has the wrong checksum: expected sha256 {remote.sha256}; "
