@@ -5,8 +5,8 @@ so a resume that finds the newest one unreadable falls back to the previous good
 so, and never starts over while a readable checkpoint exists (`load_resume_state`,
 `first_readable`). A failed write (a full disk, an I/O error) is named as such, with the path
 and the free space, and leaves the last good checkpoint as it was. `sweep_run_folder` removes
-what killed writers leave behind: `*.pt.*.tmp` files and Ray checkpoint folders that Ray never
-registered.
+what killed writers leave behind: temp files of dead writers (atomic.sweep_temps) and Ray
+checkpoint folders that Ray never registered.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
+
+from .atomic import atomic_path, sweep_temps
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +58,15 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     path = Path(path)
     if keep_previous is None:
         keep_previous = path.name == LATEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        try:
+        with atomic_path(path, fsync=True) as tmp:  # on disk before it replaces the last one
             torch.save(state, tmp)
-        except (OSError, RuntimeError) as err:  # torch reports ENOSPC as "iostream error"
-            raise _write_error(path, err) from err
-        if keep_previous and path.is_file():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            if keep_previous and path.is_file():
+                os.replace(path, previous_path(path))
+    except CheckpointWriteError:
+        raise
+    except (OSError, RuntimeError) as err:  # torch reports ENOSPC as "iostream error"
+        raise _write_error(path, err) from err
     return path
 
 
@@ -208,13 +204,17 @@ def registered_ray_folders(run: Path) -> Optional[set[str]]:
 
 
 def sweep_run_folder(run: str | os.PathLike) -> list[Path]:
-    """Removes orphans of killed writers in run: `*.pt.*.tmp` files and Ray checkpoint folders
-    missing from Ray's snapshot. Call it only while holding the run's lock (a live writer's
-    temp files look the same). Returns what was removed."""
+    """Removes orphans of killed writers in run: temp files of writers no longer alive
+    (checkpoints, .metrics.jsonl, pictures: atomic.sweep_temps), the `*.pt.*.tmp` files of
+    earlier versions, and Ray checkpoint folders missing from Ray's snapshot. Call it only
+    while holding the run's lock. Returns what was removed."""
     run = Path(run)
     if not run.is_dir():
         return []
-    removed = []
+    removed = sweep_temps(run)
+    for folder in run.glob(RAY_FOLDER_PREFIX + "*"):
+        if folder.is_dir():
+            removed += sweep_temps(folder)
     for tmp in list(run.glob("*.pt.*.tmp")) + list(run.glob(RAY_FOLDER_PREFIX + "*/*.pt.*.tmp")):
         tmp.unlink(missing_ok=True)
         removed.append(tmp)

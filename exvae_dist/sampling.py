@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .objective import VAEWithPrior
 
 
@@ -97,9 +98,9 @@ def save_grid(images, path: str | os.PathLike, image_shape=(1, 28, 28), nrow: in
     if title:
         plt.title(title, fontsize=8)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, bbox_inches="tight", pad_inches=0.05)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:  # a unique temp name: concurrent writers never share one
+            fig.savefig(tmp, bbox_inches="tight", pad_inches=0.05)
+    finally:
+        plt.close(fig)
     return path

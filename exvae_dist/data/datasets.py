@@ -27,14 +27,13 @@ Validation and test images of the dynamic datasets are binarized ONCE, Bernoulli
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..atomic import atomic_path
 from . import sources
 from .download import Fetch, ensure_file, writable_dir
 from .readers import (IMAGE_PIXELS, OMNIGLOT_LEVELS, omniglot_to_28, read_binarized_mnist,
@@ -331,15 +330,11 @@ def _write_omniglot_cache(cache: Path, stamp: str, arrays: dict) -> None:
     if not writable_dir(cache.parent):
         log.info("%s is read-only: the 28x28 Omniglot is not cached", cache.parent)
         return
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, stamp=np.array(stamp), **arrays)
-        os.replace(tmp, cache)
     except OSError as err:
         log.warning("could not cache the 28x28 Omniglot in %s: %s", cache, err)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 COLOUR_SHAPE = (3, 32, 32)

@@ -4,13 +4,13 @@ through sampling.save_grid or a temp name) and returns its path."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..objective import VAEWithPrior
 from ..sampling import sample_images, sample_top, save_grid
 
@@ -102,9 +102,9 @@ def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:  # a unique temp name: concurrent writers never share one
+            fig.savefig(tmp, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
