@@ -174,4 +174,6 @@ def test_readme_commands_run(data_dir, tmp_path, capsys):
         assert (runs / name / "summary.json").is_file(), f"{name}: no summary.json\n{out[-3000:]}"
     for name in ("mnist_vae_gaussian", "mnist_vae_exemplar"):
         assert list((runs / "results" / name / "eval").glob("*/summary.json"))
+    # the README's `exemplars add ... mnist:train:5-9` grew its run trained on digits 0-4
+    assert (runs / "digits_0_4" / "exemplar_sets" / "v000002" / "set.json").is_file(), out[-3000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-3000:]
