@@ -1,6 +1,6 @@
-"""One atomic-write helper (issue 29 item 3) and the sweep of killed writers' temps (issue 32
-point 8d): unique temp names, nothing half-written, orphans of dead pids removed at the next
-start and live writers' temps kept."""
+"""One atomic-write helper and the sweep of killed writers' temps: unique temp names,
+nothing half-written, orphans of dead pids removed at the next start, live writers' temps
+kept."""
 
 import json
 import subprocess

@@ -125,7 +125,7 @@ def test_random_bytes_in_a_checkpoint_fail_its_digest(tmp_path):
 
 def test_random_bytes_in_checkpoints_fall_back_to_the_newest_good_one(tmp_path, smoke_cfg,
                                                                       caplog):
-    """Issue 32 point 6: checkpoint.pt truncated, random bytes in checkpoint.prev.pt; best.pt
+    """Checkpoint.pt truncated, random bytes in checkpoint.prev.pt; best.pt
     (written after prev) is the newest readable one, and the run finishes from it."""
     from exvae_dist.trainer import fit
 
@@ -303,7 +303,7 @@ def test_more_workers_than_the_local_cluster_has_is_refused(tmp_path, smoke_cfg,
 
 @pytest.mark.parametrize("fault", ["wrong_root", "truncated_gz", "missing_store"])
 def test_a_bad_data_path_is_refused_before_anything_starts(tmp_path, smoke_cfg, data_dir, fault):
-    """Issue 32 point 3: the message came after Ray had started (~13 s), after a traceback,
+    """Before, the message came after Ray had started (~13 s), after a traceback,
     and left an empty data folder and a run folder behind."""
     import shutil
 

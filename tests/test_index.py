@@ -192,7 +192,7 @@ def test_asking_more_than_n_gives_minus_one_and_inf():
 
 
 def test_faiss_loader_chain_is_not_logged(tmp_path):
-    """Issue 32 point 13: FAISS's loader logged "Could not load library with AVX512 support"
+    """FAISS's loader logged "Could not load library with AVX512 support"
     with a ModuleNotFoundError chain at INFO, read as errors."""
     import subprocess
     import sys

@@ -182,7 +182,7 @@ def late(value, dtype=np.float32):
     (late(255.0), r"\[0, 1\], got 0\.0\.\.255\.0; divide by 255"),
 ])
 def test_bad_values_and_shapes_are_refused(tmp_path, bad, match):
-    """Issue 32 point 8: refused before the store is created, so nothing is left behind."""
+    """Refused before the store is created, so nothing is left behind."""
     np.save(tmp_path / "x.npy", bad)
     with pytest.raises(ingest_mod.IngestError, match=match):
         run(ingest_mod.open_source(str(tmp_path / "x.npy"), Args()), tmp_path / "s",
@@ -191,7 +191,7 @@ def test_bad_values_and_shapes_are_refused(tmp_path, bad, match):
 
 
 def test_channel_last_arrays_are_transposed(tmp_path):
-    """Issue 32 point 4: (N, 12, 10, 3) was stored as C = 12, W = 3."""
+    """Before, (N, 12, 10, 3) was stored as C = 12, W = 3."""
     x = np.random.default_rng(0).integers(0, 256, (200, 12, 10, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", x)
     source = ingest_mod.open_source(str(tmp_path / "x.npy"), Args())
@@ -209,7 +209,7 @@ def test_an_ambiguous_channel_axis_is_refused_with_the_fix(tmp_path):
 
 
 def test_a_full_disk_says_the_store_can_be_resumed(tmp_path, monkeypatch, capsys):
-    """Issue 32 point 7: a bare OSError traceback before."""
+    """A clear message that says how to resume (a bare OSError traceback before)."""
     import errno
 
     from exvae_dist.retrieval.store_ingest import StoreBuilder
@@ -236,7 +236,7 @@ def test_a_full_disk_says_the_store_can_be_resumed(tmp_path, monkeypatch, capsys
 
 
 def test_exact_duplicates_are_reported_and_dropped_on_request(tmp_path, capsys):
-    """Issue 29 item 7: leave-one-out is by row id, so a twin stays in its image's prior."""
+    """Leave-one-out is by row id, so a twin stays in its image's prior."""
     x, _ = make_images(300)
     x[[40, 200, 250]] = x[7]  # three twins of row 7 (training rows unless held out)
     np.save(tmp_path / "x.npy", x)
@@ -381,7 +381,7 @@ def flip_a_byte(store_path, chunk: int) -> None:
 
 @pytest.mark.parametrize("cache_bytes", [1 << 30, 0])  # held resident; read by id (pread)
 def test_a_flipped_image_chunk_stops_the_row_reader_and_names_the_ingest(tmp_path, cache_bytes):
-    """Issue 32 point 8a: RawRows read rows by pread and skipped the chunk's checksum, so the
+    """Before, RawRows read rows by pread and skipped the chunk's checksum, so the
     Ray trainer trained on flipped pixels. Every chunk it touches is now verified once."""
     x, _ = make_images(500)
     np.save(tmp_path / "x.npy", x)

@@ -1,4 +1,4 @@
-"""Progress bars without a terminal: one plain line per update (issue 32 point 13)."""
+"""Progress bars without a terminal: one plain line per update."""
 
 import io
 

@@ -384,7 +384,7 @@ def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_spli
 
 @pytest.mark.slow
 def test_a_bit_flipped_image_chunk_stops_a_ray_run_with_a_message(tmp_path, data_dir, ray_local):
-    """Issue 32 point 8a: RawRows read rows by pread without the chunk's CRC32C, so the Ray
+    """Before, RawRows read rows by pread without the chunk's CRC32C, so the Ray
     trainer trained on flipped pixels and finished rc 0. Now the worker's first read of the
     chunk (all images resident, the default) stops the run and names the ingest."""
     from types import SimpleNamespace
