@@ -79,7 +79,8 @@ def to_uint8(x: np.ndarray, where: str) -> np.ndarray:
         return x.astype(np.uint8) * np.uint8(255)
     if np.issubdtype(x.dtype, np.floating):
         if not np.isfinite(x).all():
-            raise IngestError(f"{where}: images contain NaN or inf")
+            raise IngestError(f"{where}: images contain NaN or inf; drop those rows or "
+                              f"replace the values (np.nan_to_num) first")
         lo, hi = float(x.min(initial=0)), float(x.max(initial=0))
         if lo < 0 or hi > 1:
             raise IngestError(f"{where}: float images must lie in [0, 1], got {lo}..{hi}; "
