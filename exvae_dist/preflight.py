@@ -46,8 +46,9 @@ def check_config(cfg: ExperimentConfig) -> None:
         stored = _store_rows(cfg.data.store)
         if stored is not None and (n is None or stored < n):
             n, what = stored, f"data.store={cfg.data.store} holds {stored} training images"
-    if n is None and cfg.data.name in _N_TRAIN:  # at most this many (data.labels cuts it)
-        n, what = _N_TRAIN[cfg.data.name], f"data.name={cfg.data.name} has {_N_TRAIN[cfg.data.name]}"
+    if n is None and _named_n_train(cfg.data.name):  # at most this many (data.labels cuts it)
+        n = _named_n_train(cfg.data.name)
+        what = f"data.name={cfg.data.name} has {n}"
     if n is not None and n < 2:
         raise PreflightError(
             f"{what}: the exemplar prior of each training image is a leave-one-out "
@@ -72,9 +73,13 @@ def check_config(cfg: ExperimentConfig) -> None:
     check_index_shards(cfg)
 
 
-# training images of the named data sets (datasets.N_TRAIN_MNIST, N_TRAIN_OMNIGLOT)
-_N_TRAIN = {"mnist": 50_000, "fashion_mnist": 50_000, "binarized_mnist": 50_000,
-            "colour_mnist": 50_000, "omniglot": 23_000}
+def _named_n_train(name: str) -> int | None:
+    """The training images of a named data set (before data.labels), None for others."""
+    from .data.datasets import N_TRAIN_MNIST, N_TRAIN_OMNIGLOT
+
+    return {"mnist": N_TRAIN_MNIST, "fashion_mnist": N_TRAIN_MNIST,
+            "binarized_mnist": N_TRAIN_MNIST, "colour_mnist": N_TRAIN_MNIST,
+            "omniglot": N_TRAIN_OMNIGLOT}.get(name)
 
 
 def check_data(cfg: ExperimentConfig) -> None:
@@ -110,7 +115,8 @@ def check_data(cfg: ExperimentConfig) -> None:
 def check_index_shards(cfg: ExperimentConfig) -> None:
     """Refuses more index shards than a local Ray has CPUs: each shard is an actor process
     with its own FAISS threads, and 64 of them on 2 cores took 194 s to do what one does
-    faster. A cluster given by ray.address is judged by its own CPUs (check_cluster)."""
+    faster. A cluster given by ray.address is not judged here: its CPUs are known only once
+    connected, and shards may sit on other nodes."""
     if cfg.ray.address or cfg.prior.kind != "exemplar" or not cfg.prior.rat:
         return
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
