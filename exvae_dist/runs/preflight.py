@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import os
 
-from .config import ConfigError, ExperimentConfig
-from .retrieval.candidates import subset_size
+from ..config import ConfigError, ExperimentConfig
+from ..core.candidates import subset_size
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def check_config(cfg: ExperimentConfig) -> None:
 
 def _named_n_train(name: str) -> int | None:
     """The training images of a named data set (before data.labels), None for others."""
-    from .data.datasets import N_TRAIN_MNIST, N_TRAIN_OMNIGLOT
+    from ..data.datasets import N_TRAIN_MNIST, N_TRAIN_OMNIGLOT
 
     return {"mnist": N_TRAIN_MNIST, "fashion_mnist": N_TRAIN_MNIST,
             "binarized_mnist": N_TRAIN_MNIST, "colour_mnist": N_TRAIN_MNIST,
@@ -91,7 +91,7 @@ def check_data(cfg: ExperimentConfig) -> None:
             return  # config.validate names the missing data.store
         from pathlib import Path
 
-        from .retrieval.store_ingest import ingested_fingerprint  # Zarr only for store runs
+        from ..retrieval.store_ingest import ingested_fingerprint  # Zarr only for store runs
 
         if not Path(cfg.data.store).expanduser().exists():
             raise PreflightError(f"data.store={cfg.data.store} does not exist: ingest your "
@@ -102,8 +102,8 @@ def check_data(cfg: ExperimentConfig) -> None:
         except (OSError, ValueError) as err:  # missing, half-written, foreign, unreadable
             raise PreflightError(f"data.store={cfg.data.store} cannot be used: {err}") from None
         return
-    from .data.datasets import required_files
-    from .data.download import ChecksumMismatchError, DataFileMissingError, ensure_file
+    from ..data.datasets import required_files
+    from ..data.download import ChecksumMismatchError, DataFileMissingError, ensure_file
 
     for remote, folder in required_files(cfg.data):
         try:
@@ -132,7 +132,7 @@ def _store_rows(path) -> int | None:
     cannot be opened: the run folder's check names that problem."""
     from pathlib import Path
 
-    from .retrieval.store import ExemplarStore  # Zarr only for store runs
+    from ..retrieval.store import ExemplarStore  # Zarr only for store runs
 
     try:
         return ExemplarStore(Path(path).expanduser()).n
@@ -145,7 +145,7 @@ def warn_short_warmup(cfg: ExperimentConfig) -> None:
     with fewer epochs than that ends before beta reaches 1, with an under-regularised model."""
     epochs, warmup = cfg.train.epochs, cfg.train.warmup_epochs
     if epochs and warmup > epochs:
-        from .objective import kl_beta
+        from ..core.objective import kl_beta
 
         log.warning("train.warmup_epochs=%d exceeds train.epochs=%d: the KL weight beta only "
                     "reaches %.2g in the last epoch instead of 1; set train.warmup_epochs<=%d",

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .evaluation.pictures import save_figure
+from ..evaluation.pictures import save_figure
 from .jsonio import write_jsonl
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 from .objective import VAEWithPrior
 
 

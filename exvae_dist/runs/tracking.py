@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
+from ..config import ConfigError
 from .jsonio import read_json, write_json
 
 log = logging.getLogger(__name__)
