@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _train(tmp_path, data_dir, epochs):
     env = {**os.environ, "EXVAE_DATA_DIR": str(data_dir)}
     return subprocess.Popen(
-        [sys.executable, "-m", "exvae_dist.train.local", "--config", "smoke",
+        [sys.executable, "-m", "exvae_dist.trainer", "--config", "smoke",
          f"train.run_dir={tmp_path}", f"train.epochs={epochs}", "data.n_train=300",
          "data.n_valid=100", "train.log_every=1", "train.progress=false",
          "tracking.sample_grid=false", "tracking.system_metrics=false"],
