@@ -1,6 +1,6 @@
 """Evaluation: the pooled / truncated exemplar prior against brute force, the importance-sampled
 estimate through the evaluate code path, kNN against scikit-learn, and `python -m
-exvae_dist.evaluate` end to end on a tiny trained run (files, MLflow, clear errors)."""
+exvae_dist.commands.evaluate` end to end on a tiny trained run (files, MLflow, clear errors)."""
 
 import json
 

@@ -5,6 +5,7 @@ a second start in a run folder refused, inputs that cannot work refused before R
 import errno
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -103,6 +104,47 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path, smo
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text()
               .splitlines() if "val_elbo" in line]
     assert epochs == [1, 2, 3]  # the lost epoch 2's records were rewound, then redone
+
+
+def scribble(path: Path, seek: int = 200, size: int = 4096, seed: int = 0) -> None:
+    """Random bytes written into a file in place, like `dd if=/dev/urandom of=path bs=1
+    seek=200 count=4096 conv=notrunc`."""
+    with open(path, "r+b") as f:
+        f.seek(seek)
+        f.write(np.random.default_rng(seed).bytes(size))
+
+
+def test_random_bytes_in_a_checkpoint_fail_its_digest(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"w": torch.randn(1000, 100), "epoch": 1})
+    assert load_checkpoint(path)["epoch"] == 1
+    for seek in (200, 100_000):  # the pickle, then a tensor's bytes (torch.load takes them)
+        save_checkpoint(path, {"w": torch.randn(1000, 100), "epoch": 1})
+        scribble(path, seek=seek)
+        with pytest.raises(ckpt.UnreadableCheckpoint, match="unreadable"):
+            load_checkpoint(path)
+
+
+def test_random_bytes_in_checkpoints_fall_back_to_the_newest_good_one(tmp_path, smoke_cfg,
+                                                                      caplog):
+    """Checkpoint.pt truncated, random bytes in checkpoint.prev.pt; best.pt
+    (written after prev) is the newest readable one, and the run finishes from it."""
+    from exvae_dist.train.local import fit
+
+    cfg = smoke_cfg(tmp_path, "train.epochs=2")
+    fit(cfg)
+    run = cfg.run_path()
+    assert ckpt.resume_candidates(run)[0].name == ckpt.LATEST
+    data = (run / ckpt.LATEST).read_bytes()
+    (run / ckpt.LATEST).write_bytes(data[:len(data) // 3])
+    scribble(run / ckpt.PREVIOUS, seek=2000)  # data.pkl is small: this lands in the weights
+    for name, age in ((ckpt.PREVIOUS, 100), (ckpt.BEST, 50)):  # prev older than best
+        os.utime(run / name, (time.time() - age,) * 2)
+    assert [p.name for p in ckpt.resume_candidates(run)] == [ckpt.LATEST, ckpt.BEST,
+                                                             ckpt.PREVIOUS]
+    with caplog.at_level(logging.WARNING):
+        again = fit(smoke_cfg(tmp_path, "train.epochs=3"))
+    assert f"resuming from the previous good checkpoint {run / ckpt.BEST}" in caplog.text
+    assert again["epoch"] == 3 and again["step"] == 6
 
 
 def test_first_readable_never_returns_start_over_while_checkpoints_exist(tmp_path):
@@ -258,3 +300,83 @@ def test_more_workers_than_the_local_cluster_has_is_refused(tmp_path, smoke_cfg,
     assert isinstance(err, PreflightError)
     assert "ray.num_workers=3" in str(err) and "need 3 CPUs" in str(err) and "has 2" in str(err)
     assert not (cfg.run_path() / "run.lock").exists()
+
+
+@pytest.mark.parametrize("fault", ["wrong_root", "truncated_gz", "missing_store"])
+def test_a_bad_data_path_is_refused_before_anything_starts(tmp_path, smoke_cfg, data_dir, fault):
+    """Before, the message came after Ray had started (~13 s), after a traceback,
+    and left an empty data folder and a run folder behind."""
+    import shutil
+
+    from exvae_dist.train.driver import run
+
+    extra = {"wrong_root": [f"data.root={tmp_path / 'nowhere'}", "data.download=false"],
+             "missing_store": ["data.name=store", f"data.store={tmp_path / 'no.zarr'}",
+                               "data.n_train=null"]}.get(fault, [])
+    if fault == "truncated_gz":
+        shutil.copytree(data_dir / "mnist", tmp_path / "data" / "mnist")
+        gz = tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz"
+        gz.write_bytes(gz.read_bytes()[:100_000])
+        extra = [f"data.root={tmp_path / 'data'}"]
+    cfg = smoke_cfg(tmp_path, *extra)
+    err, seconds = timed(run, cfg)
+    assert isinstance(err, PreflightError), repr(err)
+    assert re.search({"wrong_root": "not found in .*nowhere.*set data.root",
+                      "truncated_gz": "checksum mismatch .*train-images-idx3-ubyte.gz",
+                      "missing_store": r"data.store=.*no.zarr does not exist: ingest"}[fault], str(err)), str(err)
+    assert not cfg.run_path().exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_the_train_command_refuses_a_wrong_data_path_in_one_line(tmp_path):
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "exvae_dist.train", "--config", "smoke",
+                          f"data.root={tmp_path / 'nowhere'}", "data.download=false",
+                          f"train.run_dir={tmp_path}",
+                          "tracking.enabled=false"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    print(f"refused in {time.perf_counter() - start:.1f} s: {out.stderr}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "train-images-idx3-ubyte.gz not found in" in out.stderr
+    assert "Ray" not in out.stderr  # refused before Ray started
+    assert list(tmp_path.iterdir()) == []  # no run folder, no data folder
+
+
+def test_a_failed_download_leaves_no_empty_data_folder(tmp_path):
+    from exvae_dist.data import sources
+    from exvae_dist.data.download import DataFileMissingError, download_file
+
+    def offline(url, dest):
+        raise OSError("network is unreachable")
+
+    with pytest.raises(DataFileMissingError):
+        download_file(sources.MNIST["train_images"], tmp_path / "root" / "mnist", fetch=offline)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override,cause", [
+    ("prior.k=100000", r"prior\.k=100000: .*cannot exceed 99"),
+    ("index.shards=64", r"index\.shards=64: .*this machine has \d+ CPUs"),
+])
+def test_impossible_retrieval_settings_are_refused_before_training(tmp_path, smoke_cfg,
+                                                                   override, cause):
+    from exvae_dist.train.driver import run
+
+    cfg = smoke_cfg(tmp_path, override)
+    err, seconds = timed(run, cfg)
+    assert isinstance(err, PreflightError) and re.search(cause, str(err)), str(err)
+    assert not cfg.run_path().exists()
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about_with_the_final_beta(smoke_cfg, tmp_path,
+                                                                         caplog):
+    from exvae_dist.runs.preflight import check_config
+
+    with caplog.at_level(logging.WARNING):
+        check_config(smoke_cfg(tmp_path, "train.epochs=3", "train.warmup_epochs=100"))
+    assert "train.warmup_epochs=100 exceeds train.epochs=3" in caplog.text
+    assert "reaches 0.03 in the last epoch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_config(smoke_cfg(tmp_path, "train.epochs=3", "train.warmup_epochs=3"))
+    assert "warmup" not in caplog.text

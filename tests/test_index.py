@@ -189,3 +189,20 @@ def test_asking_more_than_n_gives_minus_one_and_inf():
     index = build_index(clustered(4, d=3), IndexConfig(kind="flat"))
     ids, dists = search(index, np.zeros((1, 3), np.float32), 6)
     assert (ids[0, 4:] == -1).all() and np.isinf(dists[0, 4:]).all()
+
+
+def test_faiss_loader_chain_is_not_logged(tmp_path):
+    """FAISS's loader logged "Could not load library with AVX512 support"
+    with a ModuleNotFoundError chain at INFO, read as errors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "import exvae_dist.retrieval.service")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120,
+                         env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                              "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "faiss.loader" not in out.stderr and "ModuleNotFoundError" not in out.stderr

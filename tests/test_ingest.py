@@ -94,6 +94,20 @@ def test_image_folder_with_class_subfolders_round_trips(tmp_path):
     run(source, tmp_path / "s", n_valid=10, n_test=10)
     assert_round_trip(tmp_path / "s", x[order], labels, n_valid=10, n_test=10)
     assert read_ingested(tmp_path / "s")["attrs"]["classes"] == classes
+    assert read_ingested(tmp_path / "s")["attrs"]["label_map"] == {c: i for i, c in
+                                                                   enumerate(classes)}
+
+
+def test_class_folders_print_their_label_map(tmp_path, capsys):
+    from PIL import Image
+    for name in ("zebra", "ant", "cat"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(np.full((6, 5), i, np.uint8)).save(tmp_path / "imgs" / name /
+                                                                f"{i}.png")
+    assert ingest_mod.main([str(tmp_path / "imgs"), str(tmp_path / "s"), "--no-progress"]) == 0
+    assert "ant -> 0, cat -> 1, zebra -> 2" in capsys.readouterr().out
+    assert '"zebra": 2' in (tmp_path / "s" / "zarr.json").read_text()  # readable in metadata
 
 
 def test_zarr_array_round_trips(tmp_path):
@@ -152,17 +166,96 @@ def test_resuming_from_another_source_is_refused(tmp_path):
         run(ingest_mod.open_source(str(tmp_path / "b.npy"), Args()), tmp_path / "s")
 
 
+def late(value, dtype=np.float32):
+    """300 good rows but one bad value in row 250: past the first 64-row block."""
+    x = np.full((300, 4, 4), 0.5, dtype)
+    x[250, 1, 1] = value
+    return x
+
+
 @pytest.mark.parametrize("bad, match", [
     (np.full((50, 4, 4), 1.5, np.float32), r"\[0, 1\]"),
     (np.full((50, 4, 4), np.nan, np.float32), "NaN"),
     (np.full((50, 4, 4), 300, np.int64), "0..255"),
     (np.zeros((50, 16), np.uint8), r"\[N, H, W\]"),
+    (late(np.nan), r"rows 0\.\.299: images contain NaN"),
+    (late(255.0), r"\[0, 1\], got 0\.0\.\.255\.0; divide by 255"),
 ])
 def test_bad_values_and_shapes_are_refused(tmp_path, bad, match):
+    """Refused before the store is created, so nothing is left behind."""
     np.save(tmp_path / "x.npy", bad)
     with pytest.raises(ingest_mod.IngestError, match=match):
         run(ingest_mod.open_source(str(tmp_path / "x.npy"), Args()), tmp_path / "s",
             n_valid=5, n_test=5)
+    assert not (tmp_path / "s").exists()
+
+
+def test_channel_last_arrays_are_transposed(tmp_path):
+    """Before, (N, 12, 10, 3) was stored as C = 12, W = 3."""
+    x = np.random.default_rng(0).integers(0, 256, (200, 12, 10, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    source = ingest_mod.open_source(str(tmp_path / "x.npy"), Args())
+    assert source.image_shape == (3, 12, 10)
+    run(source, tmp_path / "s", n_valid=10, n_test=10)
+    assert ExemplarStore(tmp_path / "s").image_shape == (3, 12, 10)
+    assert_round_trip(tmp_path / "s", np.moveaxis(x, -1, 1), None, n_valid=10, n_test=10)
+
+
+def test_an_ambiguous_channel_axis_is_refused_with_the_fix(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((20, 3, 10, 3), np.uint8))
+    with pytest.raises(ingest_mod.IngestError, match=r"could be \[N, C, H, W\] or \[N, H, W, "
+                                                     r"C\]; .*np\.moveaxis"):
+        ingest_mod.open_source(str(tmp_path / "x.npy"), Args())
+
+
+def test_a_full_disk_says_the_store_can_be_resumed(tmp_path, monkeypatch, capsys):
+    """A clear message that says how to resume (a bare OSError traceback before)."""
+    import errno
+
+    from exvae_dist.retrieval.store_ingest import StoreBuilder
+
+    x, _ = make_images(300)
+    np.save(tmp_path / "x.npy", x)
+    write = StoreBuilder.write_block
+
+    def full_after_one(self, block, images, labels):
+        if block >= 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, block, images, labels)
+
+    monkeypatch.setattr(StoreBuilder, "write_block", full_after_one)
+    argv = [str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress", "--block-rows", "64",
+            "--valid", "10", "--test", "10"]
+    assert ingest_mod.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device writing" in err and "MiB free" in err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    monkeypatch.setattr(StoreBuilder, "write_block", write)  # space freed: the rerun resumes
+    assert ingest_mod.main(argv) == 0
+    assert_round_trip(tmp_path / "s", x, None, n_valid=10, n_test=10)
+
+
+def test_exact_duplicates_are_reported_and_dropped_on_request(tmp_path, capsys):
+    """Leave-one-out is by row id, so a twin stays in its image's prior."""
+    x, _ = make_images(300)
+    x[[40, 200, 250]] = x[7]  # three twins of row 7 (training rows unless held out)
+    np.save(tmp_path / "x.npy", x)
+    source = ingest_mod.open_source(str(tmp_path / "x.npy"), Args())
+    run(source, tmp_path / "kept", n_valid=5, n_test=5)
+    report = read_ingested(tmp_path / "kept")["attrs"]["duplicates"]
+    valid_rows, test_rows = ingest_mod.held_out_rows(300, 5, 5, 0)
+    twins = [r for r in (7, 40, 200, 250) if r not in set(valid_rows) | set(test_rows)]
+    assert report["count"] == len(twins) - 1
+    first = ingest_mod.train_rows(np.arange(290), np.sort(np.concatenate([valid_rows,
+                                                                          test_rows])))
+    position = {int(r): p for p, r in enumerate(first)}
+    assert report["examples"] == [[position[twins[0]], position[r]] for r in twins[1:]]
+
+    run(source, tmp_path / "dropped", n_valid=5, n_test=5, drop_duplicates=True)
+    store = ExemplarStore(tmp_path / "dropped")
+    assert store.n == 290 - report["count"]
+    assert read_ingested(tmp_path / "dropped")["attrs"]["duplicates"]["count"] == 0
+    assert len(np.unique(store.images().reshape(store.n, -1), axis=0)) == store.n
 
 
 def test_labels_of_the_wrong_length_are_refused(tmp_path):
@@ -194,6 +287,7 @@ def test_cli_help_explains_sources(capsys):
         ingest_mod.main(["--help"])
     out = capsys.readouterr().out
     assert "deformed-mnist:N" in out and "resumes" in out
+    assert "Leave-one-out is by row id" in out and "--drop-duplicates" in out
 
 
 def test_store_data_loads_by_config_and_refuses_another_store(tmp_path):
@@ -275,6 +369,33 @@ def test_store_images_within_the_bound_are_read_once_into_memory(tmp_path):
     assert torch.equal(images[torch.from_numpy(ids)], expect[ids])
     assert torch.equal(images[10:20], expect[10:20])
     assert StoreImages(store, cache_bytes=500 * 120 - 1).resident is None
+
+
+def flip_a_byte(store_path, chunk: int) -> None:
+    """One pixel of an images chunk changed in place: only the chunk's CRC32C sees it."""
+    [path] = [p for p in (store_path / "images" / "c" / str(chunk)).rglob("*") if p.is_file()]
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0])  # held resident; read by id (pread)
+def test_a_flipped_image_chunk_stops_the_row_reader_and_names_the_ingest(tmp_path, cache_bytes):
+    """Before, RawRows read rows by pread and skipped the chunk's checksum, so the
+    Ray trainer trained on flipped pixels. Every chunk it touches is now verified once."""
+    x, _ = make_images(500)
+    np.save(tmp_path / "x.npy", x)
+    run(ingest_mod.open_source(str(tmp_path / "x.npy"), Args()), tmp_path / "s")
+    store = ExemplarStore(tmp_path / "s")
+    images = StoreImages(store, cache_bytes)
+    assert isinstance(images.reader, RawRows)
+    assert torch.equal(images[np.array([3, 1])], images[np.array([3, 1])])
+    flip_a_byte(tmp_path / "s", chunk=0)
+    advice = r"re-run the `python -m exvae_dist.ingest` command"
+    with pytest.raises(StoreError, match=r"corrupt: chunk 0 .*CRC32C.*" + advice):
+        StoreImages(store, cache_bytes)[np.array([3, 1])]
+    with pytest.raises(StoreError, match=advice):
+        store.images(np.arange(10))  # the one-process trainer's read names the ingest too
 
 
 @pytest.mark.slow

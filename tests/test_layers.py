@@ -6,7 +6,6 @@ at the top and `__main__` modules) sit above every layer.
 """
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exvae_dist"

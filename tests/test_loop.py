@@ -120,11 +120,11 @@ def test_no_ray_trains_in_one_process(tmp_path, data_dir):
     assert bad.returncode == 2 and "no effect in the one-process trainer" in bad.stderr
 
 
-PURE_CORE = ("exvae_dist.core.loop", "exvae_dist.core.step", "exvae_dist.core.objective", "exvae_dist.core.priors",
-             "exvae_dist.core.group", "exvae_dist.core.models", "exvae_dist.core.models.hvae",
-             "exvae_dist.core.models.convhvae", "exvae_dist.core.models.likelihoods",
-             "exvae_dist.core.candidates", "exvae_dist.core.keyed",
-             "exvae_dist.core.exact", "exvae_dist.core.cache")
+PURE_CORE = ("exvae_dist.core.loop", "exvae_dist.core.step", "exvae_dist.core.objective",
+             "exvae_dist.core.priors", "exvae_dist.core.group", "exvae_dist.core.models",
+             "exvae_dist.core.models.hvae", "exvae_dist.core.models.convhvae",
+             "exvae_dist.core.models.likelihoods", "exvae_dist.core.candidates",
+             "exvae_dist.core.keyed", "exvae_dist.core.exact", "exvae_dist.core.cache")
 HEAVY = ("ray", "zarr", "mlflow", "faiss", "matplotlib")
 
 

@@ -117,6 +117,13 @@ def test_readme_blocks_are_what_this_test_and_ci_cover():
     quick = next(b for b in blocks if "train.epochs=10 train.warmup_epochs=10" in b
                  and "-m exvae_dist.train " in b)
     assert "train.name=" in quick  # never silently resumes the default run
+    # a run shorter than the KL warm-up ends with beta < 1 (a poor model): each README run
+    # that sets train.epochs sets a warm-up that fits
+    for line in text.replace("\\\n", " ").splitlines():
+        epochs = re.search(r"train\.epochs=(\d+)", line)
+        if epochs and COMMAND.search(line):
+            warmup = re.search(r"train\.warmup_epochs=(\d+)", line)
+            assert warmup and int(warmup.group(1)) <= int(epochs.group(1)), line
 
 
 @pytest.mark.slow
@@ -167,4 +174,6 @@ def test_readme_commands_run(data_dir, tmp_path, capsys):
         assert (runs / name / "summary.json").is_file(), f"{name}: no summary.json\n{out[-3000:]}"
     for name in ("mnist_vae_gaussian", "mnist_vae_exemplar"):
         assert list((runs / "results" / name / "eval").glob("*/summary.json"))
+    # the README's `exemplars add ... mnist:train:5-9` grew its run trained on digits 0-4
+    assert (runs / "digits_0_4" / "exemplar_sets" / "v000002" / "set.json").is_file(), out[-3000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-3000:]

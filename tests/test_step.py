@@ -159,3 +159,40 @@ def test_normalized_gradients_have_unit_norm():
     p.grad = torch.randn(5, 3) * 40
     normalize_gradients([p])
     assert torch.linalg.norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_validation_elbo_averages_its_samples():
+    from exvae_dist.core.step import validation_elbo
+
+    cfg = config_mod.load("smoke", ["prior.kind=gaussian"])
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 28, 28)).eval()
+    x = (torch.rand(30, 784) < 0.3).float()
+    torch.manual_seed(1)
+    four = validation_elbo(model, x, None, batch_size=30, samples=4)
+    torch.manual_seed(1)
+    singles = [validation_elbo(model, x, None, batch_size=30) for _ in range(4)]
+    for key in ("elbo", "log_px", "kl"):
+        assert four[key] == pytest.approx(np.mean([s[key] for s in singles]), rel=1e-6)
+    assert len({round(s["elbo"], 6) for s in singles}) > 1  # the draws really differ
+
+
+@pytest.mark.parametrize("n,k,group", [(3000, 25, 64), (3001, 25, 64), (1000, 40, 7),
+                                       (130, 3, 64), (50, 10, 64)])
+def test_smallest_k_equals_a_full_sort(n, k, group):
+    """The two-pass selection (group minima, then the chosen groups) returns exactly the k
+    smallest of each row, sorted, whatever the partial last group; integer-valued scores give
+    ties at the cut-off, where the values (not the columns) must agree."""
+    from exvae_dist.core.exact import smallest_k
+
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(9, n, generator=g)
+    scores[0] = torch.arange(n, 0, -1).float()  # the smallest in the partial group
+    s, cols = smallest_k(scores, k, group)
+    ref_s, ref_cols = torch.sort(scores, dim=1, stable=True)
+    assert torch.equal(s, ref_s[:, :k]) and torch.equal(cols, ref_cols[:, :k])
+    ties = torch.randint(0, 20, (9, n), generator=g).float()
+    s, cols = smallest_k(ties, k, group)
+    assert torch.equal(s, torch.sort(ties, dim=1).values[:, :k])
+    assert torch.equal(torch.gather(ties, 1, cols), s)
+    assert all(len(set(r.tolist())) == k for r in cols)  # no column twice

@@ -392,6 +392,37 @@ def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_spli
                                 "summary.json").read_text()
 
 
+@pytest.mark.slow
+def test_a_bit_flipped_image_chunk_stops_a_ray_run_with_a_message(tmp_path, data_dir, ray_local):
+    """Before, RawRows read rows by pread without the chunk's CRC32C, so the Ray
+    trainer trained on flipped pixels and finished rc 0. Now the worker's first read of the
+    chunk (all images resident, the default) stops the run and names the ingest."""
+    from types import SimpleNamespace
+
+    from exvae_dist.commands import ingest as ingest_mod
+    from exvae_dist.data.readers import read_idx
+    from exvae_dist.train.driver import run
+
+    over = [f"train.run_dir={tmp_path / 'runs'}", "train.progress=false", "train.epochs=1",
+            "train.max_steps_per_epoch=2", "ray.controller_failure_limit=0",
+            "ray.max_failures=0", "index.kind=flat", "tracking.enabled=false",
+            "tracking.sample_grid=false", "data.name=store", f"data.store={tmp_path / 's'}",
+            "data.n_train=null", "data.n_valid=null", "data.n_test=null"]
+    cfg = config_mod.load("smoke", over, env={})
+    np.save(tmp_path / "x.npy", read_idx(data_dir / "mnist" / "train-images-idx3-ubyte.gz")[:500])
+    args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
+    ingest_mod.ingest(ingest_mod.open_source(str(tmp_path / "x.npy"), args), tmp_path / "s",
+                      n_valid=50, n_test=50, progress=False, latent_dim=cfg.model.z_dim)
+    [chunk] = [p for p in (tmp_path / "s" / "images" / "c").rglob("*") if p.is_file()]
+    data = bytearray(chunk.read_bytes())
+    data[784 * 7 + 400] ^= 0x10  # one pixel of row 7
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception) as info:
+        run(cfg)
+    assert "corrupt: chunk 0" in str(info.value), str(info.value)[-2000:]
+    assert "re-run the `python -m exvae_dist.ingest` command" in str(info.value)
+
+
 WORKER_RSS = r"""
 import sys
 from pathlib import Path

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +37,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_dir, sweep_temps
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,7 @@ def write_version(run: Path, version: int, images: np.ndarray, latents: np.ndarr
     if not np.isfinite(latents).all():
         raise ExemplarSetError("the encoder produced NaN/inf latents; the model or the new "
                                "images are broken")
-    tmp = root / f".{_name(version)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final) as tmp:  # a killed writer's folder: atomic.sweep_temps
         store = ExemplarStore.create(tmp / "store.zarr",
                                      to_uint8(images).reshape(len(images), *image_shape),
                                      latents.shape[1])
@@ -143,9 +140,6 @@ def write_version(run: Path, version: int, images: np.ndarray, latents: np.ndarr
         np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
         (tmp / "set.json").write_text(json.dumps({"version": version, "n": int(len(images)),
                                                   "created_at": time.time(), **meta}, indent=2))
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -260,6 +254,7 @@ def add_exemplars(trained, images: np.ndarray, labels: np.ndarray, source: str,
     if images.ndim != 2 or images.shape[1] != d_image or not len(images):
         raise ExemplarSetError(f"new exemplars must be [M, {d_image}] images like the "
                                f"training ones {tuple(trained.image_shape)}, got {images.shape}")
+    sweep_temps(sets_dir(trained.path))  # what an add killed mid-write left
     versions = list_versions(trained.path)
     meta = {"checkpoint": str(trained.checkpoint), "epoch": trained.epoch,
             "prior_log_var": model.prior.log_var.item(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..core.objective import VAEWithPrior
 from ..core.sampling import sample_top_with_sources
 from ..runs.figures import save_grid
@@ -99,13 +99,11 @@ def generate(model: VAEWithPrior, exemplar_set, n: int, exemplar_ids: Optional[l
 def save_npz(path: Path, out: dict, image_shape, info: dict) -> Path:
     """The generated images (uint8 levels, [n, C, H, W]), ids and labels, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     images = np.rint(np.clip(out["images"], 0, 1) * 255).astype(np.uint8)
-    np.savez_compressed(tmp, images=images.reshape(len(images), *image_shape),
-                        exemplar_ids=out["exemplar_ids"], labels=out["labels"],
-                        image_shape=np.asarray(image_shape), info=np.asarray(json.dumps(info)))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, images=images.reshape(len(images), *image_shape),
+                            exemplar_ids=out["exemplar_ids"], labels=out["labels"],
+                            image_shape=np.asarray(image_shape), info=np.asarray(json.dumps(info)))
     return path
 
 

@@ -27,13 +27,12 @@ Validation and test images of the dynamic datasets are binarized ONCE, Bernoulli
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..atomic import atomic_path
 from . import sources
 from .download import Fetch, ensure_file, writable_dir
 from .splits import DataSplits, binarize_once, dynamic_binarize, take_first
@@ -125,6 +124,30 @@ def load_dataset(cfg, *, fetch: Optional[Fetch] = None, train_in_memory: bool = 
     log.info("%s: %d train / %d validation / %d test images from %s", splits.name,
              len(splits.train_x), len(splits.valid_x), len(splits.test_x), folder)
     return splits
+
+
+def required_files(cfg) -> list[tuple[sources.RemoteFile, Path]]:
+    """(registered file, folder) pairs that load_dataset(cfg) reads, so a run can check them
+    (present, or fetched when cfg.download; sha256 verified) before anything starts. A copy
+    the loaders accept without a registered file (binarized MNIST's .amat text, Omniglot's
+    chardata.mat or its 28x28 cache) stands in for the registered ones."""
+    if cfg.name not in sources.FOLDERS:  # a store, or a name load_dataset refuses itself
+        return []
+    folder = data_root(cfg) / sources.FOLDERS[cfg.name]
+    if cfg.name in ("mnist", "colour_mnist"):
+        mnist = data_root(cfg) / sources.FOLDERS["mnist"]
+        return [(r, mnist) for r in sources.MNIST.values()]
+    if cfg.name == "fashion_mnist":
+        return [(r, folder) for r in sources.FASHION_MNIST.values()]
+    if cfg.name == "binarized_mnist":
+        return [(r, folder) for split, r in sources.BINARIZED_MNIST.items()
+                if (folder / r.name).is_file()
+                or not (folder / sources.BINARIZED_MNIST_AMAT[split]).is_file()]
+    if cfg.name == "omniglot":
+        if (folder / sources.OMNIGLOT_CHARDATA).is_file() or (folder / OMNIGLOT_CACHE).is_file():
+            return []
+        return [(r, folder) for r in sources.OMNIGLOT_NPZ.values()]
+    return []
 
 
 # ------------------------------------------------------------------- per dataset
@@ -275,15 +298,11 @@ def _write_omniglot_cache(cache: Path, stamp: str, arrays: dict) -> None:
     if not writable_dir(cache.parent):
         log.info("%s is read-only: the 28x28 Omniglot is not cached", cache.parent)
         return
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, stamp=np.array(stamp), **arrays)
-        os.replace(tmp, cache)
     except OSError as err:
         log.warning("could not cache the 28x28 Omniglot in %s: %s", cache, err)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 COLOUR_SHAPE = (3, 32, 32)

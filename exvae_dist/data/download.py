@@ -18,13 +18,13 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import stat
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..atomic import atomic_path, write_text
 from .sources import RemoteFile
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,10 @@ def _write_sidecar(folder: Path, name: str, key: tuple[str, int, int], digest: s
         return
     entries = _read_sidecar(folder)
     entries[name] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
-    tmp = folder / f".{SIDECAR}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        os.replace(tmp, folder / SIDECAR)
+        write_text(folder / SIDECAR, json.dumps(entries, indent=1, sort_keys=True))
     except OSError as err:  # concurrent writers or a full disk only cost a re-hash later
         log.debug("could not write %s: %s", folder / SIDECAR, err)
-        tmp.unlink(missing_ok=True)
 
 
 def verify_file(path: Path, expected_sha256: str, *, use_cache: bool = True) -> None:
@@ -127,6 +124,10 @@ def urlopen_fetch(url: str, dest: Path, timeout: float = 60.0) -> None:
         shutil.copyfileobj(response, out, _CHUNK)
 
 
+class _WrongBytes(Exception):
+    """A mirror served bytes with another sha256 (the str is the digest)."""
+
+
 def download_file(remote: RemoteFile, folder: Path, *, fetch: Optional[Fetch] = None) -> Path:
     """Fetches `remote` into `folder` (sha256 checked before the rename); returns its path.
 
@@ -135,30 +136,35 @@ def download_file(remote: RemoteFile, folder: Path, *, fetch: Optional[Fetch] = 
     """
     fetch = fetch or urlopen_fetch
     folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # removed on failure
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / remote.name
     failures: list[str] = []
     mismatches: list[str] = []
     for url in remote.urls:
-        tmp = folder / f".{remote.name}.part-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             log.info("downloading %s from %s", remote.name, url)
-            fetch(url, tmp)
-            digest = sha256_file(tmp)
-            if digest != remote.sha256:
-                mismatches.append(f"{url}: sha256 {digest}")
-                failures.append(f"{url}: checksum mismatch (expected {remote.sha256}, got {digest})")
-                continue
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:  # renamed only once its checksum matches
+                fetch(url, tmp)
+                digest = sha256_file(tmp)
+                if digest != remote.sha256:
+                    raise _WrongBytes(digest)
+        except _WrongBytes as wrong:
+            mismatches.append(f"{url}: sha256 {wrong}")
+            failures.append(f"{url}: checksum mismatch (expected {remote.sha256}, got {wrong})")
+            continue
         except Exception as err:  # network, HTTP, disk: try the next mirror
             failures.append(f"{url}: {type(err).__name__}: {err}")
             continue
-        finally:
-            tmp.unlink(missing_ok=True)
         key = _key(final)
         _verified[key] = remote.sha256
         _write_sidecar(folder, remote.name, key, remote.sha256)
         return final
+    for empty in made:  # a refused start leaves no empty data folder behind
+        try:
+            empty.rmdir()
+        except OSError:
+            break
     if failures and len(mismatches) == len(failures):
         raise ChecksumMismatchError(
             f"downloaded {remote.name} has the wrong checksum: expected sha256 {remote.sha256}; "

@@ -208,8 +208,16 @@ class ExemplarStore:
             return arr.get_orthogonal_selection((uniq,))[inverse]
         except ValueError as err:  # Crc32cCodec: "Stored and computed checksum do not match"
             raise StoreError(f"the exemplar images of {self.path} are corrupt ({err}): "
-                             f"re-create the store with ExemplarStore.create(..., "
-                             f"overwrite=True)") from err
+                             f"{self.rebuild_advice()}") from err
+
+    def rebuild_advice(self) -> str:
+        """How to get good images back: re-run the ingest that wrote the store (what an
+        ingested store's ingest_source records), else ExemplarStore.create."""
+        source = self._root.attrs.get("ingest_source")
+        if source is not None:
+            return (f"delete {self.path} and re-run the `python -m exvae_dist.ingest` command "
+                    f"that wrote it (source: {source})")
+        return "re-create the store with ExemplarStore.create(..., overwrite=True)"
 
     # -- writing a latent version ----------------------------------------------------------
 

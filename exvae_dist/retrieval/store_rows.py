@@ -12,7 +12,10 @@ Two readers, chosen from the images array's layout:
   offset (r - c * chunk_rows) * row_bytes of file images/c/<c>/0/...; a row is one pread.
   Zarr costs ~1 ms per chunk touched, and a random row touches its own chunk, so this
   reads ~1,100 random rows in milliseconds instead of a second (bench/README.md,
-  "Exemplar store layout"). Nothing is cached in the process: the OS page cache is.
+  "Exemplar store layout"). Nothing is cached in the process: the OS page cache is. The
+  first time a reader touches a chunk it reads the whole file once and checks its trailing
+  CRC32C (what Zarr checks on a whole-chunk read), so flipped bits stop the run (StoreError
+  naming the ingest) instead of being trained on.
 - CachedChunkRows: any other layout (compressed, sharded). Whole chunks are read through
   Zarr and kept in an LRU cache bounded in bytes.
 
@@ -27,6 +30,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
+import google_crc32c  # what Zarr's Crc32cCodec uses
 import numpy as np
 
 from .store import ExemplarStore, StoreError
@@ -42,7 +46,11 @@ def _check_rows(ids: np.ndarray, n: int) -> np.ndarray:
 class RawRows:
     """Rows of a raw (uncompressed, unsharded) images array, by pread; no in-process cache."""
 
-    def __init__(self, store: ExemplarStore, chunk_rows: int, chunk_key: callable):
+    def __init__(self, store: ExemplarStore, chunk_rows: int, chunk_key: callable,
+                 checksummed: bool = False):
+        self.store = store
+        self.checksummed = checksummed  # each chunk file ends in a CRC32C of its bytes
+        self._verified: set[int] = set()  # chunks checked once by this reader
         self.n = store.n
         self.image_shape = tuple(store.image_shape)
         self.row_bytes = int(np.prod(self.image_shape))
@@ -63,7 +71,26 @@ class RawRows:
                 raise StoreError(f"{path} is missing: the store's images are incomplete "
                                  f"(an interrupted ingest?); re-run the ingest") from None
             self._fds[chunk] = fd
+            if chunk not in self._verified:
+                self._verify(chunk, fd)
         return fd
+
+    def _verify(self, chunk: int, fd: int) -> None:
+        """Reads chunk's file once and checks its CRC32C trailer (StoreError if it differs)."""
+        if self.checksummed:
+            size = os.fstat(fd).st_size
+            crc, at = 0, 0
+            while at < size - 4:  # in pieces: memory stays bounded whatever the chunk size
+                piece = os.pread(fd, min(1 << 20, size - 4 - at), at)
+                if not piece:
+                    break
+                crc, at = google_crc32c.extend(crc, piece), at + len(piece)
+            stored = os.pread(fd, 4, size - 4) if size >= 4 else b""
+            if at != size - 4 or stored != np.uint32(crc).tobytes():
+                raise StoreError(f"the exemplar images of {self.store.path} are corrupt: chunk "
+                                 f"{chunk} ({self._path_of(chunk)}) fails its CRC32C checksum; "
+                                 f"{self.store.rebuild_advice()}")
+        self._verified.add(chunk)
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         ids = _check_rows(ids, self.n)
@@ -164,13 +191,14 @@ class CachedChunkRows:
         self._cache.clear()
 
 
-def raw_chunk_layout(store: ExemplarStore) -> Optional[tuple[int, callable]]:
-    """(chunk_rows, chunk -> file path) when the images array is raw and unsharded, else None."""
+def raw_chunk_layout(store: ExemplarStore) -> Optional[tuple[int, callable, bool]]:
+    """(chunk_rows, chunk -> file path, whether chunks end in a CRC32C) when the images array
+    is raw and unsharded, else None."""
     meta = store._root["images"].metadata.to_dict()
     codecs = meta.get("codecs", [])
     key = meta.get("chunk_key_encoding", {})
     # a trailing CRC32C (the store's checksum) sits after the chunk's bytes: the row offsets
-    # are those of a plain chunk; rows read this way skip it, whole-chunk reads verify it
+    # are those of a plain chunk; RawRows checks it once per chunk (RawRows._verify)
     if [c.get("name") for c in codecs] not in (["bytes"], ["bytes", "crc32c"]) \
             or key.get("name") != "default":
         return None
@@ -186,7 +214,7 @@ def raw_chunk_layout(store: ExemplarStore) -> Optional[tuple[int, callable]]:
     def path_of(chunk: int) -> str:
         return str(root / "c" / str(chunk) / tail)
 
-    return chunk_rows, path_of
+    return chunk_rows, path_of, [c.get("name") for c in codecs][-1] == "crc32c"
 
 
 def open_row_reader(store: ExemplarStore, cache_bytes: int = 64 << 20):

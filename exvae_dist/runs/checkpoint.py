@@ -5,8 +5,8 @@ so a resume that finds the newest one unreadable falls back to the previous good
 so, and never starts over while a readable checkpoint exists (`load_resume_state`,
 `first_readable`). A failed write (a full disk, an I/O error) is named as such, with the path
 and the free space, and leaves the last good checkpoint as it was. `sweep_run_folder` removes
-what killed writers leave behind: `*.pt.*.tmp` files and Ray checkpoint folders that Ray never
-registered.
+what killed writers leave behind: temp files of dead writers (atomic.sweep_temps) and Ray
+checkpoint folders that Ray never registered.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
+
+from ..atomic import atomic_path, sweep_temps
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +58,15 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     path = Path(path)
     if keep_previous is None:
         keep_previous = path.name == LATEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        try:
+        with atomic_path(path, fsync=True) as tmp:  # on disk before it replaces the last one
             torch.save(state, tmp)
-        except (OSError, RuntimeError) as err:  # torch reports ENOSPC as "iostream error"
-            raise _write_error(path, err) from err
-        if keep_previous and path.is_file():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            if keep_previous and path.is_file():
+                os.replace(path, previous_path(path))
+    except CheckpointWriteError:
+        raise
+    except (OSError, RuntimeError) as err:  # torch reports ENOSPC as "iostream error"
+        raise _write_error(path, err) from err
     return path
 
 
@@ -107,11 +104,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path}: train a model first "
                                 f"(python -m exvae_dist.train) or point to its run directory")
     try:
+        verify_digest(path)
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for truncated/corrupt files
         raise UnreadableCheckpoint(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
                            f"delete it to start over, or load an older one of the same "
                            f"run ({PREVIOUS}, {BEST})") from err
+
+
+def verify_digest(path: Path) -> None:
+    """Checks every entry of a checkpoint against the CRC-32 digest torch.save stores for it in
+    the zip archive (torch.load itself does not check them, and loads random bytes written
+    into a tensor as weights). Raises zipfile.BadZipFile (or ValueError) when one differs."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"entry {bad} fails its CRC-32 digest: the file's bytes changed "
+                         f"after it was written")
 
 
 def first_readable(candidates: Sequence[Path], load: Callable[[Path], T],
@@ -143,9 +152,12 @@ def first_readable(candidates: Sequence[Path], load: Callable[[Path], T],
 
 
 def resume_candidates(run: str | os.PathLike) -> list[Path]:
-    """The one-process trainer's checkpoints in a run folder, newest first."""
+    """The one-process trainer's checkpoints in a run folder, newest first (by modification
+    time; checkpoint.pt, checkpoint.prev.pt, best.pt on a tie): a best.pt written after
+    checkpoint.prev.pt is the better fallback."""
     run = Path(run)
-    return [run / name for name in (LATEST, PREVIOUS, BEST) if (run / name).is_file()]
+    found = [run / name for name in (LATEST, PREVIOUS, BEST) if (run / name).is_file()]
+    return sorted(found, key=lambda p: -p.stat().st_mtime_ns)  # stable: ties keep that order
 
 
 def load_resume_state(run: str | os.PathLike) -> Optional[dict[str, Any]]:
@@ -192,13 +204,17 @@ def registered_ray_folders(run: Path) -> Optional[set[str]]:
 
 
 def sweep_run_folder(run: str | os.PathLike) -> list[Path]:
-    """Removes orphans of killed writers in run: `*.pt.*.tmp` files and Ray checkpoint folders
-    missing from Ray's snapshot. Call it only while holding the run's lock (a live writer's
-    temp files look the same). Returns what was removed."""
+    """Removes orphans of killed writers in run: temp files of writers no longer alive
+    (checkpoints, .metrics.jsonl, pictures: atomic.sweep_temps), the `*.pt.*.tmp` files of
+    earlier versions, and Ray checkpoint folders missing from Ray's snapshot. Call it only
+    while holding the run's lock. Returns what was removed."""
     run = Path(run)
     if not run.is_dir():
         return []
-    removed = []
+    removed = sweep_temps(run)
+    for folder in run.glob(RAY_FOLDER_PREFIX + "*"):
+        if folder.is_dir():
+            removed += sweep_temps(folder)
     for tmp in list(run.glob("*.pt.*.tmp")) + list(run.glob(RAY_FOLDER_PREFIX + "*/*.pt.*.tmp")):
         tmp.unlink(missing_ok=True)
         removed.append(tmp)

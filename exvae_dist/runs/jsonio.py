@@ -3,8 +3,8 @@
 Python's `json` writes NaN and Infinity by default, which no other JSON reader accepts
 (`jq`, JavaScript, most JSON libraries). Here a non-finite float becomes null, numpy scalars
 and arrays become numbers and lists, paths become strings, and `allow_nan=False` makes sure
-nothing slips through. Files are written through a temporary name and renamed, so a crash
-never leaves half a file.
+nothing slips through. Files are written through a temporary name and renamed
+(atomic.write_text), so a crash never leaves half a file.
 
     write_json(run / "summary.json", summary)
 """
@@ -16,6 +16,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+from ..atomic import write_text
 
 
 def strict(obj: Any) -> Any:
@@ -44,12 +46,7 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Writes `text` to `path` through a temp file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..atomic import temp_path
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -64,7 +66,7 @@ class RunLock:
         self.run.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
               "argv": sys.argv}
-        tmp = self.run / f".{LOCK_NAME}.{me['pid']}.tmp"
+        tmp = temp_path(self.path)  # linked, never renamed: a killed taker's is swept
         tmp.write_text(json.dumps(me))
         try:
             for _ in range(3):

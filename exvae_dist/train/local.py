@@ -44,9 +44,9 @@ class FileSink:
 
 
 def progress_bar(items, desc: str):
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar as bar  # in place on a terminal, else one line each
 
-    return tqdm(items, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    return bar(items, desc=desc, leave=False)
 
 
 @exclusive_run  # preflight refusals, the run folder's lock, orphans of killed runs swept
