@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from exvae_dist import atomic
+from exvae_dist.common import atomic
 from exvae_dist.runs import checkpoint as ckpt
 
 

@@ -2,7 +2,7 @@
 
 import io
 
-from exvae_dist.progress import progress_bar
+from exvae_dist.common.progress import progress_bar
 
 
 def test_without_a_terminal_each_update_is_one_line():

@@ -37,7 +37,7 @@ from ..evaluation.runs import TrainedRun
 from .cli import run_command
 from .exemplars import choose_set
 from .generate import draw_images
-from ..runs.jsonio import dumps, write_json
+from ..common.jsonio import dumps, write_json
 from ..core.objective import VAEWithPrior, encode_means
 from ..runs.tracking import open_run_tracker
 from ..runs.hardware import resolve_device

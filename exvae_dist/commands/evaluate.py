@@ -35,7 +35,7 @@ from ..evaluation.likelihood import describe_prior, estimate_log_likelihood
 from ..evaluation.runs import TrainedRun, load_splits
 from .cli import run_command
 from .exemplars import ExemplarSet, ExemplarSetError, choose_set
-from ..runs.jsonio import dumps, write_json
+from ..common.jsonio import dumps, write_json
 from ..core.objective import encode_means
 from ..core.priors import DEFAULT_CHUNK
 from ..core.step import validation_elbo

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..atomic import atomic_dir, sweep_temps
+from ..common.atomic import atomic_dir, sweep_temps
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import torch
 from ..core.objective import VAEWithPrior
 from ..core.priors import squared_distances
 from ..runs.figures import as_rgb, save_figure
-from ..runs.jsonio import write_json
+from ..common.jsonio import write_json
 
 log = logging.getLogger(__name__)
 

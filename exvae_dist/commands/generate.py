@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..common.atomic import atomic_path
 from ..core.objective import VAEWithPrior
 from ..core.sampling import sample_top_with_sources
 from ..runs.figures import save_grid

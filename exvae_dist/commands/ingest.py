@@ -50,7 +50,7 @@ from typing import Optional
 import numpy as np
 
 from .cli import EXIT_INTERRUPTED
-from ..progress import progress_bar
+from ..common.progress import progress_bar
 from ..core.keyed import SPLIT, KeyedPermutation
 
 log = logging.getLogger(__name__)

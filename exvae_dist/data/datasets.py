@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..common.atomic import atomic_path
 from . import sources
 from .download import Fetch, ensure_file, writable_dir
 from .splits import DataSplits, binarize_once, dynamic_binarize, take_first

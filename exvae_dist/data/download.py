@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..atomic import atomic_path, write_text
+from ..common.atomic import atomic_path, write_text
 from .sources import RemoteFile
 
 log = logging.getLogger(__name__)

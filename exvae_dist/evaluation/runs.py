@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .. import config as config_mod
 from ..runs.checkpoint import (BEST, LATEST, UnreadableCheckpoint, find_checkpoint,
                                load_checkpoint)
-from ..runs.jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
+from ..common.jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
 from ..core.objective import VAEWithPrior, build_model
 from ..runs.tracking import RUN_FILE
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
-from ..atomic import atomic_path, sweep_temps
+from ..common.atomic import atomic_path, sweep_temps
 
 log = logging.getLogger(__name__)
 

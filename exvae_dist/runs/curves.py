@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .figures import save_figure
-from .jsonio import write_jsonl
+from ..common.jsonio import write_jsonl
 
 
 def epoch_records(run: Path) -> list[dict]:

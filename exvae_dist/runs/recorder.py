@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .. import config as config_mod
-from . import hardware, jsonio
+from . import hardware
+from ..common import jsonio
 from .checkpoint import BEST
 from ..core.sampling import sample_images
 

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import OmegaConf
 
 from .. import config as config_mod
-from .jsonio import read_json, write_json, write_text_atomic
+from ..common.jsonio import read_json, write_json, write_text_atomic
 from .run_lock import LOCK_NAME
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..atomic import temp_path
+from ..common.atomic import temp_path
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError
-from .jsonio import read_json, write_json
+from ..common.jsonio import read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -126,6 +127,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
         "service": service,
         "encoders": encoders,  # index.refresh_workers RefreshEncoder actors, or None
         "placement": where,  # of the exemplar cache: in each worker, or in the index actors
+        "terminal": sys.stderr.isatty(),  # progress drawn in place, or as plain lines
         # validation images are binary: bytes through the object store, a quarter the size
         "valid": ray.put(to_bytes(splits.valid_x)),
         "dynamic": splits.dynamic,

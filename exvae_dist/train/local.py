@@ -44,7 +44,7 @@ class FileSink:
 
 
 def progress_bar(items, desc: str):
-    from ..progress import progress_bar as bar  # in place on a terminal, else one line each
+    from ..common.progress import progress_bar as bar  # in place on a terminal, else one line each
 
     return bar(items, desc=desc, leave=False)
 

@@ -74,12 +74,22 @@ class RaySink:
 
 
 def progress_bar(items, desc: str):
-    """Rank 0's bar, drawn by the driver (Ray's tqdm forwards it through the log stream)."""
+    """Rank 0's bar when the driver writes to a terminal: drawn in place by the driver (Ray's
+    tqdm forwards it through the log stream)."""
     try:
         from ray.experimental.tqdm_ray import tqdm
     except ImportError:  # an older Ray: no bar
         return items
     return tqdm(items, desc=desc)
+
+
+def progress_lines(items, desc: str):
+    """Rank 0's progress without a terminal (a log file, CI, `ray job logs`): a plain line at
+    most every 30 s (a worker's stderr is never a terminal), where Ray's tqdm would print
+    every update three times and a blank line."""
+    from ..common.progress import progress_bar as lines
+
+    return lines(items, desc=desc)
 
 
 def quiet_ray_train_logs() -> None:
@@ -156,6 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
                if config.get("service") else None)
     parts = build_parts(cfg, Path(config["run_path"]), ExemplarStore(config["store_path"]),
                         from_bytes(ray.get(config["valid"])), config["dynamic"],
-                        config["image_shape"], service, group, device, progress_bar,
+                        config["image_shape"], service, group, device,
+                        progress_bar if config.get("terminal") else progress_lines,
                         encoders=config.get("encoders"), where=config.get("placement", WORKER))
     fit(parts)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_text
+from .atomic import write_text
 
 
 def strict(obj: Any) -> Any:
