@@ -186,7 +186,8 @@ class IndexConfig:
     # kind=auto above auto_exact_below (per shard): IVF<N/64>_HNSW32,<auto_codes>, so query
     # time stays flat in N (bench/README.md). Flat: the raw vectors, exact distances. IVF-PQ:
     # "PQ10,RFlat" (PQ codes re-ranked exactly, the raw vectors kept for that) or "PQ10"
-    # (10 bytes a vector instead of 160 where memory needs it, recall lost to the codes)
+    # (10 bytes a vector instead of 160 where memory needs it; its codes cap the recall, so
+    # lower auto_target_recall to what they reach, or every list gets probed)
     auto_codes: str = "Flat"
     # kind=auto's IVF: nprobe is calibrated at every build to the smallest nprobe whose
     # recall of the workers' query depth, measured on the index's own rows against brute
@@ -230,14 +231,14 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True  # log params, metrics and artifacts to MLflow (rank 0 only)
+    # log params, metrics and artifacts to MLflow (rank 0 only); the trainers also log CPU,
+    # memory, disk, network (and GPU) usage every 10 s as system/* metrics (needs psutil)
+    enabled: bool = True
     # MLflow tracking URI; None: sqlite:///<run_dir>/mlflow.db. An http(s) server is probed
     # for a few seconds before anything starts.
     uri: Optional[str] = None
     experiment: str = "exvae-dist"  # MLflow experiment name
-    # a grid of 100 prior samples per epoch (samples/, MLflow). With tracking, CPU, memory,
-    # disk, network (and GPU) usage are logged every 10 s as system/* metrics (psutil).
-    sample_grid: bool = True
+    sample_grid: bool = True  # a grid of 100 prior samples per epoch (samples/, MLflow)
 
 
 @dataclass
