@@ -9,7 +9,7 @@ import pytest
 from exvae_dist.config import IndexConfig
 from exvae_dist.retrieval.index import (CALIBRATION_QUERIES, UNCALIBRATED_NPROBE,
                                         auto_factory, auto_nlist, brute_force_knn,
-                                        build_index, deserialize, describe,
+                                        build_index, calibrate_nprobe, deserialize, describe,
                                         merge_topk, recall_at_k, resolve_kind, search, serialize,
                                         set_nprobe)
 
@@ -104,11 +104,11 @@ def test_auto_ivf_hnsw_reaches_recall_095_and_roundtrips_through_bytes():
     np.testing.assert_array_equal(search(again, q, 10)[0], ids)
 
 
-def _recall_bound_without_self(index, x, rows, k):
+def _recall_bound_without_self(index, x, rows, k, truth):
     """Mean recall@k and its lower confidence bound (mean less two standard errors)
-    of index on rows of x as queries, each query's own row left out, against an exhaustive
-    numpy kNN: the calibration's criterion, computed independently."""
-    truth, _ = numpy_knn(x, x[rows], k + 1)
+    of index on rows of x as queries, each query's own row left out, against `truth`, the
+    exhaustive numpy kNN (k + 1 deep) of those rows: the calibration's criterion, computed
+    independently."""
     found, _ = search(index, x[rows], k + 1)
     per_query = []
     for r, f, t in zip(rows, found, truth):
@@ -125,11 +125,13 @@ def test_calibrated_nprobe_is_the_smallest_whose_bound_reaches_the_target():
     # the same index uncalibrated, and the same rows the calibration draws (seed 3):
     # mean recall and its lower bound at every nprobe, against brute force
     index = build_index(x, dataclasses.replace(cfg, auto_target_recall=0), seed=3)
+    assert faiss.extract_index_ivf(index).nprobe == UNCALIBRATED_NPROBE  # calibration off
     rows = np.sort(np.random.default_rng(3).choice(len(x), CALIBRATION_QUERIES, replace=False))
+    truth, _ = numpy_knn(x, x[rows], 6)
     table = {}
     for p in range(1, 65):
         set_nprobe(index, p)  # nprobe and the HNSW walk, as the calibration sets them
-        table[p] = _recall_bound_without_self(index, x, rows, 5)
+        table[p] = _recall_bound_without_self(index, x, rows, 5, truth)
     # a target between the bound and the mean of a middle nprobe: a calibration on the
     # mean alone would stop there, one on the bound must go further
     middle = next(p for p, (mean, bound) in table.items() if 0.6 < mean < 0.99)
@@ -144,7 +146,22 @@ def test_calibrated_nprobe_is_the_smallest_whose_bound_reaches_the_target():
     again = build_index(x, dataclasses.replace(cfg, auto_target_recall=target), seed=3,
                         recall_k=5)
     assert faiss.extract_index_ivf(again).nprobe == expected
-    assert faiss.extract_index_ivf(index).nprobe == UNCALIBRATED_NPROBE
+    # the recall it reports is the recall@5 of those rows (the depth asked), not @10's
+    nprobe, recall = calibrate_nprobe(index, x, dataclasses.replace(cfg, auto_target_recall=target),
+                                      seed=3, recall_k=5)
+    assert nprobe == expected and recall == pytest.approx(table[expected][0], abs=1e-9)
+
+
+def test_build_index_calibrates_for_the_depth_its_caller_searches(monkeypatch):
+    # the Ray driver asks for RAT's k' (driver.recall_depth), deeper than the default 10
+    from exvae_dist.retrieval import index as index_mod
+
+    depths = []
+    monkeypatch.setattr(index_mod, "calibrate_nprobe", lambda *args, **kw: depths.append(
+        args[4] if len(args) > 4 else kw["recall_k"]))
+    build_index(clustered(3000, d=8), IndexConfig(kind="auto", auto_exact_below=0), recall_k=44)
+    build_index(clustered(3000, d=8), IndexConfig(kind="auto", auto_exact_below=0))
+    assert depths == [44, 10]
 
 
 def test_calibration_reaches_the_target_on_held_out_queries():
