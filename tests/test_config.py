@@ -146,7 +146,7 @@ def test_the_index_and_evaluation_knobs_turned_constants_are_refused_and_old_con
 
 
 def test_a_run_recorded_with_a_removed_lever_resumes_only_when_it_was_off():
-    from exvae_dist import run_folder
+    from exvae_dist.runs import run_folder
 
     now = run_folder.fingerprint(config_mod.load(None, [], env={}))
     off = {**now, "train.batching": "random", "prior.write_back": False}
@@ -171,7 +171,7 @@ def test_an_override_that_is_no_yaml_value_is_a_config_error():
 
 def test_overrides_may_come_before_the_config_option(capsys):
     """Nothing on the command line is dropped: an override before --config is read too."""
-    from exvae_dist.cli import train_command
+    from exvae_dist.commands.cli import train_command
 
     for argv in (["train.epochs=-5", "--config", "smoke", "train.name=x"],
                  ["train.name=x", "--config", "smoke", "train.epochs=-5"]):

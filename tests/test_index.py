@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import (CALIBRATION_QUERIES, UNCALIBRATED_NPROBE,
-                                        auto_factory, auto_nlist, brute_force_knn,
-                                        build_index, calibrate_nprobe, deserialize, describe,
-                                        merge_topk, recall_at_k, resolve_kind, search, serialize,
+from exvae_dist.retrieval.index import (CALIBRATION_QUERIES, UNCALIBRATED_NPROBE, auto_factory,
+                                        auto_nlist, brute_force_knn, build_index,
+                                        calibrate_nprobe, deserialize, describe, merge_topk,
+                                        recall_at_k, resolve_kind, search, serialize,
                                         set_nprobe)
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
-from exvae_dist.group import Group
-from exvae_dist.loop import binarize, EpochBatches, rank_slice
-from exvae_dist.objective import build_model
-from exvae_dist.step import PriorSampler
+from exvae_dist.core.group import Group
+from exvae_dist.core.loop import binarize, EpochBatches, rank_slice
+from exvae_dist.core.objective import build_model
+from exvae_dist.core.step import PriorSampler
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_dynamic_binarization_is_keyed_by_step_and_rank():
 def test_union_normalizer_leaves_the_normalizer_to_the_kept_count():
     """prior.normalizer=union: log_norm None, so the prior divides by the candidates kept
     (the reference code); subset: log |S minus {i}| per row."""
-    from exvae_dist.retrieval.exact import TorchExactSearch
+    from exvae_dist.core.exact import TorchExactSearch
 
     for normalizer in ("subset", "union"):
         cfg = config_mod.load(None, ["prior.k=5", f"prior.normalizer={normalizer}",
@@ -120,11 +120,11 @@ def test_no_ray_trains_in_one_process(tmp_path, data_dir):
     assert bad.returncode == 2 and "no effect in the one-process trainer" in bad.stderr
 
 
-PURE_CORE = ("exvae_dist.loop", "exvae_dist.step", "exvae_dist.objective", "exvae_dist.priors",
-             "exvae_dist.group", "exvae_dist.models", "exvae_dist.models.hvae",
-             "exvae_dist.models.convhvae", "exvae_dist.models.likelihoods",
-             "exvae_dist.retrieval.candidates", "exvae_dist.retrieval.keyed",
-             "exvae_dist.retrieval.exact", "exvae_dist.retrieval.cache")
+PURE_CORE = ("exvae_dist.core.loop", "exvae_dist.core.step", "exvae_dist.core.objective", "exvae_dist.core.priors",
+             "exvae_dist.core.group", "exvae_dist.core.models", "exvae_dist.core.models.hvae",
+             "exvae_dist.core.models.convhvae", "exvae_dist.core.models.likelihoods",
+             "exvae_dist.core.candidates", "exvae_dist.core.keyed",
+             "exvae_dist.core.exact", "exvae_dist.core.cache")
 HEAVY = ("ray", "zarr", "mlflow", "faiss", "matplotlib")
 
 

@@ -13,9 +13,9 @@ import torch
 from scipy import stats
 from scipy.special import log_expit, logsumexp
 
-from exvae_dist.models.base import LatentTerms, LatentVariableModel
-from exvae_dist.objective import VAEWithPrior, importance_log_likelihood, kl_beta
-from exvae_dist.priors import ExemplarPrior, GaussianPrior, exemplar_log_prob
+from exvae_dist.core.models.base import LatentTerms, LatentVariableModel
+from exvae_dist.core.objective import VAEWithPrior, importance_log_likelihood, kl_beta
+from exvae_dist.core.priors import ExemplarPrior, GaussianPrior, exemplar_log_prob
 
 F64 = torch.float64
 D, X_DIM = 2, 4

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
-from exvae_dist.objective import build_model
-from exvae_dist.retrieval.exact import TorchExactSearch
-from exvae_dist.step import PriorSampler, normalize_gradients
+from exvae_dist.core.objective import build_model
+from exvae_dist.core.exact import TorchExactSearch
+from exvae_dist.core.step import PriorSampler, normalize_gradients
 
 
 def test_torch_exact_search_equals_brute_force_knn():
@@ -42,7 +42,7 @@ class FullSearch:
         self.inner = inner
 
     def search(self, queries, k, among=None):
-        from exvae_dist.retrieval.candidates import nearest_members
+        from exvae_dist.core.candidates import nearest_members
 
         return nearest_members(self.inner.search, queries, k, among, safety=2.0)
 
@@ -51,7 +51,7 @@ def test_rat_sampler_keeps_the_k_nearest_of_the_steps_subset_less_the_element_it
     """Brute force: row b's components are the k nearest (float64 distance of the cached
     means) among the subset S of this step, less b's own exemplar; the same set as the k'-deep
     search over all N that the index services use."""
-    from exvae_dist.retrieval import keyed
+    from exvae_dist.core import keyed
 
     cfg, model, images = _model_and_data("prior.k=5", "prior.subsample=150")
     means = model.net.encode_top(images)[0].detach()
@@ -81,7 +81,7 @@ def test_rat_sampler_keeps_the_k_nearest_of_the_steps_subset_less_the_element_it
 
 
 def test_a_subset_lists_the_same_members_as_its_coins():
-    from exvae_dist.retrieval import keyed
+    from exvae_dist.core import keyed
 
     subset = keyed.StepSubset(5, 150, 400, 2)
     ids = np.arange(400)
@@ -92,7 +92,7 @@ def test_a_subset_lists_the_same_members_as_its_coins():
 
 
 def test_first_members_keeps_the_first_k_accepted_ids_in_rank_order():
-    from exvae_dist.retrieval.candidates import first_members
+    from exvae_dist.core.candidates import first_members
 
     ranked = np.array([[5, -1, 2, 8, 4, 6], [1, 3, 5, 7, 9, -1]])
     got = first_members(ranked, lambda ids: ids % 2 == 0, 2)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
-from exvae_dist.checkpoint import find_checkpoint, load_checkpoint
-from exvae_dist.loop import EarlyStopping, TimeBudget
-from exvae_dist.recorder import MetricsLog
-from exvae_dist.trainer import fit
+from exvae_dist.runs.checkpoint import find_checkpoint, load_checkpoint
+from exvae_dist.core.loop import EarlyStopping, TimeBudget
+from exvae_dist.runs.recorder import MetricsLog
+from exvae_dist.train.local import fit
 
 
 @pytest.fixture
@@ -251,7 +251,7 @@ def test_ray_and_index_keys_are_refused_by_the_one_process_trainer(tmp_path, smo
 
 
 def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke_cfg):
-    from exvae_dist.curves import epoch_records, main
+    from exvae_dist.runs.curves import epoch_records, main
 
     cfg = smoke_cfg(tmp_path, "train.epochs=2", "tracking.enabled=false")
     fit(cfg)

@@ -85,7 +85,7 @@ class ShardedSearch:
         """The k nearest of each query among `among` (a keyed.StepSubset; None: all N). The
         index holds all N, so it is searched k' = query_depth(k, N, M, safety) deep and S's
         members are kept, the first k of them (-1 where a row found fewer)."""
-        from ..retrieval.candidates import nearest_members
+        from ..core.candidates import nearest_members
 
         def search_all(q: np.ndarray, depth: int) -> tuple[np.ndarray, int]:
             ids, _dists, version = self.search_with_distances(q, depth)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import config as config_mod
-from . import hardware, jsonio
+from .. import config as config_mod
+from . import hardware
+from ..common import jsonio
 from .checkpoint import BEST
-from .sampling import sample_images
+from ..core.sampling import sample_images
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class RunRecorder(NullRecorder):
     def epoch(self, summary: dict, model, centres, image_shape) -> None:
         """The epoch's summary, a grid of 100 prior samples and the curves so far."""
         from .curves import plot_curves
-        from .sampling import save_grid
+        from ..core.sampling import save_grid
 
         self.metrics.write(summary)
         self.tracker.log_metrics(summary, summary["step"])

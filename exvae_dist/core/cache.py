@@ -26,8 +26,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..group import Group
-from ..objective import encode_means
+from .group import Group
+from .objective import encode_means
 from .exact import TorchExactSearch
 
 log = logging.getLogger(__name__)

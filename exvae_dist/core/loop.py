@@ -34,10 +34,10 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 import numpy as np
 import torch
 
-from . import config as config_mod
+from .. import config as config_mod
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
-from .retrieval import keyed
+from . import keyed
 from .step import PriorSampler, log_var_value, train_step, validation_elbo
 
 log = logging.getLogger(__name__)
