@@ -3,7 +3,7 @@
 Baseline (the reference code's style): one test image at a time, S importance samples in
 chunks of 1000, the exemplar prior as full float64 [1000, N] matrices (squared distances,
 log-densities, logsumexp over all N exemplars). Ours: exvae_dist.evaluation.likelihood with
-the certified candidate pool (exact to eval.prior_tolerance), and the k-nearest truncated
+the certified candidate pool (exact to likelihood.PRIOR_TOLERANCE), and the k-nearest truncated
 prior (a lower bound) for a few k, on the same images; the truncated estimates use the same
 posterior samples as our exact one, so their gap is the truncation alone.
 
@@ -24,7 +24,7 @@ import torch
 
 from exvae_dist.data import load_dataset
 from exvae_dist.commands.evaluate import chunk_sizes
-from exvae_dist.evaluation.likelihood import estimate_log_likelihood
+from exvae_dist.evaluation.likelihood import PRIOR_TOLERANCE, estimate_log_likelihood
 from exvae_dist.evaluation.runs import load_run
 from exvae_dist.core.models.layers import LOG_2PI
 from exvae_dist.core.objective import encode_means
@@ -86,14 +86,14 @@ def main() -> None:
     print(f"N = {centres.shape[0]}, S = {args.samples}, torch threads {torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
 
-    sample_chunk, exemplar_chunk = chunk_sizes(e, x.device)
+    sample_chunk, exemplar_chunk = chunk_sizes(x.device)
 
     def ours(images, k=None, seed=0):
         torch.manual_seed(seed)
         vals, pools, err = [], [], 0.0
         for s in range(0, images.shape[0], args.batch):
             r = estimate_log_likelihood(model, images[s:s + args.batch], args.samples, centres, k,
-                                        e.prior_pool, e.prior_tolerance, sample_chunk,
+                                        e.prior_pool, PRIOR_TOLERANCE, sample_chunk,
                                         exemplar_chunk)
             vals.append(r.log_px)
             pools += r.pools

@@ -58,10 +58,11 @@ VARIANTS = [
     ("ray_2w", 2, 1, 1, []),
     ("one_process_1t", 0, 0, 1, []),
     ("ray_1w_1t", 1, 1, 1, []),
-    # an IVF-PQ index takes seconds to rebuild, so steps overlap rebuilds (with index.kind=auto
-    # the workers search their own copy of the 50,000 means: no index actor to rebuild)
-    ("rebuild", 1, 2, 2, ["index.kind=ivfpq", "prior.refresh_every={refresh_every}"]),
-    ("rebuild_1t", 1, 1, 1, ["index.kind=ivfpq", "prior.refresh_every={refresh_every}"]),
+    # an IVF takes seconds to rebuild, so steps overlap rebuilds (below auto_exact_below the
+    # workers search their own copy of the 50,000 means: no index actor to rebuild)
+    ("rebuild", 1, 2, 2, ["index.auto_exact_below=0", "prior.refresh_every={refresh_every}"]),
+    ("rebuild_1t", 1, 1, 1, ["index.auto_exact_below=0",
+                             "prior.refresh_every={refresh_every}"]),
 ]
 
 

@@ -135,9 +135,6 @@ class TrainConfig:
 class EvalConfig:
     n_samples: int = 5000  # importance samples S per test image
     batch_size: int = 10  # test images per importance-sampling batch
-    # exemplars per block of the running logsumexp; null: 2048 on CPU (cache-sized blocks),
-    # 16384 on a GPU (fewer, larger kernels)
-    exemplar_chunk: Optional[int] = None
     # None = exact prior over all N exemplars; an int = that many nearest exemplars per
     # sample (a lower bound on log p(x), labelled as such in every output).
     prior_neighbours: Optional[int] = None
@@ -146,16 +143,12 @@ class EvalConfig:
     validation_samples: int = 1  # posterior draws per image in the per-epoch validation ELBO
     # Exact prior: per test image, start from the prior_pool exemplars nearest to its
     # posterior mean and grow the pool until the skipped exemplars' mass is certified (triangle
-    # inequality) to change log p(z) by at most prior_tolerance nats. prior_pool=0: every
-    # sample against all N (slow; the brute-force path). See evaluation/likelihood.py.
+    # inequality) to change log p(z) by at most 1e-6 nats. prior_pool=0: every sample
+    # against all N (slow; the brute-force path). See evaluation/likelihood.py.
     prior_pool: int = 1024
-    prior_tolerance: float = 1e-6  # nats of prior mass the skipped exemplars may change
-    # importance samples per image drawn at once; null: 500 on CPU, 5000 on a GPU
-    sample_chunk: Optional[int] = None
     likelihood: bool = True  # compute the importance-sampled log-likelihood
     knn: bool = True  # kNN classification error on encoder means (labelled datasets)
     pictures: bool = True  # samples, exemplar samples, reconstructions, interpolations, t-SNE
-    tsne_points: int = 2000  # test means in the t-SNE map (t-SNE is slow on thousands)
     checkpoint: str = "best"  # best | latest: which checkpoint of the run to evaluate
     seed: int = 0  # importance samples, pictures
     # Subfolder of <run>/eval/ this evaluation writes (None: the UTC start time, so runs never
@@ -176,8 +169,6 @@ class AugmentConfig:
     epochs: int = 100  # classifier training epochs
     batch_size: int = 100  # classifier minibatch
     lr: float = 0.1  # SGD momentum 0.9; decays linearly to 1% of this over all steps
-    momentum: float = 0.9  # SGD momentum, in [0, 1)
-    label_smoothing: float = 0.1  # cross-entropy label smoothing, in [0, 1)
     real_weight: float = 0.4  # loss = real_weight * loss(real) + (1 - real_weight) * loss(gen)
     # Each real image gets one fresh exemplar-conditioned sample per step: the decoder's
     # pixel means ("mean") or a Bernoulli draw from them ("bernoulli").
@@ -189,46 +180,33 @@ class AugmentConfig:
 class IndexConfig:
     # auto: below auto_exact_below exemplars (one shard) each Ray worker holds the means and
     # searches them exactly itself, as the one-process trainer does; above, index actors
-    # serve an IVF index. flat / ivfpq: index actors with that FAISS index, at any N.
-    kind: str = "auto"  # auto | flat | ivfpq
+    # serve an IVF index. flat: index actors with an exact FAISS index, at any N.
+    kind: str = "auto"  # auto | flat
     auto_exact_below: int = 200_000  # kind=auto: exact search below this many exemplars
-    # kind=auto above auto_exact_below (per shard): IVF<nlist>_HNSW32,<auto_codes> with
-    # nlist ~ N / auto_list_size, so query time stays flat in N (bench/README.md)
-    auto_list_size: int = 64  # mean vectors per inverted list
-    auto_codes: str = "Flat"  # FAISS factory codes of the lists, e.g. "PQ10x4fs,RFlat"
-    auto_train_per_list: int = 64  # k-means sample: this many points per list (30..256)
-    # kind=auto's IVF: nprobe is calibrated at every build to the smallest nprobe
-    # whose recall@auto_recall_k, measured on auto_calibration_queries of the index's own
-    # rows against brute force, reaches this (0 = no calibration: index.nprobe as given)
+    # kind=auto above auto_exact_below (per shard): IVF<N/64>_HNSW32,<auto_codes>, so query
+    # time stays flat in N (bench/README.md). Flat: the raw vectors, exact distances. IVF-PQ:
+    # "PQ10,RFlat" (PQ codes re-ranked exactly, the raw vectors kept for that) or "PQ10"
+    # (10 bytes a vector instead of 160 where memory needs it; its codes cap the recall, so
+    # lower auto_target_recall to what they reach, or every list gets probed)
+    auto_codes: str = "Flat"
+    # kind=auto's IVF: nprobe is calibrated at every build to the smallest nprobe whose
+    # recall of the workers' query depth, measured on the index's own rows against brute
+    # force, reaches this (0 = no calibration: 64 lists)
     auto_target_recall: float = 0.95
-    # neighbours per calibration query; None: a Ray run's RAT query depth
-    # k' = ceil(prior.safety * prior.k * N / M) (40 at the paper's settings), else 10
-    auto_recall_k: Optional[int] = None
-    auto_calibration_queries: int = 512  # rows searched to measure recall at a build
-    nlist: Optional[int] = None  # IVF lists (None = about 4 * sqrt(N))
-    # pq_m / nprobe / refine_factor: measured on clustered d=40 latents (bench/README.md,
-    # "Index service"): recall@10 ~0.98 at N=1e6; PQ8 with x4 re-ranking only reached ~0.90.
-    pq_m: int = 10  # PQ sub-quantizers (d must divide by it)
-    pq_bits: int = 8  # bits per PQ code (1..16)
-    nprobe: int = 64  # IVF lists visited per query (kind=auto: only with auto_target_recall=0)
-    refine_factor: int = 10  # exact re-ranking of k * refine_factor candidates (0 = off)
     shards: int = 1  # IndexService actors, each over a contiguous block of rows
     # a search waits this long for a dead / rebuilding shard, and a worker this long for the
     # first index build (at N = 1e7 an IVF build takes longer: raise it)
     query_timeout_s: float = 300.0
     use_gpu: bool = False  # FAISS on the GPU: needs faiss-gpu instead of faiss-cpu (README)
-    train_size: int = 100_000  # vectors used to train the coarse quantizer and PQ
     store_path: Optional[str] = None  # Zarr store (None = <run_dir>/<name>/store.zarr)
-    keep_versions: int = 3  # latent versions kept in the store (older ones are deleted)
     service_threads: int = 2  # FAISS threads inside the index actor, for queries
-    build_threads: int = 1  # FAISS threads of the background rebuild (leave cores to queries)
     # Mid-epoch refreshes on this many separate encoder actors (Ray, RAT only), from a
     # snapshot of the weights, so that training goes on while the N exemplars are encoded
     # (as REALM's index builders do); 0 = the training workers encode their rows and wait.
-    # Worth it only where the cluster has spare CPUs / GPUs. The epoch-end refresh stays on
-    # the training workers (validation needs the current weights' latents).
+    # Worth it only where the cluster has spare CPUs / GPUs. Each reserves
+    # ray.cpus_per_worker CPUs. The epoch-end refresh stays on the training workers
+    # (validation needs the current weights' latents).
     refresh_workers: int = 0
-    refresh_cpus: float = 1.0  # CPUs each encoder actor reserves (and torch threads)
 
 
 @dataclass
@@ -243,10 +221,6 @@ class RayConfig:
     # Ray Train V2 controller retries (-1 = forever, Ray's default). A run asking for more
     # workers than the cluster can place waits forever at -1; tests use 0 to fail instead.
     controller_failure_limit: int = -1
-    keep_checkpoints: int = 2  # Ray Train checkpoints kept on storage (the newest ones)
-    # Index-service calls are retried this many times when the actor died or is restarting
-    # (backoff 0.2 s doubling, capped at 2 s): an index crash costs seconds, not the run.
-    search_retries: int = 10
     # What a worker holds of the N exemplars: all images when they fit in this many MB
     # (MNIST's 50,000 take 39 MB), else each step reads its batch and candidate rows from the
     # store by id (a pread per row, or an LRU of chunks of this size for compressed layouts);
@@ -257,14 +231,14 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True  # log params, metrics and artifacts to MLflow (rank 0 only)
+    # log params, metrics and artifacts to MLflow (rank 0 only); the trainers also log CPU,
+    # memory, disk, network (and GPU) usage every 10 s as system/* metrics (needs psutil)
+    enabled: bool = True
     # MLflow tracking URI; None: sqlite:///<run_dir>/mlflow.db. An http(s) server is probed
     # for a few seconds before anything starts.
     uri: Optional[str] = None
     experiment: str = "exvae-dist"  # MLflow experiment name
     sample_grid: bool = True  # a grid of 100 prior samples per epoch (samples/, MLflow)
-    # CPU, memory, disk, network (and GPU) usage every 10 s as system/* metrics (psutil)
-    system_metrics: bool = True
 
 
 @dataclass
@@ -296,7 +270,7 @@ CHOICES = {
     "prior.kind": ("gaussian", "vampprior", "exemplar"),
     "prior.normalizer": ("subset", "union"),
     "train.device": ("cpu", "cuda"),
-    "index.kind": ("auto", "flat", "ivfpq"),
+    "index.kind": ("auto", "flat"),
     "eval.checkpoint": ("best", "latest"),
     "augment.generated": ("mean", "bernoulli"),
     "model.likelihood": ("bernoulli", "dlogistic"),
@@ -304,31 +278,24 @@ CHOICES = {
 }
 
 POSITIVE = ("model.z_dim", "model.hidden", "prior.k", "prior.n_pseudo", "train.batch_size",
-            "train.epochs", "eval.n_samples", "eval.batch_size", "eval.exemplar_chunk",
+            "train.epochs", "eval.n_samples", "eval.batch_size",
             "ray.num_workers", "index.shards", "train.log_every", "ray.cpus_per_worker",
-            "index.refresh_cpus", "ray.keep_checkpoints", "train.lr", "model.n_mixtures")
+            "train.lr", "model.n_mixtures")
 # evaluate / augment
-POSITIVE += ("eval.sample_chunk", "eval.tsne_points", "augment.hidden", "augment.epochs",
-             "augment.batch_size", "augment.lr", "eval.prior_tolerance")
+POSITIVE += ("augment.hidden", "augment.epochs", "augment.batch_size", "augment.lr")
 # counts and sizes: at least 1 when set (None keeps its documented meaning)
 POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_valid",
              "data.n_test", "train.threads", "train.max_steps_per_epoch",
              "train.early_stop_patience", "eval.prior_neighbours", "eval.n_test",
-             "eval.validation_samples", "index.nlist", "index.pq_m", "index.nprobe",
-             "index.train_size", "index.keep_versions", "index.service_threads",
-             "index.build_threads", "index.auto_recall_k", "index.auto_calibration_queries",
-             "train.time_budget_hours")
+             "eval.validation_samples", "index.service_threads", "train.time_budget_hours")
 # may be 0 (seeds, counts of nothing, "off")
 NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
-                "augment.seed", "eval.prior_pool", "index.auto_exact_below",
-                "index.refine_factor", "ray.search_retries")
+                "augment.seed", "eval.prior_pool", "index.auto_exact_below")
 AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}
 # [low, high) or [low, high] intervals: probabilities and fractions; the log-variance where
 # exp(lambda) and the Parzen log-densities stay finite in float32
-INTERVALS = {"augment.momentum": (0.0, 1.0, False), "augment.label_smoothing": (0.0, 1.0, False),
-             "prior.init_log_var": (-30.0, 10.0, True),
+INTERVALS = {"prior.init_log_var": (-30.0, 10.0, True),
              "augment.real_weight": (0.0, 1.0, True),
-             "index.pq_bits": (1, 16, True),
              "index.auto_target_recall": (0.0, 1.0, True)}
 NON_EMPTY = ("train.run_dir", "tracking.experiment")
 
@@ -385,9 +352,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                           "`python -m exvae_dist.ingest SOURCE PATH`)")
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError("model.logvar_min must be below model.logvar_max")
-    if cfg.index.kind == "ivfpq" and cfg.model.z_dim % cfg.index.pq_m:
-        raise ConfigError(f"index.pq_m={cfg.index.pq_m} must divide model.z_dim="
-                          f"{cfg.model.z_dim} (PQ splits each latent into pq_m parts)")
     if cfg.train.allow_changed and cfg.train.overwrite:
         raise ConfigError("train.allow_changed=true and train.overwrite=true contradict each "
                           "other: resume with the new settings, or start over; pick one")
@@ -489,7 +453,22 @@ REMOVED_KEYS: dict[str, Any] = {
     "prior.search_precision": "float32", "prior.write_back": False,
     "train.exemplar_precision": "float32", "train.exemplar_grad_threshold": 0.0,
     "train.batching": "random", "train.local_cells": 4, "index.wait_for_refresh": False,
+    # index.kind=ivfpq's hand-set IVF-PQ (kind=auto's IVF-HNSW beat it, bench/README.md; PQ
+    # codes remain as index.auto_codes) and kind=auto's tuning, now constants of
+    # retrieval/index.py, retrieval/service.py and train/refresh.py
+    "index.nlist": None, "index.pq_m": 10, "index.pq_bits": 8, "index.nprobe": 64,
+    "index.refine_factor": 10, "index.train_size": 100_000, "index.auto_recall_k": None,
+    "index.auto_calibration_queries": 512, "index.auto_train_per_list": 64,
+    "index.auto_list_size": 64, "index.build_threads": 1, "index.keep_versions": 3,
+    "index.refresh_cpus": 1.0, "ray.search_retries": 10, "ray.keep_checkpoints": 2,
+    # evaluation and tracking settings nobody needed to change: constants where they are used
+    "eval.exemplar_chunk": None, "eval.sample_chunk": None, "eval.tsne_points": 2000,
+    "eval.prior_tolerance": 1e-6, "augment.momentum": 0.9, "augment.label_smoothing": 0.1,
+    "tracking.system_metrics": True,
 }
+# Values of surviving keys that no longer exist, with the value a saved config now gets
+# (index.kind is no identity key: a resumed run simply builds the kind=auto index).
+REMOVED_VALUES: dict[str, dict[Any, Any]] = {"index.kind": {"ivfpq": "auto"}}
 
 
 def drop_removed_keys(d: dict) -> dict:
@@ -498,6 +477,11 @@ def drop_removed_keys(d: dict) -> dict:
         section, name = dotted.split(".")
         if isinstance(d.get(section), dict):
             d[section].pop(name, None)
+    for dotted, renamed in REMOVED_VALUES.items():
+        section, name = dotted.split(".")
+        values = d.get(section)
+        if isinstance(values, dict) and values.get(name) in renamed:
+            values[name] = renamed[values[name]]
     return d
 
 
@@ -505,8 +489,14 @@ def refuse_removed_overrides(overrides: Sequence[str]) -> None:
     """A removed key on the command line is an error that says where it went."""
     removed = sorted(override_keys(overrides) & set(REMOVED_KEYS))
     if removed:
-        raise ConfigError(f"{', '.join(removed)} no longer exist: bench/README.md has what "
-                          f"they measured and the commit that had them; drop them")
+        raise ConfigError(f"{', '.join(removed)} no longer exist: their values are fixed in "
+                          f"the code now (bench/README.md and git history say why); drop them")
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if value in REMOVED_VALUES.get(key, {}):
+            raise ConfigError(f"{key}={value} no longer exists: use {key}="
+                              f"{REMOVED_VALUES[key][value]} (index.auto_codes="
+                              f"PQ10,RFlat gives an IVF with PQ codes)")
 
 
 # keys the one-process trainer has no use for: set to anything but their default, refused

@@ -151,14 +151,12 @@ def test_query_depth_and_full_subset():
 
 def test_ray_runs_calibrate_the_index_for_the_depth_the_workers_search():
     from exvae_dist.config import ExperimentConfig
-    from exvae_dist.train.driver import index_config
+    from exvae_dist.train.driver import recall_depth
 
     # the paper's RAT: k = 10, M = N / 2, safety 2; the sampler asks for the k + 1 nearest
     # of S (the element itself may be one), which the actors find k' = 44 deep
     cfg = ExperimentConfig()
     assert subset_size(50_000, None) == 25_000 and subset_size(50_000, 30_000) == 30_000
-    assert index_config(cfg, 50_000).auto_recall_k == 44 == query_depth(11, 50_000, 25_000)
+    assert recall_depth(cfg, 50_000) == 44 == query_depth(11, 50_000, 25_000)
     cfg.prior.subsample = 50_000
-    assert index_config(cfg, 50_000).auto_recall_k == 22
-    cfg.index.auto_recall_k = 7  # set by the user: kept
-    assert index_config(cfg, 50_000).auto_recall_k == 7
+    assert recall_depth(cfg, 50_000) == 22

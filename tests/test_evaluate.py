@@ -157,7 +157,7 @@ def test_evaluate_end_to_end(trained_run, data_dir, monkeypatch, capsys):
     # an MLflow run id resolves through the mlflow_run.json files under train.run_dir
     assert resolve_run(run_id, [f"train.run_dir={root}"]) == run
     rc = main([run_id, f"train.run_dir={root}", "eval.n_samples=40", "eval.n_test=20",
-               "eval.sample_chunk=20", "eval.tsne_points=20", "eval.knn_ks=[1,3]"])
+               "eval.knn_ks=[1,3]"])
     assert rc == 0
     (out,) = (run / "eval").iterdir()  # its own folder, named by the UTC start time
     assert out.name.endswith("Z")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import (auto_factory, auto_nlist, brute_force_knn, build_index,
-                                        default_nlist, deserialize, describe, merge_topk,
+from exvae_dist.retrieval.index import (CALIBRATION_QUERIES, UNCALIBRATED_NPROBE, auto_factory,
+                                        auto_nlist, brute_force_knn, build_index,
+                                        calibrate_nprobe, deserialize, describe, merge_topk,
                                         recall_at_k, resolve_kind, search, serialize,
                                         set_nprobe)
 
@@ -47,30 +48,27 @@ def test_brute_force_helper_matches_plain_argsort():
     np.testing.assert_allclose(d2, ref_d, rtol=1e-9)
 
 
-def test_ivfpq_with_reranking_reaches_recall_090_on_100k_clustered():
-    x = clustered(100_000, d=40, seed=5)
-    q = clustered(300, d=40, seed=6)
+def test_auto_ivf_with_pq_codes_reranked_reaches_recall_090():
+    # the design's IVF-PQ at large N: kind=auto with PQ codes (index.auto_codes), whose
+    # candidates are re-ranked by exact distance (PQ alone at d=40 is weak)
+    data = clustered(12_300, d=40, seed=5)
+    x, q = data[:12_000], data[12_000:]
     truth, _ = brute_force_knn(x, q, 10)
-    cfg = IndexConfig(kind="ivfpq", nlist=256, train_size=20_000)
+    cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_codes="PQ10,RFlat",
+                      auto_target_recall=0.9)
     index = build_index(x, cfg)
+    assert "PQ10x8" in describe(index) and "exact re-rank x10" in describe(index)
     ids, dists = search(index, q, 10)
     recall = recall_at_k(ids, truth)
     assert recall >= 0.9, f"recall@10 {recall:.3f} ({describe(index)})"
     # re-ranked distances are exact distances of the returned ids
     exact = ((q[:, None, :].astype(np.float64) - x[ids]) ** 2).sum(-1)
     np.testing.assert_allclose(dists, exact, rtol=1e-3, atol=1e-3)
-
-
-def test_pq_without_reranking_is_worse_than_with_it():
-    # pins why re-ranking is on by default (STACK_NOTES: PQ alone at d=40 is weak)
-    x = clustered(20_000, d=40, seed=7)
-    q = clustered(200, d=40, seed=8)
-    truth, _ = brute_force_knn(x, q, 10)
-    base = dict(kind="ivfpq", nlist=64, train_size=20_000)
-    plain = recall_at_k(search(build_index(x, IndexConfig(refine_factor=0, **base)), q, 10)[0],
-                        truth)
-    refined = recall_at_k(search(build_index(x, IndexConfig(**base)), q, 10)[0], truth)
-    assert refined > plain + 0.2, (plain, refined)
+    # pins why the re-ranking goes REFINE_FACTOR deep: re-ranking only the k best PQ
+    # candidates (the PQ order) loses much of the recall
+    index.k_factor = 1.0
+    plain = recall_at_k(search(index, q, 10)[0], truth)
+    assert recall > plain + 0.15, (plain, recall)
 
 
 def test_merged_shard_answers_equal_brute_force_over_all_rows():
@@ -93,7 +91,7 @@ def test_auto_ivf_hnsw_reaches_recall_095_and_roundtrips_through_bytes():
     x, q = data[:30_000], data[30_000:]
     truth, _ = brute_force_knn(x, q, 10)
     cfg = IndexConfig(kind="auto", auto_exact_below=10_000)
-    assert resolve_kind(len(x), cfg) == "ivfhnsw" and auto_nlist(len(x), cfg) == 469
+    assert resolve_kind(len(x), cfg) == "ivfhnsw" and auto_nlist(len(x)) == 469
     index = build_index(x, cfg)
     assert describe(index).startswith("IVF469_HNSW,")
     ids, dists = search(index, q, 10)
@@ -106,11 +104,11 @@ def test_auto_ivf_hnsw_reaches_recall_095_and_roundtrips_through_bytes():
     np.testing.assert_array_equal(search(again, q, 10)[0], ids)
 
 
-def _recall_bound_without_self(index, x, rows, k):
+def _recall_bound_without_self(index, x, rows, k, truth):
     """Mean recall@k and its lower confidence bound (mean less two standard errors)
-    of index on rows of x as queries, each query's own row left out, against an exhaustive
-    numpy kNN: the calibration's criterion, computed independently."""
-    truth, _ = numpy_knn(x, x[rows], k + 1)
+    of index on rows of x as queries, each query's own row left out, against `truth`, the
+    exhaustive numpy kNN (k + 1 deep) of those rows: the calibration's criterion, computed
+    independently."""
     found, _ = search(index, x[rows], k + 1)
     per_query = []
     for r, f, t in zip(rows, found, truth):
@@ -123,16 +121,17 @@ def _recall_bound_without_self(index, x, rows, k):
 
 def test_calibrated_nprobe_is_the_smallest_whose_bound_reaches_the_target():
     x = clustered(12_000, d=16, seed=11)
-    cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_calibration_queries=300,
-                      auto_recall_k=5)
-    # the same index uncalibrated, and the same 300 rows the calibration draws (seed 3):
+    cfg = IndexConfig(kind="auto", auto_exact_below=0)
+    # the same index uncalibrated, and the same rows the calibration draws (seed 3):
     # mean recall and its lower bound at every nprobe, against brute force
     index = build_index(x, dataclasses.replace(cfg, auto_target_recall=0), seed=3)
-    rows = np.sort(np.random.default_rng(3).choice(len(x), 300, replace=False))
+    assert faiss.extract_index_ivf(index).nprobe == UNCALIBRATED_NPROBE  # calibration off
+    rows = np.sort(np.random.default_rng(3).choice(len(x), CALIBRATION_QUERIES, replace=False))
+    truth, _ = numpy_knn(x, x[rows], 6)
     table = {}
     for p in range(1, 65):
         set_nprobe(index, p)  # nprobe and the HNSW walk, as the calibration sets them
-        table[p] = _recall_bound_without_self(index, x, rows, 5)
+        table[p] = _recall_bound_without_self(index, x, rows, 5, truth)
     # a target between the bound and the mean of a middle nprobe: a calibration on the
     # mean alone would stop there, one on the bound must go further
     middle = next(p for p, (mean, bound) in table.items() if 0.6 < mean < 0.99)
@@ -140,13 +139,29 @@ def test_calibrated_nprobe_is_the_smallest_whose_bound_reaches_the_target():
     expected = min(p for p, (_, bound) in table.items() if bound >= target)
     assert expected > middle
     assert expected & (expected - 1), "not a power of two: the old doubling could not find it"
-    calibrated = build_index(x, dataclasses.replace(cfg, auto_target_recall=target), seed=3)
+    calibrated = build_index(x, dataclasses.replace(cfg, auto_target_recall=target), seed=3,
+                             recall_k=5)
     assert faiss.extract_index_ivf(calibrated).nprobe == expected
     # deterministic: the same data and seed give the same index settings
-    again = build_index(x, dataclasses.replace(cfg, auto_target_recall=target), seed=3)
+    again = build_index(x, dataclasses.replace(cfg, auto_target_recall=target), seed=3,
+                        recall_k=5)
     assert faiss.extract_index_ivf(again).nprobe == expected
-    fixed = build_index(x, dataclasses.replace(cfg, auto_target_recall=0, nprobe=3), seed=3)
-    assert faiss.extract_index_ivf(fixed).nprobe == 3
+    # the recall it reports is the recall@5 of those rows (the depth asked), not @10's
+    nprobe, recall = calibrate_nprobe(index, x, dataclasses.replace(cfg, auto_target_recall=target),
+                                      seed=3, recall_k=5)
+    assert nprobe == expected and recall == pytest.approx(table[expected][0], abs=1e-9)
+
+
+def test_build_index_calibrates_for_the_depth_its_caller_searches(monkeypatch):
+    # the Ray driver asks for RAT's k' (driver.recall_depth), deeper than the default 10
+    from exvae_dist.retrieval import index as index_mod
+
+    depths = []
+    monkeypatch.setattr(index_mod, "calibrate_nprobe", lambda *args, **kw: depths.append(
+        args[4] if len(args) > 4 else kw["recall_k"]))
+    build_index(clustered(3000, d=8), IndexConfig(kind="auto", auto_exact_below=0), recall_k=44)
+    build_index(clustered(3000, d=8), IndexConfig(kind="auto", auto_exact_below=0))
+    assert depths == [44, 10]
 
 
 def test_calibration_reaches_the_target_on_held_out_queries():
@@ -162,12 +177,11 @@ def test_calibration_reaches_the_target_on_held_out_queries():
 def test_auto_kind_picks_exact_below_threshold_and_lists_of_constant_length():
     cfg = IndexConfig(kind="auto", auto_exact_below=1000)
     assert resolve_kind(999, cfg) == "flat" and resolve_kind(1000, cfg) == "ivfhnsw"
-    assert 1 <= default_nlist(10) and default_nlist(1_000_000) == 4000
     # nlist grows with N (N / 64 rounded): the mean list length stays 64
     for n in (10**5, 10**6, 10**7, 3 * 10**7 + 7):
-        assert 63.5 <= n / auto_nlist(n, cfg) <= 64.5
+        assert 63.5 <= n / auto_nlist(n) <= 64.5
     assert auto_factory(10**7, cfg) == "IVF156250_HNSW32,Flat"
-    assert auto_nlist(100, cfg) == 2  # at most N / 30 lists
+    assert auto_nlist(100) == 2  # at most N / 30 lists
     with pytest.raises(ValueError, match="auto_codes='Bogus'"):
         build_index(clustered(2000, d=8), IndexConfig(auto_exact_below=0, auto_codes="Bogus"))
 
@@ -178,11 +192,6 @@ def test_search_rejects_wrong_query_dimension_with_the_expected_shape():
         search(index, np.zeros((3, 5), np.float32), 2)
     with pytest.raises(ValueError, match="k must be positive"):
         search(index, np.zeros((3, 8), np.float32), 0)
-
-
-def test_bad_pq_m_names_valid_choices():
-    with pytest.raises(ValueError, match="pq_m=7 does not divide the latent size 40"):
-        build_index(clustered(5000, d=40), IndexConfig(kind="ivfpq", pq_m=7, nlist=16))
 
 
 def test_asking_more_than_n_gives_minus_one_and_inf():

@@ -425,7 +425,7 @@ def test_run_trained_on_a_store_evaluates_on_its_test_split_and_refuses_another(
     fit(cfg)
     run_dir = cfg.run_path()
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
-    common = ["eval.n_samples=20", "eval.n_test=10", "eval.sample_chunk=20",
+    common = ["eval.n_samples=20", "eval.n_test=10",
               "eval.pictures=false", "eval.knn_ks=[1,3]"]
     assert evaluate([str(run_dir), *common, "eval.name=store_test"]) == 0
     summary = (run_dir / "eval" / "store_test" / "summary.json").read_text()

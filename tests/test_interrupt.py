@@ -20,7 +20,7 @@ def _train(tmp_path, data_dir, epochs):
         [sys.executable, "-m", "exvae_dist.trainer", "--config", "smoke",
          f"train.run_dir={tmp_path}", f"train.epochs={epochs}", "data.n_train=300",
          "data.n_valid=100", "train.log_every=1", "train.progress=false",
-         "tracking.sample_grid=false", "tracking.system_metrics=false"],
+         "tracking.sample_grid=false"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -27,7 +27,7 @@ SETUP = "bash scripts/setup.sh"
 TRAIN_SHORT = ("train.epochs=1", "train.max_steps_per_epoch=2", "data.n_train=300",
                "data.n_valid=100", "data.n_test=20", "train.progress=false",
                "tracking.enabled=false", "train.threads=1")
-EVAL_SHORT = ("eval.n_samples=4", "eval.n_test=4", "eval.sample_chunk=4", "eval.pictures=false",
+EVAL_SHORT = ("eval.n_samples=4", "eval.n_test=4", "eval.pictures=false",
               "eval.knn=false", "train.progress=false", "data.n_train=300")
 COMMAND = re.compile(r"-m exvae_dist\.(train|trainer|evaluate|augment)\b")
 IGNORED = shutil.ignore_patterns(".git", ".venv", "runs", "stores", "__pycache__", "*.egg-info",

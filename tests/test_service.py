@@ -129,6 +129,21 @@ def test_holder_hammer_every_answer_from_exactly_one_version(tmp_path):
         check_answer(ids, dists, version)
 
 
+def test_holder_calibrates_its_builds_for_the_depth_its_clients_search(tmp_path, monkeypatch):
+    # the Ray driver passes RAT's k' (driver.recall_depth); kind=auto's nprobe is calibrated
+    # for the recall of that many neighbours, not for a fixed 10
+    from exvae_dist.retrieval import service
+
+    depths = []
+    build = service.build_index
+    monkeypatch.setattr(service, "build_index", lambda x, cfg, **kw: (
+        depths.append(kw.get("recall_k")) or build(x, cfg, **kw)))
+    holder = IndexHolder(str(make_store(tmp_path / "s.zarr").path), CFG, recall_k=44)
+    assert holder.wait_for_version(1, timeout=30) == 1
+    holder.close()
+    assert depths == [44]
+
+
 def test_holder_search_before_any_version_raises_at_once(tmp_path):
     store = make_store(tmp_path / "s.zarr", versions=())
     holder = IndexHolder(str(store.path), CFG)

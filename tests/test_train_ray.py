@@ -388,7 +388,7 @@ def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_spli
     assert list((cfg.run_path() / "samples").glob("*.png"))  # grid from streamed centres
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
     assert evaluate([str(cfg.run_path()), "eval.n_samples=20", "eval.n_test=10",
-                     "eval.sample_chunk=20", "eval.pictures=false", "eval.knn_ks=[1]",
+                     "eval.pictures=false", "eval.knn_ks=[1]",
                      "eval.name=store_test"]) == 0
     assert "log_likelihood" in (cfg.run_path() / "eval" / "store_test" /
                                 "summary.json").read_text()

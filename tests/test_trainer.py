@@ -245,7 +245,7 @@ def test_tracking_uri_sends_the_run_elsewhere(tmp_path, smoke_cfg):
 
 
 def test_ray_and_index_keys_are_refused_by_the_one_process_trainer(tmp_path, smoke_cfg):
-    for key in ("ray.num_workers=2", "index.kind=ivfpq", "index.store_path=/tmp/s.zarr"):
+    for key in ("ray.num_workers=2", "index.kind=flat", "index.store_path=/tmp/s.zarr"):
         with pytest.raises(config_mod.ConfigError, match="no effect in the one-process"):
             fit(smoke_cfg(tmp_path, key, "tracking.enabled=false"))
 

@@ -31,7 +31,7 @@ import torch
 from .. import config as config_mod
 from ..data import DataSplits, binarize_once
 from ..evaluation import knn, pictures
-from ..evaluation.likelihood import describe_prior, estimate_log_likelihood
+from ..evaluation.likelihood import PRIOR_TOLERANCE, describe_prior, estimate_log_likelihood
 from ..evaluation.runs import TrainedRun, load_splits
 from .cli import run_command
 from .exemplars import ExemplarSet, ExemplarSetError, choose_set
@@ -45,6 +45,9 @@ from ..runs.hardware import resolve_device
 log = logging.getLogger(__name__)
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016
+# test means in the t-SNE map: enough to show the classes' clusters, while t-SNE (quadratic
+# in the points) stays a few seconds of an evaluation
+TSNE_POINTS = 2000
 
 
 def _bar(items, desc: str, total: Optional[int] = None):
@@ -60,14 +63,12 @@ def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) 
     return int((var > threshold).sum().item()), [round(v, 6) for v in var.tolist()]
 
 
-def chunk_sizes(e, device: torch.device) -> tuple[int, int]:
-    """(samples, exemplars) per block of the estimate: eval.sample_chunk / eval.exemplar_chunk,
-    or when null the sizes measured fastest on each device (a 2-core CPU: blocks that stay in
-    cache; an H100: a whole image's 5000 samples against 16,384 exemplars per kernel, 10x the
-    images per second of the CPU sizes there)."""
+def chunk_sizes(device: torch.device) -> tuple[int, int]:
+    """(samples, exemplars) per block of the estimate: the sizes measured fastest on each
+    device (a 2-core CPU: blocks that stay in cache; an H100: a whole image's 5000 samples
+    against 16,384 exemplars per kernel, 10x the images per second of the CPU sizes there)."""
     gpu = device.type != "cpu"
-    return (e.sample_chunk or (5000 if gpu else 500),
-            e.exemplar_chunk or (16384 if gpu else DEFAULT_CHUNK))
+    return (5000 if gpu else 500), (16384 if gpu else DEFAULT_CHUNK)
 
 
 def log_likelihood(trained: TrainedRun, x: torch.Tensor, centres: Optional[torch.Tensor]) -> dict:
@@ -80,10 +81,10 @@ def log_likelihood(trained: TrainedRun, x: torch.Tensor, centres: Optional[torch
     t0 = time.perf_counter()
     bar = _bar(range(0, x.shape[0], e.batch_size), "log-likelihood",
                total=math.ceil(x.shape[0] / e.batch_size))
-    sample_chunk, exemplar_chunk = chunk_sizes(e, x.device)
+    sample_chunk, exemplar_chunk = chunk_sizes(x.device)
     for start in bar:
         res = estimate_log_likelihood(model, x[start:start + e.batch_size], e.n_samples, centres,
-                                  e.prior_neighbours, e.prior_pool, e.prior_tolerance,
+                                  e.prior_neighbours, e.prior_pool, PRIOR_TOLERANCE,
                                   sample_chunk, exemplar_chunk)
         values.append(res.log_px.double())
         pools += res.pools
@@ -102,7 +103,7 @@ def log_likelihood(trained: TrainedRun, x: torch.Tensor, centres: Optional[torch
         "bits_per_dim": -v.mean().item() / (dims * math.log(2.0)),
         "units": f"nats per image; bits_per_dim over {dims} dimensions",
         "prior": describe_prior(model.prior_kind, n_exemplars, e.prior_neighbours,
-                                e.prior_tolerance, e.prior_pool),
+                                PRIOR_TOLERANCE, e.prior_pool),
         "is_lower_bound": truncated,
         "n_images": len(v),
         "n_samples": e.n_samples,
@@ -136,7 +137,7 @@ def make_pictures(trained: TrainedRun, splits: DataSplits, centres: Optional[tor
     pairs = torch.randperm(train_x.shape[0], generator=gen)[:10].reshape(5, 2)
     files["interpolations"] = pictures.interpolations(model, train_x, pairs,
                                                       out / "interpolations.png", shape)
-    n = min(e.tsne_points, test_means.shape[0])
+    n = min(TSNE_POINTS, test_means.shape[0])
     labels = splits.test_y[:n] if splits.test_y is not None else None
     files["tsne"] = pictures.tsne_map(test_means[:n].numpy(), labels, out / "tsne.png",
                                       seed=e.seed, title=f"t-SNE of {n} test encoder means")

@@ -6,20 +6,18 @@
 
 Kinds (IndexConfig.kind):
 - "flat":  exact L2 search (IndexFlatL2).
-- "ivfpq": IVF coarse quantizer + product quantization. At d=40 PQ codes alone cap
-           recall@10 near 0.4-0.5 (STACK_NOTES), so with refine_factor > 0 the k *
-           refine_factor best PQ candidates are re-ranked by exact distance
-           (IndexRefineFlat, which keeps the raw vectors).
 - "auto":  flat below IndexConfig.auto_exact_below exemplars; from there on an IVF whose
-           query time does not grow with N (`auto_factory`): nlist = N / auto_list_size
-           (rounded), so every inverted list holds ~auto_list_size vectors whatever N is,
+           query time does not grow with N (`auto_factory`): nlist = N / AUTO_LIST_SIZE
+           (rounded), so every inverted list holds ~AUTO_LIST_SIZE vectors whatever N is,
            and an HNSW coarse quantizer (FAISS's `IVF<nlist>_HNSW32`) finds the nprobe
            nearest lists in ~log(nlist). The lists hold the raw vectors by default
            (`auto_codes="Flat"`), so every distance computed is exact and the top-k of the
-           probed lists is exactly re-ranked by construction; `auto_codes="PQ10x4fs,RFlat"`
-           trades that for PQ codes re-ranked by IndexRefineFlat. The coarse centroids
+           probed lists is exactly re-ranked by construction; `auto_codes="PQ10,RFlat"`
+           scans PQ codes and re-ranks the best of them by exact distance (IndexRefineFlat,
+           which keeps the raw vectors too; PQ codes alone, "PQ10", take a tenth of the
+           memory but cap recall@10 near 0.4-0.5 at d=40). The coarse centroids
            come from faiss.contrib.clustering.two_level_clustering (k-means over sqrt(nlist)
-           groups, then within each) on a sample of auto_train_per_list (30-256) points per
+           groups, then within each) on a sample of AUTO_TRAIN_PER_LIST points per
            list: a flat k-means over 1e5 centroids would not finish on a laptop. nprobe is
            then calibrated on the index's own rows to the smallest value reaching
            auto_target_recall (`calibrate_nprobe`): how far the true neighbours spread over
@@ -49,84 +47,88 @@ log = logging.getLogger(__name__)
 ADD_EF_SEARCH = 16
 # the smallest HNSW efSearch of a query's walk over kind=auto's centroids (FAISS's default)
 MIN_EF_SEARCH = 16
-# recall@k that kind=auto calibrates nprobe for when IndexConfig.auto_recall_k is None
+# recall@k that kind=auto calibrates nprobe for unless its caller knows the depth it searches
+# (the Ray driver passes RAT's k'); 10 is the depth recall is quoted at in bench/README.md
 DEFAULT_RECALL_K = 10
+# mean vectors per inverted list of kind=auto's IVF: a query scans nprobe lists of this
+# length, so query time stays flat in N (bench/README.md, "Index service")
+AUTO_LIST_SIZE = 64
+# k-means sample per list: inside FAISS's 30..256 points per centroid, enough for stable
+# centroids, and the build's k-means stays a fraction of adding the N vectors
+AUTO_TRAIN_PER_LIST = 64
+# index rows searched to measure recall at a build: the mean less two standard errors must
+# reach the target, and 512 queries put that error near 0.5% at recall 0.95
+CALIBRATION_QUERIES = 512
+# nprobe when calibration is off (auto_target_recall=0): the fixed value used before
+# calibration (recall@10 0.996 at N = 1e5, but 0.527 at 1e7: bench/README.md)
+UNCALIBRATED_NPROBE = 64
+# PQ codes over the lists (index.auto_codes=PQ...,RFlat): candidates re-ranked exactly per
+# neighbour asked for; 10 reached recall@10 ~0.98 at N = 1e6 on clustered d=40 latents
+REFINE_FACTOR = 10
 
 
 def resolve_kind(n: int, cfg: IndexConfig) -> str:
-    """The concrete index kind ("flat", "ivfpq" or "ivfhnsw", auto's IVF) for N exemplars."""
+    """The concrete index kind ("flat" or "ivfhnsw", auto's IVF) for N exemplars."""
     if cfg.kind == "auto":
         return "flat" if n < cfg.auto_exact_below else "ivfhnsw"
-    if cfg.kind not in ("flat", "ivfpq"):
-        raise ValueError(f"index.kind={cfg.kind!r} is not one of auto, flat, ivfpq")
+    if cfg.kind != "flat":
+        raise ValueError(f"index.kind={cfg.kind!r} is not one of auto, flat")
     return cfg.kind
 
 
-def default_nlist(n: int) -> int:
-    """About 4 * sqrt(N) inverted lists, at least 1 and at most N / 39 (FAISS wants ~39
-    training points per centroid)."""
-    return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
-
-
-def auto_nlist(n: int, cfg: IndexConfig) -> int:
-    """kind=auto's number of lists: N / auto_list_size rounded, and at most N / 30 (FAISS
+def auto_nlist(n: int) -> int:
+    """kind=auto's number of lists: N / AUTO_LIST_SIZE rounded, and at most N / 30 (FAISS
     warns below ~30 training points per centroid). Not rounded to a power of two: that made
     the mean list 49 vectors long at N = 1e5 and 76 at 1e7, and a query scans nprobe lists."""
-    if cfg.nlist:
-        return cfg.nlist
-    nlist = round(n / cfg.auto_list_size)
-    return int(max(1, min(nlist, n // 30)))
+    return int(max(1, min(round(n / AUTO_LIST_SIZE), n // 30)))
 
 
 def auto_factory(n: int, cfg: IndexConfig) -> str:
     """kind=auto's FAISS factory string above auto_exact_below, e.g. "IVF15625_HNSW32,Flat"
     at N = 1e6."""
-    return f"IVF{auto_nlist(n, cfg)}_HNSW32,{cfg.auto_codes}"
+    return f"IVF{auto_nlist(n)}_HNSW32,{cfg.auto_codes}"
 
 
-def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
-    """An index over latents [N, d] (row n gets id n), ready to search.
+def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0,
+                recall_k: int = DEFAULT_RECALL_K) -> faiss.Index:
+    """An index over latents [N, d] (row n gets id n), ready to search; kind=auto's IVF is
+    calibrated for the recall of the `recall_k` nearest.
 
     Search parameters (nprobe, re-ranking depth) are set here and travel with the index.
     An index over one shard's rows numbers them from 0; the shard adds its first row.
-    On a machine where FAISS sees GPUs and cfg.use_gpu is set, flat indexes and the IVF
-    training run on the GPU.
+    On a machine where FAISS sees GPUs and cfg.use_gpu is set, flat indexes run on the GPU.
     """
     x = _as_matrix(latents, "latents")
     n, d = x.shape
     if n == 0:
         raise ValueError("cannot build an index over 0 latents")
-    kind = resolve_kind(n, cfg)
-    if kind == "flat":
+    if resolve_kind(n, cfg) == "flat":
         index = _gpu_or_cpu(faiss.IndexFlatL2(d), cfg)
-    elif kind == "ivfhnsw":
-        t0 = time.perf_counter()
-        index = _trained_ivfhnsw(x, cfg, seed)
-        t1 = time.perf_counter()
-        _add_assigning_cheaply(index, x)
-        t2 = time.perf_counter()
-        if cfg.auto_target_recall > 0:
-            calibrate_nprobe(index, x, cfg, seed)
-        log.info("%s over %d rows: k-means %.1f s, adding %.1f s, calibration %.1f s",
-                 describe(index), n, t1 - t0, t2 - t1, time.perf_counter() - t2)
+        index.add(x)
         return index
-    else:
-        index = _with_refine(_trained_ivfpq(x, cfg, seed), cfg)
-    index.add(x)
+    t0 = time.perf_counter()
+    index = _trained_ivfhnsw(x, cfg, seed)
+    t1 = time.perf_counter()
+    _add_assigning_cheaply(index, x)
+    t2 = time.perf_counter()
+    if cfg.auto_target_recall > 0:
+        calibrate_nprobe(index, x, cfg, seed, recall_k)
+    log.info("%s over %d rows: k-means %.1f s, adding %.1f s, calibration %.1f s",
+             describe(index), n, t1 - t0, t2 - t1, time.perf_counter() - t2)
     return index
 
 
 def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
-                     seed: int = 0) -> tuple[int, float]:
-    """Sets kind=auto's nprobe to the smallest value whose recall@auto_recall_k reaches
+                     seed: int = 0, recall_k: int = DEFAULT_RECALL_K) -> tuple[int, float]:
+    """Sets kind=auto's nprobe to the smallest value whose recall@recall_k reaches
     cfg.auto_target_recall on this index's own data (its mean over the calibration queries
     less two standard errors), and returns (nprobe, mean recall). It doubles nprobe from 1
     until the target is reached, then bisects between the last value short of it and the
     first one past it (with exact codes recall can only grow with nprobe: more lists probed,
     the same distances), so the query time is not rounded up by as much as 2x.
 
-    The calibration queries are auto_calibration_queries rows of `latents` (the vectors the
-    index holds), drawn with `seed`; each is searched for its auto_recall_k + 1 nearest
+    The calibration queries are CALIBRATION_QUERIES rows of `latents` (the vectors the
+    index holds), drawn with `seed`; each is searched for its recall_k + 1 nearest
     latents and its own row is left out of both the answer and the exact truth
     (faiss.knn, brute force), as RAT leaves a batch element's own exemplar out. Why measure
     instead of a fixed nprobe: how many lists the true neighbours spread over depends on
@@ -138,11 +140,11 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
     ivf = faiss.extract_index_ivf(index)
     x = _as_matrix(latents, "latents")
     n = x.shape[0]
-    k = min(cfg.auto_recall_k or DEFAULT_RECALL_K, n - 1)
+    k = min(recall_k, n - 1)
     if k <= 0:
         return ivf.nprobe, 1.0
     rows = np.sort(np.random.default_rng(seed).choice(
-        n, min(n, cfg.auto_calibration_queries), replace=False))
+        n, min(n, CALIBRATION_QUERIES), replace=False))
     queries = x[rows]
     _, truth = faiss.knn(queries, x, k + 1)
     truth = _without_own_row(truth, rows, k)
@@ -306,48 +308,20 @@ def _as_matrix(a: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
-def _trained_ivfpq(x: np.ndarray, cfg: IndexConfig, seed: int) -> faiss.Index:
-    """An empty IVF-PQ index trained on a random sample of x."""
-    n, d = x.shape
-    if d % cfg.pq_m:
-        divisors = [m for m in range(1, d + 1) if d % m == 0]
-        raise ValueError(f"index.pq_m={cfg.pq_m} does not divide the latent size {d}; "
-                         f"pick one of {divisors}")
-    nlist = cfg.nlist or default_nlist(n)
-    # FAISS wants >= 39 points per centroid and 2**pq_bits per PQ centroid
-    n_train = min(n, max(cfg.train_size, 40 * nlist, 40 * 2 ** cfg.pq_bits))
-    rng = np.random.default_rng(seed)
-    sample = x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))]
-    quantizer = faiss.IndexFlatL2(d)
-    ivf = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, cfg.pq_bits)
-    ivf.cp.seed = seed
-    ivf.pq.cp.seed = seed
-    if cfg.use_gpu and faiss.get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"):
-        # k-means of the coarse quantizer is the slow part of training: run it on the GPU
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d))
-    ivf.train(sample)
-    ivf.clustering_index = None
-    ivf.nprobe = min(cfg.nprobe, nlist)
-    return ivf
-
-
 def _trained_ivfhnsw(x: np.ndarray, cfg: IndexConfig, seed: int) -> faiss.Index:
-    """kind=auto's empty IVF (auto_factory), trained on auto_train_per_list points per list."""
+    """kind=auto's empty IVF (auto_factory), trained on AUTO_TRAIN_PER_LIST points per list."""
     from faiss.contrib.clustering import two_level_clustering
 
     n, d = x.shape
-    if not 30 <= cfg.auto_train_per_list <= 256:
-        raise ValueError(f"index.auto_train_per_list={cfg.auto_train_per_list} is outside "
-                         f"30..256 (FAISS's k-means range of points per centroid)")
     factory = auto_factory(n, cfg)
     try:
         index = faiss.index_factory(d, factory)
     except RuntimeError as err:
         raise ValueError(f"FAISS cannot build {factory!r} (index.auto_codes="
-                         f"{cfg.auto_codes!r}): {err}; use e.g. Flat or PQ10x4fs,RFlat") from None
+                         f"{cfg.auto_codes!r}): {err}; use e.g. Flat or PQ10,RFlat") from None
     ivf = faiss.extract_index_ivf(index)
     nlist = ivf.nlist
-    n_train = min(n, cfg.auto_train_per_list * nlist)
+    n_train = min(n, AUTO_TRAIN_PER_LIST * nlist)
     rng = np.random.default_rng(seed)
     sample = x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))]
     if nlist > 1:
@@ -357,9 +331,9 @@ def _trained_ivfhnsw(x: np.ndarray, cfg: IndexConfig, seed: int) -> faiss.Index:
         centroids = sample.mean(0, keepdims=True)
     ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     index.train(sample)  # the coarse quantizer is full, so this trains codes (PQ) only
-    set_nprobe(index, cfg.nprobe)
+    set_nprobe(index, UNCALIBRATED_NPROBE)
     if isinstance(index, faiss.IndexRefine):
-        index.k_factor = float(max(1, cfg.refine_factor))
+        index.k_factor = float(REFINE_FACTOR)
     return index
 
 
@@ -381,16 +355,6 @@ def _without_own_row(ids: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     keep = ids != rows[:, None]
     keep[keep.sum(1) > k, -1] = False  # own row not found: drop the farthest instead
     return ids[keep].reshape(len(rows), k)
-
-
-def _with_refine(base: faiss.Index, cfg: IndexConfig) -> faiss.Index:
-    if cfg.refine_factor <= 0:
-        return base
-    # IndexRefineFlat stores the raw vectors and re-ranks k * k_factor PQ candidates exactly;
-    # it must wrap an empty base (it adds to both).
-    refine = faiss.IndexRefineFlat(base)
-    refine.k_factor = float(cfg.refine_factor)
-    return refine
 
 
 def _gpu_or_cpu(index: faiss.Index, cfg: Optional[IndexConfig]) -> faiss.Index:

@@ -40,11 +40,15 @@ import faiss
 import numpy as np
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import build_index, describe, search
+from exvae_dist.retrieval.index import DEFAULT_RECALL_K, build_index, describe, search
 from exvae_dist.retrieval.store import ExemplarStore, StoreError
 
 log = logging.getLogger(__name__)
 
+# FAISS threads of the background rebuild: one, so that the queries (index.service_threads)
+# and the training workers keep their cores while a new version is built (bench/README.md:
+# steps during a rebuild)
+BUILD_THREADS = 1
 
 class IndexNotReady(RuntimeError):
     """A search before any index version has been built."""
@@ -78,8 +82,9 @@ class IndexHolder:
     """
 
     def __init__(self, store_path: str, cfg: IndexConfig, load_latest: bool = True,
-                 shard: int = 0, shards: int = 1):
+                 shard: int = 0, shards: int = 1, recall_k: int = DEFAULT_RECALL_K):
         self.cfg = cfg
+        self.recall_k = recall_k  # the depth the clients search: kind=auto calibrates for it
         self.store = ExemplarStore(store_path)
         self.shard, self.shards = shard, shards
         self.rows = shard_rows(self.store.n, shard, shards)
@@ -263,9 +268,8 @@ class IndexHolder:
             return self._served
 
     def _build_loop(self) -> None:
-        # OpenMP's thread count is per calling thread: fewer build threads leave cores to
-        # the queries (and to training workers) while a new version is built.
-        faiss.omp_set_num_threads(max(1, self.cfg.build_threads))
+        # OpenMP's thread count is per calling thread: this one's, for the builds only
+        faiss.omp_set_num_threads(BUILD_THREADS)
         while True:
             with self._lock:
                 while self._pending is None and not self._closed:
@@ -298,7 +302,7 @@ class IndexHolder:
             latents = self.store.read_latents(version)
         else:
             latents = self.store.read_latent_rows(version, *self.rows)
-        index = build_index(latents, self.cfg)
+        index = build_index(latents, self.cfg, recall_k=self.recall_k)
         seconds = time.perf_counter() - start
         log.info("index version %d (shard %d of %d) built in %.1f s: %s over %d x %d", version,
                  self.shard, self.shards, seconds, describe(index), *latents.shape)
@@ -311,10 +315,11 @@ class IndexHolder:
 class IndexService:
     """Ray actor shell around IndexHolder (start it with start_index_service)."""
 
-    def __init__(self, store_path: str, cfg: dict, shard: int = 0, shards: int = 1):
+    def __init__(self, store_path: str, cfg: dict, shard: int = 0, shards: int = 1,
+                 recall_k: int = DEFAULT_RECALL_K):
         logging.basicConfig(level=logging.INFO)
         self._holder = IndexHolder(store_path, IndexConfig(**cfg), load_latest=True,
-                                   shard=shard, shards=shards)
+                                   shard=shard, shards=shards, recall_k=recall_k)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """See IndexHolder.search: (ids [B, k] int64, dists [B, k] float32, version)."""
@@ -339,7 +344,8 @@ class IndexService:
 
 
 def start_index_service(store_path: str, cfg: IndexConfig, name: Optional[str] = None,
-                        max_concurrency: int = 4, max_restarts: int = -1):
+                        max_concurrency: int = 4, max_restarts: int = -1,
+                        recall_k: int = DEFAULT_RECALL_K):
     """Starts one IndexService actor over all rows (Ray must be initialised); returns its handle.
 
     num_cpus=0 so that it fits beside training workers that hold every CPU; several
@@ -347,15 +353,17 @@ def start_index_service(store_path: str, cfg: IndexConfig, name: Optional[str] =
     cfg.service_threads OpenMP threads (Ray sets 1 in actors otherwise). Ray restarts it
     after a crash and retries calls that were in flight.
     """
-    return _start_shard(store_path, cfg, name, 0, 1, max_concurrency, max_restarts, {})
+    return _start_shard(store_path, cfg, name, 0, 1, max_concurrency, max_restarts, {},
+                        recall_k)
 
 
 def start_index_shards(store_path: str, cfg: IndexConfig, name: Optional[str] = None,
                        shards: Optional[int] = None, max_concurrency: int = 4,
-                       max_restarts: int = -1) -> list:
+                       max_restarts: int = -1, recall_k: int = DEFAULT_RECALL_K) -> list:
     """Starts `shards` (default cfg.shards) IndexService actors; returns their handles in
     shard order. Shard s owns rows shard_rows(N, s, S); actor names are `name` for one
-    shard, `name-shard<s>` for several.
+    shard, `name-shard<s>` for several. recall_k: the depth the clients search, which
+    kind=auto's IVF is calibrated for.
 
     On a cluster of several nodes the shards go into a placement group with the SPREAD
     strategy, one bundle per shard, so that they land on different nodes while there are
@@ -389,7 +397,7 @@ def start_index_shards(store_path: str, cfg: IndexConfig, name: Optional[str] = 
                          group, placement_group_bundle_index=s)}
         handles.append(_start_shard(store_path, cfg, name if shards == 1 or not name
                                     else f"{name}-shard{s}", s, shards, max_concurrency,
-                                    max_restarts, extra))
+                                    max_restarts, extra, recall_k))
     return handles
 
 
@@ -406,7 +414,7 @@ def placement_strategy() -> str:
 
 
 def _start_shard(store_path, cfg: IndexConfig, name, shard, shards, max_concurrency,
-                 max_restarts, extra: dict):
+                 max_restarts, extra: dict, recall_k: int):
     import ray  # the only Ray import: everything above works without it
 
     ExemplarStore(store_path)  # fail here, in the caller, if the store does not exist
@@ -416,4 +424,4 @@ def _start_shard(store_path, cfg: IndexConfig, name, shard, shards, max_concurre
                    runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
     options.update(extra)
     actor = ray.remote(IndexService).options(**options)
-    return actor.remote(str(store_path), dataclasses.asdict(cfg), shard, shards)
+    return actor.remote(str(store_path), dataclasses.asdict(cfg), shard, shards, recall_k)

@@ -147,7 +147,7 @@ class MlflowTracker(NullTracker):
 
     owner=True (the trainers): the run is marked RUNNING while this tracker lives and gets
     its end status from `end`; system metrics (CPU, memory, disk, network, GPU; `system/*`)
-    are sampled every 10 s when `system_metrics` (needs psutil).
+    are sampled every 10 s when `system_metrics` (the trainers: always; needs psutil).
     owner=False (evaluate, augment): logs into the run and leaves its status as it was.
     """
 
@@ -279,7 +279,7 @@ def make_tracker(cfg, run_path: Path, rank: int = 0) -> NullTracker:
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     return MlflowTracker(run_path, cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name(),
-                         system_metrics=cfg.tracking.system_metrics)
+                         system_metrics=True)  # off only where psutil is missing
 
 
 def open_run_tracker(run_path: Path) -> NullTracker:

@@ -8,7 +8,6 @@ name = cfg.run_name()), so rerunning the same command finds them and resumes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -29,6 +28,10 @@ from ..runs import preflight  # hook: issue16
 from ..runs.run_lock import exclusive_run  # hook: issue16
 
 log = logging.getLogger(__name__)
+
+# Ray Train checkpoints kept on storage: the newest and the one before it (Ray keeps every
+# one otherwise, and a run of thousands of epochs would fill the disk)
+KEEP_CHECKPOINTS = 2
 
 
 def connect(cfg: config_mod.ExperimentConfig) -> bool:
@@ -58,15 +61,12 @@ def index_actor_name(cfg: config_mod.ExperimentConfig) -> str:
     return f"exvae-index-{cfg.run_name()}"
 
 
-def index_config(cfg: config_mod.ExperimentConfig, n: int) -> config_mod.IndexConfig:
-    """cfg.index with auto_recall_k filled in: kind=auto calibrates its nprobe for the depth
-    the workers search (RAT's k'), not for a fixed 10."""
-    if cfg.index.auto_recall_k is not None:
-        return cfg.index
+def recall_depth(cfg: config_mod.ExperimentConfig, n: int) -> int:
+    """The depth the workers search the index actors at (RAT's k'), which kind=auto
+    calibrates its nprobe for instead of a fixed 10."""
     # the sampler asks for the k + 1 nearest of the step's subset (core/cache.py)
-    depth = query_depth(cfg.prior.k + 1, n, subset_size(n, cfg.prior.subsample),
-                        cfg.prior.safety)
-    return dataclasses.replace(cfg.index, auto_recall_k=depth)
+    return query_depth(cfg.prior.k + 1, n, subset_size(n, cfg.prior.subsample),
+                       cfg.prior.safety)
 
 
 def store_path(cfg: config_mod.ExperimentConfig) -> Path:
@@ -97,7 +97,7 @@ def check_resources(cfg: config_mod.ExperimentConfig) -> None:
 
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if cfg.prior.rat:
-        need += cfg.index.refresh_workers * cfg.index.refresh_cpus
+        need += cfg.index.refresh_workers * cfg.ray.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         log.warning("%d workers x %s CPUs need %s CPUs but the cluster has %s: the run waits "
@@ -147,7 +147,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
             storage_path=str(run.parent),  # absolute; the same name resumes its checkpoints
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                          controller_failure_limit=cfg.ray.controller_failure_limit),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
 
@@ -191,15 +191,16 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
     if cfg.prior.kind == "exemplar" and cfg.prior.rat and where == ACTORS:
         from ..retrieval.service import start_index_shards  # hook: issue12
 
-        service = start_index_shards(str(store_path(cfg)), index_config(cfg, store.n),
-                                     name=index_actor_name(cfg))  # a list of cfg.index.shards
+        service = start_index_shards(str(store_path(cfg)), cfg.index,
+                                     name=index_actor_name(cfg),  # a list of cfg.index.shards
+                                     recall_k=recall_depth(cfg, store.n))
     encoders = None
     if service is not None and cfg.index.refresh_workers:
         from .refresh_actors import start_refresh_encoders
 
         encoders = start_refresh_encoders(str(store_path(cfg)), config_mod.to_dict(cfg),
                                           splits.image_shape, cfg.index.refresh_workers,
-                                          cfg.index.refresh_cpus)
+                                          cfg.ray.cpus_per_worker)
     try:
         result = make_trainer(cfg, splits, service, encoders, where).fit()
     finally:

@@ -47,6 +47,12 @@ def encode_into_version(store: ExemplarStore, version: int, net: LatentVariableM
         store.write_rows(version, a, torch.cat(out).numpy())
 
 
+# Complete latent versions kept in the store: the newest (the index is building it), the
+# one the index serves until then, and the one before, which a client that has not seen the
+# last swap may still name; an older one is N x d floats that nothing reads, so it goes
+KEEP_VERSIONS = 3
+
+
 class LatentRefresh:
     """Writes latent versions of the exemplar cache from all ranks; rank 0 publishes them.
 
@@ -57,7 +63,7 @@ class LatentRefresh:
     """
 
     def __init__(self, store: ExemplarStore, images: StoreImages, group: Group,
-                 service=None, keep_versions: int = 3, batch_size: int = 2000,
+                 service=None, keep_versions: int = KEEP_VERSIONS, batch_size: int = 2000,
                  device: torch.device = torch.device("cpu"), resident_bytes: int = 512 << 20,
                  background=None):
         if len(images) != store.n:

@@ -25,7 +25,7 @@ import torch
 from .. import config as config_mod
 from ..core.objective import build_model
 from ..retrieval.store import ExemplarStore
-from .refresh import encode_into_version
+from .refresh import KEEP_VERSIONS, encode_into_version
 from .store_images import StoreImages
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def start_refresh_encoders(store_path: str, config: dict, image_shape, workers: 
 class BackgroundRefresh:
     """Rank 0's side of the encoder actors: launch a version, poll for its completion."""
 
-    def __init__(self, encoders: list, store: ExemplarStore, service, keep_versions: int):
+    def __init__(self, encoders: list, store: ExemplarStore, service,
+                 keep_versions: int = KEEP_VERSIONS):
         self.encoders, self.store, self.service = encoders, store, service
         self.keep_versions = keep_versions
         self.pending: Optional[tuple[int, int, list]] = None  # (version, step, futures)

@@ -22,9 +22,13 @@ log = logging.getLogger(__name__)
 # An ActorDiedError is a RayActorError; ActorUnavailableError is raised while the actor is
 # restarting or unreachable for a moment.
 _TRANSIENT = (RayActorError, ActorUnavailableError)
+# Retries of a call to a dead / restarting index actor, the backoff 0.2 s doubling to 2 s:
+# ~15 s in all, longer than an actor restart takes, short enough that a service that is
+# gone for good fails the step (and Ray Train restarts the workers) instead of hanging
+RETRIES = 10
 
 
-def call_with_retry(call: Callable[[], "ray.ObjectRef"], what: str, retries: int = 10,
+def call_with_retry(call: Callable[[], "ray.ObjectRef"], what: str, retries: int = RETRIES,
                     backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> Any:
     """ray.get(call()), calling again after actor death / unavailability, up to `retries` times.
 
@@ -38,8 +42,8 @@ def call_with_retry(call: Callable[[], "ray.ObjectRef"], what: str, retries: int
             if attempt == retries:
                 raise RuntimeError(
                     f"the index service did not answer {what} after {retries} retries "
-                    f"({type(err).__name__}); check its actor in `ray list actors` or raise "
-                    f"ray.search_retries") from err
+                    f"({type(err).__name__}); check its actor in `ray list actors` and its "
+                    f"log for why it keeps dying") from err
             log.warning("index service unavailable during %s (%s); retry %d/%d in %.1f s",
                         what, type(err).__name__, attempt + 1, retries, delay)
             time.sleep(delay)
@@ -63,7 +67,7 @@ class ShardedSearch:
     shard and its last status. `retried` counts retry rounds (logged as a metric).
     """
 
-    def __init__(self, handles, retries: int = 10, timeout_s: float = 300.0,
+    def __init__(self, handles, retries: int = RETRIES, timeout_s: float = 300.0,
                  poll_s: float = 0.1, safety: float = 2.0):
         self.handles = list(handles) if isinstance(handles, (list, tuple)) else [handles]
         if not self.handles:

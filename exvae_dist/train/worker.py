@@ -128,10 +128,9 @@ def build_parts(cfg: config_mod.ExperimentConfig, run: Path, store: ExemplarStor
             if cfg.prior.rat and encoders:
                 from .refresh_actors import BackgroundRefresh
 
-                background = BackgroundRefresh(encoders, store, service,
-                                               cfg.index.keep_versions)
+                background = BackgroundRefresh(encoders, store, service)
             versions = LatentRefresh(store, images, group, service if cfg.prior.rat else None,
-                                     cfg.index.keep_versions, device=device,
+                                     device=device,
                                      resident_bytes=cfg.ray.resident_mb << 20,
                                      background=background)
         cache = ExemplarCache(images, group, rat=cfg.prior.rat, versions=versions,
@@ -161,8 +160,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     group = Group.current(device)
     torch.set_num_threads(cfg.train.threads or max(1, int(cfg.ray.cpus_per_worker)))
-    service = (ShardedSearch(config["service"], cfg.ray.search_retries,
-                             timeout_s=cfg.index.query_timeout_s, safety=cfg.prior.safety)
+    service = (ShardedSearch(config["service"], timeout_s=cfg.index.query_timeout_s,
+                             safety=cfg.prior.safety)
                if config.get("service") else None)
     parts = build_parts(cfg, Path(config["run_path"]), ExemplarStore(config["store_path"]),
                         from_bytes(ray.get(config["valid"])), config["dynamic"],
