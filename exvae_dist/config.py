@@ -126,6 +126,11 @@ class TrainConfig:
     run_dir: str = "runs"
     name: Optional[str] = None  # run folder under run_dir; None: <dataset>_<arch>_<prior>
     log_every: int = 50  # steps between metric logs
+    # A checkpoint within an epoch once this many steps passed since the last one (with
+    # retrieval, prior.rat, at the next latent refresh after that), so an interrupt loses
+    # minutes, not an epoch: MNIST's 500-step epochs keep one checkpoint per epoch, 1e7
+    # exemplars (100,000 steps an epoch) get one at each refresh. 0: at epoch ends only.
+    checkpoint_every_steps: int = 2000
     max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke runs, benchmarks)
     progress: bool = True  # progress bars
     # Precision of the exemplars' re-encoding with gradients (the cost of a RAT step):
@@ -346,7 +351,7 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
              "index.build_threads", "index.auto_recall_k", "index.auto_calibration_queries",
              "train.local_cells", "train.time_budget_hours")
 # may be 0 (seeds, counts of nothing, "off")
-NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
+NON_NEGATIVE = ("ray.resident_mb", "train.checkpoint_every_steps", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",
                 "index.refine_factor", "ray.search_retries")
 AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}

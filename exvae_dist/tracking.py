@@ -14,8 +14,10 @@ Lifecycle (what the training loop calls):
         tracker.log_metrics({...}, step)
 
 On resume the run is reopened and every metric key skips the steps it already holds: MLflow
-cannot delete metric points, and the replayed steps of a resumed run are the same
-computation (the checkpoint restores every random stream), so each step is kept once.
+cannot delete metric points. The training loop sends a step's metrics only once a checkpoint
+covers it (loop.MetricsLog.commit), so the steps a resume trains again (not the same
+computation with asynchronous refresh) were never logged, and MLflow holds what
+metrics.jsonl holds, each step once.
 """
 
 from __future__ import annotations
@@ -280,6 +282,23 @@ def make_tracker(cfg, run_path: Path, rank: int = 0) -> NullTracker:
         return NullTracker()
     return MlflowTracker(run_path, cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name(),
                          system_metrics=cfg.tracking.system_metrics)
+
+
+def end_run_of(run_path: Path, exc: Optional[BaseException]) -> None:
+    """Marks the MLflow run of a run folder as `exc` calls for (status_for), with an end time:
+    the Ray driver's part when its workers were stopped from outside (Ctrl-C aborts them
+    before their tracker can). Nothing when the folder has no MLflow run; a status that
+    cannot be written is a warning (tracker.end_for)."""
+    if not (Path(run_path) / RUN_FILE).is_file():
+        return
+    try:
+        tracker = open_run_tracker(run_path)
+    except Exception as err:
+        log.warning("could not open the MLflow run of %s to mark it %s (%s)", run_path,
+                    status_for(exc), err)
+        return
+    tracker.owner = True  # this call is the run's end
+    tracker.end_for(exc)
 
 
 def open_run_tracker(run_path: Path) -> NullTracker:
