@@ -87,8 +87,10 @@ def train_command(prog: str, argv: Optional[list[str]], ray: bool) -> int:
 
             summary = fit(cfg)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: rerun the same command to resume {cfg.run_path()} from its last "
-              "checkpoint", file=sys.stderr)
+        from .checkpoint import describe_resume
+
+        print(f"\ninterrupted: rerun the same command to resume "
+              f"{describe_resume(cfg.run_path())}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except config_mod.ConfigError as err:
         parser.error(str(err))

@@ -12,13 +12,15 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
 
 from .. import config as config_mod
 from .. import run_folder
-from ..tracking import probe
+from ..checkpoint import resume_point
+from ..tracking import end_run_of, probe
 from ..data import DataSplits, load_dataset
 from ..objective import build_model
 from ..retrieval.candidates import query_depth, subset_size
@@ -105,11 +107,40 @@ def check_resources(cfg: config_mod.ExperimentConfig) -> None:
                     ray.cluster_resources().get("GPU", 0), cfg.ray.num_workers)
 
 
+def interruptible(trainer_cls):
+    """trainer_cls whose fit() turns Ctrl-C into KeyboardInterrupt, as the one-process
+    trainer's does (exit 130 at the command line), after aborting the workers.
+
+    Ray Train's own SIGINT handler aborts the controller and then exits with status 1, the
+    run's MLflow run left RUNNING; this one aborts the controller the same way (the workers
+    are stopped, the last checkpoint stays) and raises KeyboardInterrupt, so the driver
+    marks the MLflow run KILLED and the command line says where a rerun resumes. A second
+    Ctrl-C while aborting interrupts at once.
+    """
+    import ray
+
+    class Interruptible(trainer_cls):
+        def _register_sigint_handler(self, controller):
+            def on_sigint(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                log.info("Ctrl-C: stopping the workers (the last checkpoint is kept)")
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # the controller exits as it aborts
+                    pass
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, on_sigint)
+
+    Interruptible.__name__ = trainer_cls.__name__
+    return Interruptible
+
+
 def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=None,
                  encoders=None):
     """The TorchTrainer of a run (gloo on CPU, NCCL on GPU: TorchConfig's default)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig)
     from ray.train.torch import TorchTrainer
 
     from ..retrieval.service import placement_strategy  # hook: issue12
@@ -130,7 +161,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
+    return interruptible(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -142,6 +173,11 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                          controller_failure_limit=cfg.ray.controller_failure_limit),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+            # Ray Train's INFO lines (its resources, each checkpoint's path, and on every
+            # resume "configure a new, unique RunConfig(name) or delete the existing
+            # folder", the opposite of what a rerun here is for) stay in Ray's log files;
+            # the driver and rank 0 say what matters
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -191,8 +227,14 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
         encoders = start_refresh_encoders(str(store_path(cfg)), config_mod.to_dict(cfg),
                                           splits.image_shape, cfg.index.refresh_workers,
                                           cfg.index.refresh_cpus)
+    point = resume_point(run_path)
+    if point is not None:
+        log.info("resuming %s from epoch %d step %d", run_path, *point)
     try:
         result = make_trainer(cfg, splits, service, encoders).fit()
+    except KeyboardInterrupt as exc:  # the workers were aborted: their tracker could not
+        end_run_of(run_path, exc)
+        raise
     finally:
         for handle in [*(service or []), *(encoders or [])]:  # hook: issue12
             ray.kill(handle)
