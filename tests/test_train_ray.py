@@ -284,6 +284,45 @@ def test_store_of_another_training_set_is_refused(tmp_path):
         ensure_store(tmp_path / "s.zarr", 1 - x, (1, 28, 28), latent_dim=8)
 
 
+def test_a_second_run_on_a_store_in_use_is_refused_before_ray(tmp_path, monkeypatch):
+    """A store's latent versions have one training writer: a run on an ingested store that
+    another live run holds stops with a message naming the store and the holder, before
+    Ray or any data; the store is left as it was."""
+    from types import SimpleNamespace
+
+    from exvae_dist import ingest as ingest_mod
+    from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.run_lock import StoreLocked
+    from exvae_dist.train import driver
+
+    x = np.random.default_rng(0).integers(0, 256, (120, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
+    store = tmp_path / "s"
+    ingest_mod.ingest(ingest_mod.open_source(str(tmp_path / "x.npy"), args), store,
+                      n_valid=10, n_test=10, progress=False, latent_dim=40)
+    before = sorted(p.name for p in store.rglob("*"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from exvae_dist.run_lock import StoreWriterLock\n"
+         "StoreWriterLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+         str(store)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(driver, "connect", lambda cfg: pytest.fail("Ray was started"))
+        cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path / 'runs'}", "data.name=store",
+                                        f"data.store={store}", "data.n_train=null",
+                                        "data.n_valid=null", "data.n_test=null"], env={})
+        with pytest.raises(StoreLocked, match=f"exemplar store {store} is in use by another "
+                                              f"training run \\(pid {holder.pid} "):
+            driver.run(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in store.rglob("*")) == before
+    assert ExemplarStore(store).versions() == []
+
+
 def test_help_lists_the_config_keys():
     out = subprocess.run([sys.executable, "-m", "exvae_dist.train", "--help"],
                          capture_output=True, text=True, cwd=REPO)

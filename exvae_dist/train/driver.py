@@ -8,6 +8,7 @@ name = cfg.run_name()), so rerunning the same command finds them and resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ from ..objective import build_model
 from ..retrieval.candidates import query_depth, subset_size
 from .exemplars import ensure_store, open_exemplar_store, to_bytes
 from .. import preflight  # hook: issue16
-from ..run_lock import exclusive_run  # hook: issue16
+from ..run_lock import StoreWriterLock, exclusive_run  # hook: issue16
 
 log = logging.getLogger(__name__)
 
@@ -188,18 +189,34 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
 
     Starts the index service for RAT (named index_actor_name(cfg)) and stops it at the end.
     """
-    import ray
-
     config_mod.check_trainer_keys(cfg, "ray")
     if cfg.train.batch_size < cfg.ray.num_workers:
         raise config_mod.ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch, split over "
             f"ray.num_workers={cfg.ray.num_workers} workers: make it at least as large")
     # deterministic refusals before Ray starts: a changed run, a job's temporary folder,
-    # a tracking server that does not answer
+    # a tracking server that does not answer, a store another run writes into
     if cfg.tracking.enabled:
         probe(cfg.tracking.uri)
-    run_folder.prepare(cfg)
+    with store_writer(cfg):
+        run_folder.prepare(cfg)
+        return train_on_ray(cfg, splits)
+
+
+def store_writer(cfg: config_mod.ExperimentConfig):
+    """The lock of the run's exemplar store (its latent versions have one training writer)
+    when the store lives outside the run folder, whose own lock covers the one inside."""
+    path = store_path(cfg)
+    if path.is_relative_to(cfg.run_path().resolve()):
+        return contextlib.nullcontext()
+    return StoreWriterLock(path)
+
+
+def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits]) -> dict:
+    """run()'s work once its inputs and locks are settled: Ray, the store, the index
+    service and the TorchTrainer."""
+    import ray
+
     started = connect(cfg)
     cfg = absolute(cfg)
     run_path = cfg.run_path()
