@@ -269,9 +269,6 @@ class RayConfig:
     # CPUs each worker reserves; torch in a worker runs this many threads unless
     # train.threads says otherwise (Ray sets OMP_NUM_THREADS to a worker's CPUs).
     cpus_per_worker: float = 1.0
-    # Ray Train V2 controller retries (-1 = forever, Ray's default). A run asking for more
-    # workers than the cluster can place waits forever at -1; tests use 0 to fail instead.
-    controller_failure_limit: int = -1
     keep_checkpoints: int = 2  # Ray Train checkpoints kept on storage (the newest ones)
     # Index-service calls are retried this many times when the actor died or is restarting
     # (backoff 0.2 s doubling, capped at 2 s): an index crash costs seconds, not the run.
@@ -354,7 +351,7 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
 NON_NEGATIVE = ("ray.resident_mb", "train.checkpoint_every_steps", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below",
                 "index.refine_factor", "ray.search_retries")
-AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}
+AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1}
 # [low, high) or [low, high] intervals: probabilities and fractions; the log-variance where
 # exp(lambda) and the Parzen log-densities stay finite in float32
 INTERVALS = {"augment.momentum": (0.0, 1.0, False), "augment.label_smoothing": (0.0, 1.0, False),
@@ -520,7 +517,7 @@ def apply_env(cfg: "ExperimentConfig", env: Mapping[str, str], set_by: set[str])
 
 
 # keys of earlier versions that saved configs (checkpoints) may still hold
-REMOVED_KEYS = {"data": ("exemplars_grey",), "ray": ("report_every",)}
+REMOVED_KEYS = {"data": ("exemplars_grey",), "ray": ("report_every", "controller_failure_limit")}
 
 
 def drop_removed_keys(d: dict) -> dict:

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def smoke(data_dir, tmp_path, *extra):
     return config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.progress=false",
-                                     "ray.controller_failure_limit=0", *extra],
+                                     *extra],
                            env={"EXVAE_DATA_DIR": str(data_dir)})
 
 
@@ -212,6 +212,30 @@ def test_two_workers_train_survive_index_crash_and_resume(tmp_path, data_dir, ra
     assert [r["epoch"] for r in recs if "val_elbo" in r] == [1, 2, 3]
     assert json.loads((run_path / "mlflow_run.json").read_text())["run_id"] == info["run_id"]
     assert len(client.get_metric_history(info["run_id"], "val_elbo")) == 3
+
+
+def test_a_ray_run_refused_before_training_is_failed_in_mlflow_and_no_experiment_is_temporary(
+        tmp_path, data_dir, ray_local):
+    """The driver opens the MLflow run before Ray's work: a run that stops before training
+    (here: more workers than the 2-CPU Ray can place) is there, FAILED with an end time; the
+    store's experiments (MLflow's "Default" too) keep artifacts under train.run_dir, not in
+    the current folder of whichever process created the store (a Ray worker's is temporary)."""
+    from mlflow.tracking import MlflowClient
+
+    from exvae_dist.preflight import PreflightError
+    from exvae_dist.train.driver import run
+
+    cfg = smoke(data_dir, tmp_path, "data.n_train=300", "data.n_valid=100",
+                "ray.num_workers=5", "tracking.system_metrics=false")
+    with pytest.raises(PreflightError, match="need 5 CPUs"):
+        run(cfg)
+    info = json.loads((cfg.run_path() / "mlflow_run.json").read_text())
+    client = MlflowClient(info["uri"])
+    failed = client.get_run(info["run_id"]).info
+    assert failed.status == "FAILED" and failed.end_time, failed
+    roots = {e.name: e.artifact_location for e in client.search_experiments()}
+    assert set(roots) == {"Default", "exvae-dist"}, roots
+    assert all(root.startswith((tmp_path / "mlartifacts").as_uri()) for root in roots.values())
 
 
 # ------------------------------------------- a worker dies mid-epoch: restart from the checkpoint
@@ -398,7 +422,7 @@ def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_spli
     from exvae_dist.train.driver import run
 
     over = [f"train.run_dir={tmp_path / 'runs'}", "train.progress=false", "train.epochs=1",
-            "train.max_steps_per_epoch=4", "ray.controller_failure_limit=0",
+            "train.max_steps_per_epoch=4",
             "ray.resident_mb=0", "index.kind=flat", "tracking.sample_grid=true",
             "data.name=store", f"data.store={tmp_path / 's'}", "data.n_train=null",
             "data.n_valid=null", "data.n_test=null"]

@@ -20,8 +20,8 @@ from typing import Optional
 
 from .. import config as config_mod
 from .. import run_folder
-from ..checkpoint import resume_point
-from ..tracking import end_run_of, probe
+from ..checkpoint import CheckpointWriteError, describe_resume, resume_point
+from ..tracking import MlflowTracker, TrackingWriteError, end_run_of, probe
 from ..data import DataSplits, load_dataset
 from ..objective import build_model
 from ..retrieval.candidates import query_depth, subset_size
@@ -30,6 +30,48 @@ from .. import preflight  # hook: issue16
 from ..run_lock import StoreWriterLock, exclusive_run  # hook: issue16
 
 log = logging.getLogger(__name__)
+
+# Worker-group starts that time out (Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+# 60 s, for each) before the run fails: a node lost with no spare capacity left fails in
+# ~4 min with WorkersUnplaceable instead of retrying every minute forever (Ray's default);
+# an autoscaler has these minutes to add a node.
+CONTROLLER_RETRIES = 3
+
+
+class WorkersUnplaceable(preflight.PreflightError):
+    """Ray could not start the run's workers in CONTROLLER_RETRIES + 1 tries (a node lost,
+    the cluster busy); the message names the capacity and where a rerun resumes."""
+
+
+# Errors a worker meets again on every retry (a bad setting, a full disk, a diverged loss):
+# Ray Train, which retries every worker error up to ray.max_failures times, stops at once
+# and the driver raises the worker's own exception, whose message says what to do.
+NOT_RETRIED = (config_mod.ConfigError, CheckpointWriteError, TrackingWriteError,
+               FloatingPointError)
+
+
+def failure_policy(failure_config):
+    """Ray Train's default failure policy, except that a NOT_RETRIED worker error is raised
+    at once (Ray offers no public hook: interruptible() installs it)."""
+    from ray.train.v2._internal.execution.failure_handling import (DefaultFailurePolicy,
+                                                                   FailureDecision)
+
+    class NoRetryOfKnownErrors(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if worker_error(training_failed_error) is not None:
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return NoRetryOfKnownErrors(failure_config)
+
+
+def worker_error(error: BaseException) -> Optional[BaseException]:
+    """The first NOT_RETRIED exception a worker raised, from Ray Train's WorkerGroupError."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        base = getattr(failure, "_base_exc", failure)  # Ray wraps it with its traceback
+        if isinstance(base, NOT_RETRIED):
+            return base
+    return None
 
 
 def connect(cfg: config_mod.ExperimentConfig) -> bool:
@@ -90,27 +132,10 @@ def absolute(cfg: config_mod.ExperimentConfig) -> config_mod.ExperimentConfig:
     return config_mod.from_dict(d)
 
 
-def check_resources(cfg: config_mod.ExperimentConfig) -> None:
-    """Warns when the cluster (as it is now) cannot place the workers."""
-    import ray
-
-    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    if cfg.prior.rat:
-        need += cfg.index.refresh_workers * cfg.index.refresh_cpus
-    have = ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        log.warning("%d workers x %s CPUs need %s CPUs but the cluster has %s: the run waits "
-                    "for an autoscaler (or forever); lower ray.num_workers or "
-                    "ray.cpus_per_worker", cfg.ray.num_workers, cfg.ray.cpus_per_worker,
-                    need, have)
-    if cfg.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
-        log.warning("ray.use_gpu=true but the cluster has %s GPUs for %d workers",
-                    ray.cluster_resources().get("GPU", 0), cfg.ray.num_workers)
-
-
 def interruptible(trainer_cls):
     """trainer_cls whose fit() turns Ctrl-C into KeyboardInterrupt, as the one-process
-    trainer's does (exit 130 at the command line), after aborting the workers.
+    trainer's does (exit 130 at the command line), after aborting the workers, and does not
+    retry the NOT_RETRIED errors.
 
     Ray Train's own SIGINT handler aborts the controller and then exits with status 1, the
     run's MLflow run left RUNNING; this one aborts the controller the same way (the workers
@@ -121,6 +146,10 @@ def interruptible(trainer_cls):
     import ray
 
     class Interruptible(trainer_cls):
+        def _initialize_and_run_controller(self, **kwargs):  # NOT_RETRIED errors: no retry
+            kwargs["failure_policy"] = failure_policy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
         def _register_sigint_handler(self, controller):
             def on_sigint(signum, frame):
                 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -134,6 +163,27 @@ def interruptible(trainer_cls):
 
     Interruptible.__name__ = trainer_cls.__name__
     return Interruptible
+
+
+def unplaceable(cfg: config_mod.ExperimentConfig,
+                error: BaseException) -> Optional[WorkersUnplaceable]:
+    """A WorkersUnplaceable for a run that ended because its workers could not be placed
+    (call while still connected), else None."""
+    import ray
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if not (isinstance(error, ControllerError) and isinstance(
+            getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError)):
+        return None
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    return WorkersUnplaceable(
+        f"Ray could not start the {cfg.ray.num_workers} workers ({need:g} CPUs) in "
+        f"{CONTROLLER_RETRIES + 1} tries: the cluster has {have:g} CPUs now (a node lost, or "
+        f"busy with other work). The checkpoints are kept: rerun the same command to resume "
+        f"{describe_resume(cfg.run_path())} once the cluster has the capacity, or with a "
+        f"lower ray.num_workers")
 
 
 def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=None,
@@ -172,7 +222,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
             name=cfg.run_name(),
             storage_path=str(run.parent),  # absolute; the same name resumes its checkpoints
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
-                                         controller_failure_limit=cfg.ray.controller_failure_limit),
+                                         controller_failure_limit=CONTROLLER_RETRIES),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
             # Ray Train's INFO lines (its resources, each checkpoint's path, and on every
             # resume "configure a new, unique RunConfig(name) or delete the existing
@@ -200,7 +250,14 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
         probe(cfg.tracking.uri)
     with store_writer(cfg):
         run_folder.prepare(cfg)
-        return train_on_ray(cfg, splits)
+        try:
+            if cfg.tracking.enabled:  # the MLflow run exists before Ray: a failed start shows
+                MlflowTracker(cfg.run_path(), cfg.tracking.uri, cfg.tracking.experiment,
+                              cfg.run_name())
+            return train_on_ray(cfg, splits)
+        except BaseException as exc:  # FAILED, or KILLED for Ctrl-C (which aborts the
+            end_run_of(cfg.run_path(), exc)  # workers before their tracker can say so)
+            raise
 
 
 def store_writer(cfg: config_mod.ExperimentConfig):
@@ -228,7 +285,6 @@ def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits])
         store = open_exemplar_store(store_path(cfg), latent_dim)
     else:
         store = ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
-    check_resources(cfg)
     preflight.check_cluster(cfg)  # hook: issue16
 
     service = None
@@ -248,17 +304,20 @@ def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits])
     if point is not None:
         log.info("resuming %s from epoch %d step %d", run_path, *point)
     try:
-        result = make_trainer(cfg, splits, service, encoders).fit()
-    except KeyboardInterrupt as exc:  # the workers were aborted: their tracker could not
-        end_run_of(run_path, exc)
-        raise
+        try:
+            result = make_trainer(cfg, splits, service, encoders).fit()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # fit raises the run's error: say it the clear way
+            clear = worker_error(err) or unplaceable(cfg, err)
+            if clear is None:
+                raise
+            raise clear from None
     finally:
         for handle in [*(service or []), *(encoders or [])]:  # hook: issue12
             ray.kill(handle)
         if started:
             ray.shutdown()
-    if result.error is not None:
-        raise result.error
     summary_file = run_path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return summary or dict(result.metrics or {})
