@@ -29,7 +29,8 @@ TRAIN_DESCRIPTION = """\
 Train an Exemplar VAE. Without --config the built-in defaults are the paper's MNIST Exemplar
 VAE with retrieval augmented training. Everything goes to train.run_dir/<run name>/;
 rerunning the same command resumes from its last checkpoint; Ctrl-C stops (exit 130) and the
-same command resumes from the last finished epoch."""
+same command resumes from the last checkpoint (each epoch's end, and within long epochs every
+train.checkpoint_every_steps steps)."""
 
 RAY_DESCRIPTION = """
 Ray Train: TorchTrainer workers (DDP), a FAISS index service for retrieval augmented
