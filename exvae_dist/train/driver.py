@@ -256,7 +256,8 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
                               cfg.run_name())
             return train_on_ray(cfg, splits)
         except BaseException as exc:  # FAILED, or KILLED for Ctrl-C (which aborts the
-            end_run_of(cfg.run_path(), exc)  # workers before their tracker can say so)
+            if cfg.tracking.enabled:  # workers before their tracker can say so)
+                end_run_of(cfg.run_path(), exc)
             raise
 
 
