@@ -109,7 +109,7 @@ LOST_NODE = textwrap.dedent('''
     from ray.cluster_utils import Cluster
 
     from exvae_dist import config as config_mod
-    from exvae_dist.preflight import PreflightError
+    from exvae_dist.runs.preflight import PreflightError
     from exvae_dist.train.driver import WorkersUnplaceable, run
 
     run_dir, data_dir = sys.argv[1], sys.argv[2]

@@ -7,7 +7,7 @@ from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ..cli import train_command
+    from ..commands.cli import train_command
 
     return train_command("python -m exvae_dist.train", argv, ray=True)
 

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import config as config_mod
+from .. import config as config_mod
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,15 @@ def train_command(prog: str, argv: Optional[list[str]], ray: bool) -> int:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            from .train.driver import run
+            from ..train.driver import run
 
             summary = run(cfg)
         else:
-            from .trainer import fit
+            from ..train.local import fit
 
             summary = fit(cfg)
     except KeyboardInterrupt:
-        from .checkpoint import describe_resume
+        from ..runs.checkpoint import describe_resume
 
         print(f"\ninterrupted: rerun the same command to resume "
               f"{describe_resume(cfg.run_path())}", file=sys.stderr)

@@ -28,18 +28,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import config as config_mod
-from .data import DataSplits, binarize_once
-from .evaluation import knn, pictures
-from .evaluation.likelihood import describe_prior, estimate_log_likelihood
-from .evaluation.runs import TrainedRun, load_splits, run_command
+from .. import config as config_mod
+from ..data import DataSplits, binarize_once
+from ..evaluation import knn, pictures
+from ..evaluation.likelihood import describe_prior, estimate_log_likelihood
+from ..evaluation.runs import TrainedRun, load_splits, run_command
 from .exemplars import ExemplarSet, ExemplarSetError, choose_set
-from .jsonio import dumps, write_json
-from .objective import encode_means
-from .priors import DEFAULT_CHUNK
-from .step import validation_elbo
-from .tracking import open_run_tracker
-from .trainer import resolve_device
+from ..common.jsonio import dumps, write_json
+from ..core.objective import encode_means
+from ..core.priors import DEFAULT_CHUNK
+from ..core.step import validation_elbo
+from ..runs.tracking import open_run_tracker
+from ..train.local import resolve_device
 
 log = logging.getLogger(__name__)
 

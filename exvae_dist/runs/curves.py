@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .evaluation.pictures import save_figure
-from .jsonio import write_jsonl
+from ..evaluation.pictures import save_figure
+from ..common.jsonio import write_jsonl
 
 
 def epoch_records(run: Path) -> list[dict]:
