@@ -108,8 +108,8 @@ def main() -> int:
                     continue
                 extra = [e.format(refresh_every=args.refresh_every) for e in extra]
                 cfg = variant(base, root, f"{name}_r{r}", f"train.threads={threads}", *extra,
-                              *([f"ray.num_workers={ray_workers}", f"ray.cpus_per_worker={cpus}",
-                                 "ray.controller_failure_limit=0"] if ray_workers else []))
+                              *([f"ray.num_workers={ray_workers}", f"ray.cpus_per_worker={cpus}"]
+                                if ray_workers else []))
                 if ray_workers:
                     run(cfg)
                 else:

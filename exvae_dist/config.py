@@ -119,6 +119,11 @@ class TrainConfig:
     run_dir: str = "runs"
     name: Optional[str] = None  # run folder under run_dir; None: <dataset>_<arch>_<prior>
     log_every: int = 50  # steps between metric logs
+    # A checkpoint within an epoch once this many steps passed since the last one (with
+    # retrieval, prior.rat, at the next latent refresh after that), so an interrupt loses
+    # minutes, not an epoch: MNIST's 500-step epochs keep one checkpoint per epoch, 1e7
+    # exemplars (100,000 steps an epoch) get one at each refresh. 0: at epoch ends only.
+    checkpoint_every_steps: int = 2000
     max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke runs, benchmarks)
     progress: bool = True  # progress bars
     # A rerun of an existing run folder resumes only when the settings that define the run
@@ -218,9 +223,6 @@ class RayConfig:
     # CPUs each worker reserves; torch in a worker runs this many threads unless
     # train.threads says otherwise (Ray sets OMP_NUM_THREADS to a worker's CPUs).
     cpus_per_worker: float = 1.0
-    # Ray Train V2 controller retries (-1 = forever, Ray's default). A run asking for more
-    # workers than the cluster can place waits forever at -1; tests use 0 to fail instead.
-    controller_failure_limit: int = -1
     # What a worker holds of the N exemplars: all images when they fit in this many MB
     # (MNIST's 50,000 take 39 MB), else each step reads its batch and candidate rows from the
     # store by id (a pread per row, or an LRU of chunks of this size for compressed layouts);
@@ -289,9 +291,10 @@ POSITIVE += ("prior.subsample", "prior.refresh_every", "data.n_train", "data.n_v
              "train.early_stop_patience", "eval.prior_neighbours", "eval.n_test",
              "eval.validation_samples", "index.service_threads", "train.time_budget_hours")
 # may be 0 (seeds, counts of nothing, "off")
-NON_NEGATIVE = ("ray.resident_mb", "index.refresh_workers", "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
+NON_NEGATIVE = ("ray.resident_mb", "train.checkpoint_every_steps", "index.refresh_workers",
+                "train.warmup_epochs", "data.binarize_seed", "train.seed", "eval.seed",
                 "augment.seed", "eval.prior_pool", "index.auto_exact_below")
-AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1, "ray.controller_failure_limit": -1}
+AT_LEAST = {"prior.safety": 1.0, "ray.max_failures": -1}
 # [low, high) or [low, high] intervals: probabilities and fractions; the log-variance where
 # exp(lambda) and the Parzen log-densities stay finite in float32
 INTERVALS = {"prior.init_log_var": (-30.0, 10.0, True),
@@ -465,6 +468,8 @@ REMOVED_KEYS: dict[str, Any] = {
     "eval.exemplar_chunk": None, "eval.sample_chunk": None, "eval.tsne_points": 2000,
     "eval.prior_tolerance": 1e-6, "augment.momentum": 0.9, "augment.label_smoothing": 0.1,
     "tracking.system_metrics": True,
+    # Ray Train's controller retries: a fixed finite budget now (train/driver.py), not a key
+    "ray.controller_failure_limit": -1,
 }
 # Values of surviving keys that no longer exist, with the value a saved config now gets
 # (index.kind is no identity key: a resumed run simply builds the kind=auto index).

@@ -165,6 +165,11 @@ def test_ray_resume_falls_back_to_older_folders_then_the_run_folder(tmp_path):
     save_checkpoint(tmp_path / ckpt.LATEST, {"epoch": 1})
     assert ray_resume_candidates(new, tmp_path) == [new, old, tmp_path]
     assert ray_resume_candidates(None, tmp_path) == [new, old, tmp_path]
+    # Ctrl-C before Ray registered the last report: the run folder's checkpoint is newer
+    save_checkpoint(new / ckpt.LATEST, {"epoch": 1, "step": 4})
+    save_checkpoint(tmp_path / ckpt.LATEST, {"epoch": 1, "step": 5, "within_epoch": {}})
+    assert ray_resume_candidates(new, tmp_path) == [tmp_path, new, old]
+    assert ckpt.resume_point(tmp_path) == (2, 5)  # epoch 2 (counted from 1), step 5
 
 
 def test_full_disk_is_named_with_path_and_free_space_and_keeps_the_checkpoint(

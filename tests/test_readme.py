@@ -114,6 +114,10 @@ def test_readme_blocks_are_what_this_test_and_ci_cover():
     assert 'train.run_dir="$PWD/runs"' in job
     # a submit before the head's job agent is up fails ("No available agent"), seen in CI
     assert job.index("127.0.0.1:52365/api/healthz") < job.index("ray job submit")
+    # one MLflow store (train.run_dir/mlflow.db) for every README run: the one the README's
+    # `mlflow ui` command shows
+    assert set(re.findall(r"train\.run_dir=(\S+)", text)) <= {'"$PWD/runs"'}, text
+    assert "--backend-store-uri sqlite:///runs/mlflow.db" in readme
     quick = next(b for b in blocks if "train.epochs=10 train.warmup_epochs=10" in b
                  and "-m exvae_dist.train " in b)
     assert "train.name=" in quick  # never silently resumes the default run
@@ -170,10 +174,10 @@ def test_readme_commands_run(data_dir, tmp_path, capsys):
     assert rc == 0, out[-6000:]
     runs = repo / "runs"
     for name in ("mnist_vae_exemplar_rat", "quick_look", "smoke", "smoke_job",
-                 "results/mnist_vae_gaussian", "results/mnist_vae_exemplar"):
+                 "results_gaussian", "results_exemplar"):
         assert (runs / name / "summary.json").is_file(), f"{name}: no summary.json\n{out[-3000:]}"
-    for name in ("mnist_vae_gaussian", "mnist_vae_exemplar"):
-        assert list((runs / "results" / name / "eval").glob("*/summary.json"))
+    for name in ("results_gaussian", "results_exemplar"):
+        assert list((runs / name / "eval").glob("*/summary.json"))
     # the README's `exemplars add ... mnist:train:5-9` grew its run trained on digits 0-4
     assert (runs / "digits_0_4" / "exemplar_sets" / "v000002" / "set.json").is_file(), out[-3000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-3000:]

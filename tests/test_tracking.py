@@ -184,3 +184,41 @@ def test_a_locked_store_is_waited_out_and_never_replaces_a_ctrl_c(tracker, monke
     t.client = LockedStore(real, locked=99)
     with pytest.raises(RuntimeError, match="database is locked"):
         t.end_for(None)  # a normal end still reports that its status was not written
+
+
+def test_a_full_mlflow_store_is_a_clear_error_that_ray_does_not_retry(tracker, monkeypatch):
+    """sqlite's "database or disk is full" becomes a TrackingWriteError naming the store and
+    the way on, which the Ray trainer's failure policy raises at once (no retry), and the
+    driver raises as the worker's own error."""
+    from mlflow.exceptions import MlflowException
+    from ray.train import FailureConfig, WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+    from exvae_dist.runs.tracking import TrackingWriteError
+    from exvae_dist.train.driver import failure_policy, worker_error
+
+    t = tracker()
+
+    def full(*args, **kwargs):
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full")
+
+    monkeypatch.setattr(t.client, "log_batch", full)
+    with pytest.raises(TrackingWriteError, match=f"the MLflow store {t.uri} cannot be "
+                                                 "written, its disk is full .* MiB free"):
+        t.log_metrics({"loss": 1.0}, 1)
+    monkeypatch.setattr(t.client, "log_batch", lambda *a, **k: (_ for _ in ()).throw(
+        MlflowException("some other problem")))
+    with pytest.raises(MlflowException, match="some other problem"):
+        t.log_metrics({"loss": 1.0}, 2)
+    t.end()
+
+    # the Ray trainer's failure policy: no retry for a full store, retries for the rest
+    policy = failure_policy(FailureConfig(max_failures=3))
+    full_error = TrackingWriteError(28, "full")
+    wrapped = WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(full_error, "tb")})
+    assert worker_error(wrapped) is full_error
+    assert policy.make_decision(wrapped) == FailureDecision.RAISE
+    other = WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(OSError(5), "tb")})
+    assert worker_error(other) is None
+    assert policy.make_decision(other) == FailureDecision.RETRY

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def smoke(data_dir, tmp_path, *extra):
     return config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.progress=false",
-                                     "ray.controller_failure_limit=0", *extra],
+                                     *extra],
                            env={"EXVAE_DATA_DIR": str(data_dir)})
 
 
@@ -226,6 +226,30 @@ def test_two_workers_train_survive_index_crash_and_resume(tmp_path, data_dir, ra
     assert len(client.get_metric_history(info["run_id"], "val_elbo")) == 3
 
 
+def test_a_ray_run_refused_before_training_is_failed_in_mlflow_and_no_experiment_is_temporary(
+        tmp_path, data_dir, ray_local):
+    """The driver opens the MLflow run before Ray's work: a run that stops before training
+    (here: more workers than the 2-CPU Ray can place) is there, FAILED with an end time; the
+    store's experiments (MLflow's "Default" too) keep artifacts under train.run_dir, not in
+    the current folder of whichever process created the store (a Ray worker's is temporary)."""
+    from mlflow.tracking import MlflowClient
+
+    from exvae_dist.runs.preflight import PreflightError
+    from exvae_dist.train.driver import run
+
+    cfg = smoke(data_dir, tmp_path, "data.n_train=300", "data.n_valid=100",
+                "ray.num_workers=5")
+    with pytest.raises(PreflightError, match="need 5 CPUs"):
+        run(cfg)
+    info = json.loads((cfg.run_path() / "mlflow_run.json").read_text())
+    client = MlflowClient(info["uri"])
+    failed = client.get_run(info["run_id"]).info
+    assert failed.status == "FAILED" and failed.end_time, failed
+    roots = {e.name: e.artifact_location for e in client.search_experiments()}
+    assert set(roots) == {"Default", "exvae-dist"}, roots
+    assert all(root.startswith((tmp_path / "mlartifacts").as_uri()) for root in roots.values())
+
+
 # ------------------------------------------- a worker dies mid-epoch: restart from the checkpoint
 
 class WorkerKiller(threading.Thread):
@@ -294,6 +318,45 @@ def test_store_of_another_training_set_is_refused(tmp_path):
         ensure_store(tmp_path / "s.zarr", x, (1, 28, 28), latent_dim=4)
     with pytest.raises(ValueError, match="images differ"):
         ensure_store(tmp_path / "s.zarr", 1 - x, (1, 28, 28), latent_dim=8)
+
+
+def test_a_second_run_on_a_store_in_use_is_refused_before_ray(tmp_path, monkeypatch):
+    """A store's latent versions have one training writer: a run on an ingested store that
+    another live run holds stops with a message naming the store and the holder, before
+    Ray or any data; the store is left as it was."""
+    from types import SimpleNamespace
+
+    from exvae_dist.commands import ingest as ingest_mod
+    from exvae_dist.retrieval.store import ExemplarStore
+    from exvae_dist.runs.run_lock import StoreLocked
+    from exvae_dist.train import driver
+
+    x = np.random.default_rng(0).integers(0, 256, (120, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
+    store = tmp_path / "s"
+    ingest_mod.ingest(ingest_mod.open_source(str(tmp_path / "x.npy"), args), store,
+                      n_valid=10, n_test=10, progress=False, latent_dim=40)
+    before = sorted(p.name for p in store.rglob("*"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from exvae_dist.runs.run_lock import StoreWriterLock\n"
+         "StoreWriterLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+         str(store)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(driver, "connect", lambda cfg: pytest.fail("Ray was started"))
+        cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path / 'runs'}", "data.name=store",
+                                        f"data.store={store}", "data.n_train=null",
+                                        "data.n_valid=null", "data.n_test=null"], env={})
+        with pytest.raises(StoreLocked, match=f"exemplar store {store} is in use by another "
+                                              f"training run \\(pid {holder.pid} "):
+            driver.run(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in store.rglob("*")) == before
+    assert ExemplarStore(store).versions() == []
 
 
 def test_help_lists_the_config_keys():
@@ -371,7 +434,7 @@ def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_spli
     from exvae_dist.train.driver import run
 
     over = [f"train.run_dir={tmp_path / 'runs'}", "train.progress=false", "train.epochs=1",
-            "train.max_steps_per_epoch=4", "ray.controller_failure_limit=0",
+            "train.max_steps_per_epoch=4",
             "ray.resident_mb=0", "index.kind=flat", "tracking.sample_grid=true",
             "data.name=store", f"data.store={tmp_path / 's'}", "data.n_train=null",
             "data.n_valid=null", "data.n_test=null"]

@@ -268,3 +268,51 @@ def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke
     main([str(kept), "--out", str(out)])
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         main([str(tmp_path / "nothing"), "--out", str(out)])
+
+
+def test_a_mid_epoch_resume_equals_an_uninterrupted_run_and_mlflow_equals_metrics(
+        tmp_path, smoke_cfg, monkeypatch):
+    """train.checkpoint_every_steps: a run stopped mid-epoch resumes from its mid-epoch
+    checkpoint and ends as the uninterrupted run, to the last bit; MLflow holds each step
+    once, with the values metrics.jsonl holds, although the dead attempt computed other
+    values for the steps it trained past its checkpoint (as an asynchronous refresh may)."""
+    from mlflow.tracking import MlflowClient
+
+    from exvae_dist.core import loop
+
+    common = ("train.log_every=1", "prior.refresh_every=2", "train.checkpoint_every_steps=3",
+              "train.epochs=2", "tracking.sample_grid=false", "tracking.system_metrics=false")
+    whole = smoke_cfg(tmp_path, "train.name=whole", "tracking.enabled=false", *common)
+    fit(whole)
+    parts = smoke_cfg(tmp_path, "train.name=parts", *common)
+    real_step, calls = loop.train_step, []
+
+    def dying_step(*args, **kwargs):  # attempt 1: other numbers after step 14, dies in 17
+        calls.append(1)
+        if len(calls) == 17:
+            raise KeyboardInterrupt
+        m = real_step(*args, **kwargs)
+        return {**m, "loss": m["loss"] + 1000.0} if len(calls) > 14 else m
+
+    monkeypatch.setattr(loop, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        fit(parts)
+    # refreshes at steps 2, 4, 6, ... of each epoch; checkpoints at the first refresh 3 or
+    # more steps after the last one: 4, 8, 10 (epoch end), 14 (the resume point), 18
+    saved = load_checkpoint(parts.run_path() / "checkpoint.pt")
+    assert (saved["epoch"], saved["step"], saved["within_epoch"]["batch"]) == (1, 14, 4)
+    monkeypatch.setattr(loop, "train_step", real_step)
+    fit(parts)
+    _same_state(load_checkpoint(whole.run_path() / "checkpoint.pt"),
+                load_checkpoint(parts.run_path() / "checkpoint.pt"))
+    drop = ("train_seconds", "epoch_seconds", "refresh_seconds", "refresh_share",
+            "examples_per_second", "step_ms_steady", "step_ms_during_rebuild")
+    a = [{k: v for k, v in r.items() if k not in drop} for r in records(whole.run_path())]
+    b = [{k: v for k, v in r.items() if k not in drop} for r in records(parts.run_path())]
+    assert len(a) == 22 and a == b
+    info = json.loads((parts.run_path() / "mlflow_run.json").read_text())
+    client = MlflowClient(info["uri"])
+    for key in ("loss", "kl"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(info["run_id"], key))
+        assert history == [(r["step"], pytest.approx(r[key])) for r in b if key in r], key
+    assert len(client.get_metric_history(info["run_id"], "val_elbo")) == 2

@@ -7,6 +7,7 @@ child process, so that this test never touches the session's local Ray.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -98,3 +99,91 @@ def test_two_nodes_train_smoke_and_finish_after_losing_one(tmp_path, data_dir):
     recs = [json.loads(x) for x in
             (tmp_path / "runs" / "smoke" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 21))
+
+
+LOST_NODE = textwrap.dedent('''
+    import json, sys, threading, time
+    from pathlib import Path
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from exvae_dist import config as config_mod
+    from exvae_dist.runs.preflight import PreflightError
+    from exvae_dist.train.driver import WorkersUnplaceable, run
+
+    run_dir, data_dir = sys.argv[1], sys.argv[2]
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+
+    def cfg(*extra):
+        return config_mod.load("smoke", [
+            f"train.run_dir={run_dir}", "train.progress=false", "train.log_every=1",
+            "data.n_train=1000", "data.n_valid=200", "index.kind=flat", "train.epochs=50",
+            "tracking.enabled=false", "tracking.sample_grid=false",
+            f"ray.address={cluster.address}", *extra], env={"EXVAE_DATA_DIR": data_dir})
+
+    out = {}
+    # a cluster given by address has no autoscaler: 3 workers on 2 CPUs are refused at once
+    start = time.monotonic()
+    try:
+        run(cfg("ray.num_workers=3", "train.name=three"))
+    except PreflightError as err:
+        out["refused"] = str(err)
+    out["refused_seconds"] = time.monotonic() - start
+
+    def kill_second_node_mid_run():
+        metrics = Path(run_dir) / "smoke" / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+            time.sleep(0.1)
+        cluster.remove_node(second, allow_graceful=False)  # SIGKILL its raylet and workers
+        out["killed_at"] = time.monotonic()
+
+    threading.Thread(target=kill_second_node_mid_run, daemon=True).start()
+    try:
+        run(cfg("ray.num_workers=2"))
+    except WorkersUnplaceable as err:
+        out["failed"] = str(err)
+    out["after_kill_seconds"] = time.monotonic() - out.get("killed_at", time.monotonic())
+    print("RESULT " + json.dumps(out), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+''')
+
+
+@pytest.mark.slow
+def test_a_lost_node_without_spare_capacity_fails_clearly_in_bounded_time(tmp_path, data_dir):
+    """Two 1-CPU nodes, 2 workers, the second node killed mid-run: the run fails with a
+    message naming the capacity and where a rerun resumes after a finite number of tries
+    (Ray's default retried every 60 s forever); and the preflight checks a cluster given by
+    address (3 workers on its 2 CPUs refused before anything starts)."""
+    script = tmp_path / "lost_node.py"
+    script.write_text(LOST_NODE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
+           "RAY_health_check_timeout_ms": "500",
+           # each try to start the worker group waits 5 s here instead of Ray's 60 s
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}
+    env.pop("RAY_ADDRESS", None)
+    # its own process group: on a timeout the cluster's processes go with the script
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "runs"),
+                             str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (stdout[-3000:] + stderr[-5000:])
+    out = json.loads(lines[-1][len("RESULT "):])
+    print(out)
+    assert "need 3 CPUs, but the cluster at " in out["refused"], out
+    assert out["refused_seconds"] < 30, out
+    assert "could not start the 2 workers (2 CPUs) in 4 tries: the cluster has 1 CPUs" \
+        in out["failed"] and "rerun the same command to resume" in out["failed"], out
+    assert out["after_kill_seconds"] < 120, out  # 4 tries of 5 s, plus Ray noticing the loss

@@ -31,7 +31,8 @@ TRAIN_DESCRIPTION = """\
 Train an Exemplar VAE. Without --config the built-in defaults are the paper's MNIST Exemplar
 VAE with retrieval augmented training. Everything goes to train.run_dir/<run name>/;
 rerunning the same command resumes from its last checkpoint; Ctrl-C stops (exit 130) and the
-same command resumes from the last finished epoch."""
+same command resumes from the last checkpoint (each epoch's end, and within long epochs every
+train.checkpoint_every_steps steps)."""
 
 RAY_DESCRIPTION = """
 Ray Train: TorchTrainer workers (DDP), a FAISS index service for retrieval augmented
@@ -89,8 +90,10 @@ def train_command(prog: str, argv: Optional[list[str]], ray: bool) -> int:
 
             summary = fit(cfg)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: rerun the same command to resume {cfg.run_path()} from its last "
-              "checkpoint", file=sys.stderr)
+        from ..runs.checkpoint import describe_resume
+
+        print(f"\ninterrupted: rerun the same command to resume "
+              f"{describe_resume(cfg.run_path())}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except config_mod.ConfigError as err:
         parser.error(str(err))

@@ -235,19 +235,24 @@ class TrainState:
         self.optimizer = make_optimizer(parts.model, cfg)
         self.stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.warmup_epochs)
         self.epoch, self.step = 0, 0
+        self.saved_step = 0  # the step of the last checkpoint (train.checkpoint_every_steps)
+        # a mid-epoch checkpoint's place in its epoch (run_epoch's `within`), else None
+        self.within: Optional[dict] = None
 
     def state_dict(self) -> dict:
         p = self.parts
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "early_stopping": asdict(self.stopper), "epoch": self.epoch, "step": self.step,
                 "config": config_mod.to_dict(p.cfg), "image_shape": tuple(p.image_shape),
-                "world": p.group.world, **(p.cache.state() if p.cache is not None else {})}
+                "world": p.group.world, "within_epoch": self.within,
+                **(p.cache.state() if p.cache is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stopper = EarlyStopping(**state["early_stopping"])
         self.epoch, self.step = state["epoch"], state["step"]
+        self.saved_step, self.within = self.step, state.get("within_epoch")
 
 
 def start(p: Parts) -> tuple[TrainState, PriorSampler, Optional[dict]]:
@@ -257,8 +262,8 @@ def start(p: Parts) -> tuple[TrainState, PriorSampler, Optional[dict]]:
     saved = p.sink.load()
     if saved is not None:
         state.load_state_dict(saved)
-        log.info("rank %d resumed %s at epoch %d, step %d", p.group.rank, p.run, state.epoch,
-                 state.step)
+        log.info("rank %d resumed %s at epoch %d, step %d", p.group.rank, p.run,
+                 state.epoch + 1, state.step)
     uses_index = p.cache is not None and p.cfg.prior.rat
     sampler = PriorSampler(p.cfg.prior, p.train_images, p.cache if uses_index else None,
                            seed=p.cfg.train.seed)
@@ -283,7 +288,7 @@ def fit(parts: Parts) -> dict:
                          sum(budget.walls) / 3600, budget.hours)
                 break
             summary = run_epoch(p, state, sampler)
-            p.sink.save(state.state_dict(), bool(summary["improved"]), summary)
+            save(p, state, bool(summary["improved"]), summary)
             budget.walls.append(summary.get("epoch_seconds", 0.0))
         if state.stopper.should_stop and group.rank == 0:
             log.info("early stopping: no validation improvement for %d epochs",
@@ -295,8 +300,32 @@ def fit(parts: Parts) -> dict:
     return summary
 
 
+def save(p: Parts, state: TrainState, improved: bool, metrics: dict) -> None:
+    """A checkpoint (every rank), then the records it covers to the tracker (rank 0)."""
+    p.sink.save(state.state_dict(), improved, metrics)
+    state.saved_step = state.step
+    p.recorder.commit()
+
+
+class Tail(Sequence):
+    """batches[start:], computed when asked for (a mid-epoch resume skips the done ones)."""
+
+    def __init__(self, batches: Sequence, start: int):
+        self.batches, self.start = batches, start
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.start)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.batches[self.start + i]
+
+
 def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
-    """One epoch: steps (with mid-epoch refreshes), the epoch-end refresh, validation."""
+    """One epoch: steps (with mid-epoch refreshes and checkpoints), the epoch-end refresh,
+    validation. A checkpoint taken mid-epoch carries `within` (the batches done, the refresh
+    schedule, the epoch's sums), so the resumed epoch ends as the uninterrupted one."""
     cfg, group, cache = p.cfg, p.group, p.cache
     uses_index = cache is not None and cfg.prior.rat
     seed, epoch = cfg.train.seed, state.epoch
@@ -304,23 +333,39 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
     beta = kl_beta(epoch, cfg.train.warmup_epochs)
     p.model.train()
     batches = epoch_batches(p, epoch)
-    last_refresh = state.step  # a version of these weights exists (start or epoch end)
-    interval = refresh_interval(cfg.prior, len(p.train_images), cfg.train.batch_size)
-    mid_refresh_seconds = 0.0
     keys = ("loss", "log_px", "kl", "candidates", "short_rows")
-    sums = dict.fromkeys(keys, 0.0)
-    # step seconds while the index serves an older version than the newest written, and not
-    timing = {"rebuild": [0.0, 0], "steady": [0.0, 0]}
+    # a version of these weights exists at last_refresh (start, epoch end or a refresh);
+    # sums and timing: step seconds while the index serves an older version than the
+    # newest written, and not
+    within = state.within or {
+        "batch": 0, "last_refresh": state.step, "sums": dict.fromkeys(keys, 0.0),
+        "timing": {"rebuild": [0.0, 0], "steady": [0.0, 0]}, "refresh_seconds": 0.0,
+        "seconds": 0.0}
+    state.within = None
+    last_refresh, sums, timing = within["last_refresh"], within["sums"], within["timing"]
+    mid_refresh_seconds, t0 = within["refresh_seconds"], t0 - within["seconds"]
+    interval = refresh_interval(cfg.prior, len(p.train_images), cfg.train.batch_size)
+    every = cfg.train.checkpoint_every_steps
     t_log, examples_since_log = time.perf_counter(), 0
-    items = batches
+    items = Tail(batches, within["batch"])
     if p.progress is not None and group.rank == 0 and cfg.train.progress:
-        items = p.progress(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
-    for ids in items:
+        items = p.progress(items, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+    for i, ids in enumerate(items, start=within["batch"]):
         if uses_index and state.step - last_refresh >= interval:
             tr = time.perf_counter()
             cache.refresh(p.model.net, state.step, background=True)
             mid_refresh_seconds += time.perf_counter() - tr
             last_refresh = state.step
+        # a mid-epoch checkpoint (train.checkpoint_every_steps), with retrieval only where
+        # a refresh has just encoded the latents of these very weights: a resume re-encodes
+        # them (or reuses the stored version) and goes on exactly as this run does
+        if (every and i > 0 and state.step - state.saved_step >= every
+                and (not uses_index or last_refresh == state.step)):
+            state.within = {"batch": i, "last_refresh": last_refresh, "sums": sums,
+                            "timing": timing, "refresh_seconds": mid_refresh_seconds,
+                            "seconds": time.perf_counter() - t0}
+            save(p, state, False, {"epoch": epoch, "step": state.step})
+            state.within = None
         local = rank_slice(ids, group)
         ts = time.perf_counter()
         x = binarize(p.train_images[local].to(p.device), p.dynamic, seed, state.step, group.rank)

@@ -168,9 +168,11 @@ def load_resume_state(run: str | os.PathLike) -> Optional[dict[str, Any]]:
 
 
 def ray_resume_candidates(registered: Optional[Path], run: str | os.PathLike) -> list[Path]:
-    """Folders a Ray worker may resume from, newest first: the checkpoint Ray hands back, the
-    other Ray checkpoint folders of the run, then the run folder itself (rank 0's
-    checkpoint.pt)."""
+    """Folders a Ray worker may resume from, newest (largest step) first: the checkpoint Ray
+    hands back, the other Ray checkpoint folders of the run, and the run folder itself (rank
+    0's checkpoint.pt). Ray registers a reported checkpoint only when its controller next
+    polls (every 2 s): after Ctrl-C the run folder's checkpoint.pt, written just before the
+    report, can be newer than anything Ray registered, and is then the one to resume."""
     run = Path(run)
     out = [Path(registered)] if registered is not None else []
     folders = sorted((p for p in run.glob(RAY_FOLDER_PREFIX + "*") if p.is_dir()),
@@ -178,7 +180,36 @@ def ray_resume_candidates(registered: Optional[Path], run: str | os.PathLike) ->
     out += [p for p in folders if p not in out]
     if (run / LATEST).is_file():
         out.append(run)
-    return out
+    return sorted(out, key=lambda p: _position(p)[1], reverse=True)  # stable: ties keep order
+
+
+def _position(path: Path) -> tuple[int, int]:
+    """(epoch, step) of a checkpoint file or folder, read without loading its tensors;
+    (-1, -1) when it is unreadable."""
+    path = path / LATEST if path.is_dir() else path
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["epoch"]), int(state["step"])
+    except Exception:
+        return -1, -1
+
+
+def resume_point(run: str | os.PathLike) -> Optional[tuple[int, int]]:
+    """(epoch, step) a rerun of `run` resumes from, the epoch counted from 1 as the epoch
+    lines count it (the epoch being trained): its newest readable checkpoint, in the order
+    either trainer tries them; None when there is none."""
+    for candidate in [*ray_resume_candidates(None, run), *resume_candidates(run)]:
+        epoch, step = _position(candidate)
+        if step >= 0:
+            return epoch + 1, step
+    return None
+
+
+def describe_resume(run: str | os.PathLike) -> str:
+    """`<run> from epoch E step S` (or `<run> from its start`) for the interrupt message."""
+    point = resume_point(run)
+    where = f"epoch {point[0]} step {point[1]}" if point else "its start (no checkpoint yet)"
+    return f"{run} from {where}"
 
 
 def registered_ray_folders(run: Path) -> Optional[set[str]]:

@@ -154,26 +154,58 @@ def warn_short_warmup(cfg: ExperimentConfig) -> None:
 def check_cluster(cfg: ExperimentConfig) -> None:
     """Refuses more workers than the connected Ray cluster can ever place.
 
-    Reads ray.cluster_resources() (call after ray.init, before the trainer). A Ray started
-    by this process or the caller (no ray.address) has no autoscaler, so what it has now is
-    all it will ever have; on a cluster given by address an autoscaler may add nodes, so
-    there a shortfall is only warned about (driver.check_resources).
+    Reads ray.cluster_resources() (call after ray.init, before the trainer): a cluster
+    without an autoscaler (a local Ray, a `ray start` cluster given by address) has all it
+    will ever have, and Ray Train would wait for the rest (a minute per try, driver.py's
+    CONTROLLER_RETRIES). With an autoscaler, which may add nodes, a shortfall is only warned
+    about.
     """
     import ray
 
-    if cfg.ray.address:
-        return
     have = ray.cluster_resources()
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    encoders = ""
+    if cfg.prior.kind == "exemplar" and cfg.prior.rat and cfg.index.refresh_workers:
+        need_cpu += cfg.index.refresh_workers * cfg.ray.cpus_per_worker
+        encoders = (f" + index.refresh_workers={cfg.index.refresh_workers} x "
+                    f"ray.cpus_per_worker={cfg.ray.cpus_per_worker:g}")
+    where = (f"the cluster at {cfg.ray.address} (no autoscaler)" if cfg.ray.address
+             else "this Ray (local, no autoscaler)")
+    if (need_cpu > have.get("CPU", 0) or cfg.ray.use_gpu
+            and cfg.ray.num_workers > have.get("GPU", 0)) and autoscaler_running():
+        log.warning("the run needs %g CPUs%s and the cluster has %g CPUs, %g GPUs: it waits "
+                    "for the autoscaler to add nodes (and fails after a few minutes without "
+                    "them); lower ray.num_workers or ray.cpus_per_worker", need_cpu,
+                    f" and {cfg.ray.num_workers} GPUs" if cfg.ray.use_gpu else "",
+                    have.get("CPU", 0), have.get("GPU", 0))
+        return
     if need_cpu > have.get("CPU", 0):
         raise PreflightError(
             f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker="
-            f"{cfg.ray.cpus_per_worker} need {need_cpu:g} CPUs, but this Ray (local, no "
-            f"autoscaler) has {have.get('CPU', 0):g}: the workers could never start and Ray "
-            f"Train would retry forever. Lower ray.num_workers or ray.cpus_per_worker, or "
-            f"connect to a larger cluster with ray.address")
+            f"{cfg.ray.cpus_per_worker:g}{encoders} need {need_cpu:g} CPUs, but {where} "
+            f"has {have.get('CPU', 0):g}: the workers could never start. Lower "
+            f"ray.num_workers or ray.cpus_per_worker, or add nodes")
     if cfg.ray.use_gpu and cfg.ray.num_workers > have.get("GPU", 0):
         raise PreflightError(
-            f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, but this Ray "
-            f"(local, no autoscaler) has {have.get('GPU', 0):g} GPUs: lower ray.num_workers "
-            f"or set ray.use_gpu=false")
+            f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, but {where} has "
+            f"{have.get('GPU', 0):g} GPUs: lower ray.num_workers or set ray.use_gpu=false")
+
+
+def autoscaler_running() -> bool:
+    """Whether the connected cluster has an autoscaler that may still add the nodes a run
+    needs. v1's monitor publishes its report in the GCS; without an autoscaling config (a
+    local Ray, `ray start`) its node provider is read-only and names each node's type after
+    the node itself (node_<id>), while a launcher's (`ray up`) names the config's node types. v2 sets a
+    flag."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        status = json.loads(_internal_kv_get("__autoscaling_status") or b"{}")
+        types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        v2 = _internal_kv_get("__autoscaler_v2_enabled", namespace="__autoscaler")
+        return (any(v != f"node_{k}" for k, v in types.items())
+                or v2 not in (None, b"", b"0", b"false"))
+    except Exception:  # an API that moved: assume one, and only warn
+        return True

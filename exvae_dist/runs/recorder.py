@@ -26,14 +26,43 @@ SESSIONS = "sessions.jsonl"
 
 
 class MetricsLog:
-    """metrics.jsonl in the run directory: one JSON object per logged step or epoch."""
+    """metrics.jsonl in the run directory: one JSON object per logged step or epoch.
 
-    def __init__(self, path: Path):
+    With a tracker, each record also goes to the tracker, but only at the next `commit`
+    (called after each checkpoint): a step past the last checkpoint is trained again on
+    resume, and with asynchronous refreshes the replay is not the same computation, so the
+    tracker (which cannot delete a point) only ever sees steps no resume will replay.
+    `sync` sends what a killed attempt checkpointed but did not commit."""
+
+    def __init__(self, path: Path, tracker=None):
         self.path = path
+        self.tracker = tracker
+        self.pending: list[dict] = []
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(jsonio.dumps(record, indent=None) + "\n")
+        if self.tracker is not None:
+            self.pending.append(record)
+
+    def commit(self) -> None:
+        """Sends the records written since the last commit to the tracker."""
+        for record in self.pending:
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
+                                     record["step"])
+        self.pending = []
+
+    def sync(self) -> None:
+        """Sends the file's records to the tracker (after `rewind`, at a start): it skips
+        the steps it holds, so only what an attempt checkpointed but never committed goes."""
+        if self.tracker is None or not self.path.is_file():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                self.pending.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        self.commit()
 
     def rewind(self, step: int) -> int:
         """Drops the records after `step` (written by an attempt that died after the
@@ -65,6 +94,8 @@ class NullRecorder:
 
     def epoch(self, summary: dict, model, centres, image_shape) -> None: ...
 
+    def commit(self) -> None: ...
+
     def finish(self, summary: dict, stopped_early: bool, out_of_time: bool) -> dict:
         return summary
 
@@ -76,7 +107,7 @@ class RunRecorder(NullRecorder):
 
     def __init__(self, run: Path, tracker, sample_grid: bool = True):
         self.run, self.tracker, self.sample_grid = run, tracker, sample_grid
-        self.metrics = MetricsLog(run / METRICS)
+        self.metrics = MetricsLog(run / METRICS, tracker)
 
     def begin(self, cfg, epoch: int, step: int, tags: dict) -> list[float]:
         """A (re)start at `step`: drops a dead attempt's later records, logs the params and
@@ -85,6 +116,7 @@ class RunRecorder(NullRecorder):
         if dropped:
             log.info("dropped %d metrics records after step %d (an attempt that did not reach "
                      "its next checkpoint)", dropped, step)
+        self.metrics.sync()
         self.tracker.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
         session = hardware.session_record(epoch, step, cfg.train.device)
         with open(self.run / SESSIONS, "a") as f:
@@ -93,17 +125,18 @@ class RunRecorder(NullRecorder):
         return epoch_walls(self.run)
 
     def step(self, record: dict) -> None:
-        self.metrics.write(record)
-        self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
-                                 record["step"])
+        self.metrics.write(record)  # to the tracker after the next checkpoint
+
+    def commit(self) -> None:
+        """After a checkpoint: the records it covers go to the tracker."""
+        self.metrics.commit()
 
     def epoch(self, summary: dict, model, centres, image_shape) -> None:
         """The epoch's summary, a grid of 100 prior samples and the curves so far."""
         from .curves import plot_curves
         from .figures import save_grid
 
-        self.metrics.write(summary)
-        self.tracker.log_metrics(summary, summary["step"])
+        self.metrics.write(summary)  # to the tracker after the epoch's checkpoint
         epoch = summary["epoch"]
         if self.sample_grid:
             images = sample_images(model, 100, centres,

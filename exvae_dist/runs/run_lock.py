@@ -50,7 +50,8 @@ class RunLock:
 
     def __init__(self, run: str | os.PathLike):
         self.run = Path(run)
-        self.path = self.run / LOCK_NAME
+        self.folder = self.run  # where the lock file (and its temp file) go
+        self.path = self.folder / LOCK_NAME
         self._held = False
 
     def owner(self) -> Optional[dict[str, Any]]:
@@ -63,7 +64,7 @@ class RunLock:
             return {}
 
     def acquire(self) -> "RunLock":
-        self.run.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
               "argv": sys.argv}
         tmp = temp_path(self.path)  # linked, never renamed: a killed taker's is swept
@@ -116,6 +117,37 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class StoreLocked(RunLocked):
+    """Another live training run writes the latent versions of this exemplar store."""
+
+
+class StoreWriterLock(RunLock):
+    """The one training writer of an exemplar store outside the run folder (an ingested
+    store, or index.store_path): its latent versions, their pruning and the index actors
+    that reload the newest one belong to one run at a time. `<store>.writer.lock` beside
+    the store (never inside it: the store's folder is Zarr's), taken and judged stale like a
+    run folder's lock."""
+
+    def __init__(self, store: str | os.PathLike):
+        super().__init__(store)
+        self.folder = self.run.parent
+        self.path = self.folder / f"{self.run.name}.writer.lock"
+
+    def acquire(self) -> "RunLock":
+        try:
+            return super().acquire()
+        except RunLocked as err:
+            raise StoreLocked(str(err)) from None
+
+    def _refusal(self, holder: dict) -> str:
+        here = holder.get("host") == socket.gethostname()
+        return (f"exemplar store {self.run} is in use by another training run "
+                f"({_describe(holder)}): two runs writing latent versions into one store "
+                f"would prune and serve each other's latents. Wait for that run to finish or "
+                f"stop it; train one run at a time per store"
+                + ("" if here else f"; if that process is gone, delete {self.path}"))
 
 
 def _describe(holder: dict) -> str:

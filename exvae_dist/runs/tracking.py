@@ -14,14 +14,18 @@ Lifecycle (what the training loop calls):
         tracker.log_metrics({...}, step)
 
 On resume the run is reopened and every metric key skips the steps it already holds: MLflow
-cannot delete metric points, and the replayed steps of a resumed run are the same
-computation (the checkpoint restores every random stream), so each step is kept once.
+cannot delete metric points. The training loop sends a step's metrics only once a checkpoint
+covers it (loop.MetricsLog.commit), so the steps a resume trains again (not the same
+computation with asynchronous refresh) were never logged, and MLflow holds what
+metrics.jsonl holds, each step once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import shutil
 import logging
 import math
 import time
@@ -41,6 +45,32 @@ FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
 
 class TrackingUnavailableError(ConfigError):
     """tracking.uri names a server that does not answer (checked before any work starts)."""
+
+
+class TrackingWriteError(OSError):
+    """The MLflow store is full ("database or disk is full"): a retry meets it again, so the
+    Ray trainer does not retry it (driver.NOT_RETRIED); the message names the store, the free
+    space and the way on."""
+
+
+def full_store_error(uri: str, err: BaseException) -> Optional[TrackingWriteError]:
+    """A TrackingWriteError for an MLflow write that failed on a full disk, else None."""
+    text = str(err)
+    full = ("disk is full" in text or "No space left" in text
+            or getattr(err, "errno", None) == errno.ENOSPC)
+    if not full:
+        return None
+    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else None
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free on {folder}; " \
+            if folder else ""
+    except OSError:
+        free = ""
+    return TrackingWriteError(
+        errno.ENOSPC, f"the MLflow store {uri} cannot be written, its disk is full ({free}"
+        f"{type(err).__name__}: {text.splitlines()[0] if text else ''}). metrics.jsonl and "
+        f"the checkpoints hold the run: free space (or set tracking.uri to another store) "
+        f"and rerun the same command; the resume sends MLflow the steps it lacks")
 
 
 def default_uri(run_root: Path) -> str:
@@ -63,6 +93,17 @@ def store_lock(uri: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def create_store(uri: str, run_root: Path) -> None:
+    """Creates a new local sqlite store with its "Default" experiment's artifact root in
+    <run_root>/mlartifacts, as our own experiment's: MLflow would otherwise root it at
+    ./mlruns of the current folder, a temporary one in a Ray worker. Call under store_lock."""
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(uri, (run_root / "mlartifacts").resolve().as_uri())
 
 
 def status_for(exc: Optional[BaseException]) -> str:
@@ -165,6 +206,7 @@ class MlflowTracker(NullTracker):
         self.uri = uri or (saved or {}).get("uri") or default_uri(self.run_path.parent)
         resumed = bool(saved and saved.get("uri") == self.uri)
         with store_lock(self.uri):  # the first client of a new store creates (migrates) it
+            create_store(self.uri, self.run_path.parent)
             self.client = MlflowClient(tracking_uri=self.uri)
             if resumed:
                 self.run_id = saved["run_id"]
@@ -226,7 +268,7 @@ class MlflowTracker(NullTracker):
         existing = self.client.get_run(self.run_id).data.params
         fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(fresh), 100):
-            self.client.log_batch(self.run_id, params=fresh[i:i + 100])
+            self._write(self.client.log_batch, self.run_id, params=fresh[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Logs the finite numbers of `metrics` at `step`, skipping keys that already hold
@@ -238,11 +280,21 @@ class MlflowTracker(NullTracker):
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                  and step > self._last_step.get(k, -1)]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._write(self.client.log_batch, self.run_id, metrics=batch)
             self._last_step.update({m.key: step for m in batch})
 
     def log_artifact(self, path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._write(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def _write(self, call, *args, **kwargs):
+        """call(*args, **kwargs), a full disk raised as TrackingWriteError."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            full = full_store_error(self.uri, err)
+            if full is None:
+                raise
+            raise full from err
 
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
@@ -280,6 +332,23 @@ def make_tracker(cfg, run_path: Path, rank: int = 0) -> NullTracker:
         return NullTracker()
     return MlflowTracker(run_path, cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name(),
                          system_metrics=True)  # off only where psutil is missing
+
+
+def end_run_of(run_path: Path, exc: Optional[BaseException]) -> None:
+    """Marks the MLflow run of a run folder as `exc` calls for (status_for), with an end time:
+    the Ray driver's part when its workers were stopped from outside (Ctrl-C aborts them
+    before their tracker can). Nothing when the folder has no MLflow run; a status that
+    cannot be written is a warning (tracker.end_for)."""
+    if not (Path(run_path) / RUN_FILE).is_file():
+        return
+    try:
+        tracker = open_run_tracker(run_path)
+    except Exception as err:
+        log.warning("could not open the MLflow run of %s to mark it %s (%s)", run_path,
+                    status_for(exc), err)
+        return
+    tracker.owner = True  # this call is the run's end
+    tracker.end_for(exc)
 
 
 def open_run_tracker(run_path: Path) -> NullTracker:

@@ -8,9 +8,11 @@ name = cfg.run_name()), so rerunning the same command finds them and resumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,20 +20,62 @@ from typing import Optional
 
 from .. import config as config_mod
 from ..runs import run_folder
-from ..runs.tracking import probe
+from ..runs.checkpoint import CheckpointWriteError, describe_resume, resume_point
+from ..runs.tracking import MlflowTracker, TrackingWriteError, end_run_of, probe
 from ..data import DataSplits, load_dataset
 from ..core.objective import build_model
 from ..core.cache import ACTORS, WORKER, placement
 from ..core.candidates import query_depth, subset_size
 from ..retrieval.exemplar_images import ensure_store, open_exemplar_store, to_bytes
 from ..runs import preflight  # hook: issue16
-from ..runs.run_lock import exclusive_run  # hook: issue16
+from ..runs.run_lock import StoreWriterLock, exclusive_run  # hook: issue16
 
 log = logging.getLogger(__name__)
 
+# Worker-group starts that time out (Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+# 60 s, for each) before the run fails: a node lost with no spare capacity left fails in
+# ~4 min with WorkersUnplaceable instead of retrying every minute forever (Ray's default);
+# an autoscaler has these minutes to add a node.
+CONTROLLER_RETRIES = 3
 # Ray Train checkpoints kept on storage: the newest and the one before it (Ray keeps every
 # one otherwise, and a run of thousands of epochs would fill the disk)
 KEEP_CHECKPOINTS = 2
+
+
+class WorkersUnplaceable(preflight.PreflightError):
+    """Ray could not start the run's workers in CONTROLLER_RETRIES + 1 tries (a node lost,
+    the cluster busy); the message names the capacity and where a rerun resumes."""
+
+
+# Errors a worker meets again on every retry (a bad setting, a full disk, a diverged loss):
+# Ray Train, which retries every worker error up to ray.max_failures times, stops at once
+# and the driver raises the worker's own exception, whose message says what to do.
+NOT_RETRIED = (config_mod.ConfigError, CheckpointWriteError, TrackingWriteError,
+               FloatingPointError)
+
+
+def failure_policy(failure_config):
+    """Ray Train's default failure policy, except that a NOT_RETRIED worker error is raised
+    at once (Ray offers no public hook: interruptible() installs it)."""
+    from ray.train.v2._internal.execution.failure_handling import (DefaultFailurePolicy,
+                                                                   FailureDecision)
+
+    class NoRetryOfKnownErrors(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if worker_error(training_failed_error) is not None:
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return NoRetryOfKnownErrors(failure_config)
+
+
+def worker_error(error: BaseException) -> Optional[BaseException]:
+    """The first NOT_RETRIED exception a worker raised, from Ray Train's WorkerGroupError."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        base = getattr(failure, "_base_exc", failure)  # Ray wraps it with its traceback
+        if isinstance(base, NOT_RETRIED):
+            return base
+    return None
 
 
 def connect(cfg: config_mod.ExperimentConfig) -> bool:
@@ -91,29 +135,66 @@ def absolute(cfg: config_mod.ExperimentConfig) -> config_mod.ExperimentConfig:
     return config_mod.from_dict(d)
 
 
-def check_resources(cfg: config_mod.ExperimentConfig) -> None:
-    """Warns when the cluster (as it is now) cannot place the workers."""
+def interruptible(trainer_cls):
+    """trainer_cls whose fit() turns Ctrl-C into KeyboardInterrupt, as the one-process
+    trainer's does (exit 130 at the command line), after aborting the workers, and does not
+    retry the NOT_RETRIED errors.
+
+    Ray Train's own SIGINT handler aborts the controller and then exits with status 1, the
+    run's MLflow run left RUNNING; this one aborts the controller the same way (the workers
+    are stopped, the last checkpoint stays) and raises KeyboardInterrupt, so the driver
+    marks the MLflow run KILLED and the command line says where a rerun resumes. A second
+    Ctrl-C while aborting interrupts at once.
+    """
     import ray
 
+    class Interruptible(trainer_cls):
+        def _initialize_and_run_controller(self, **kwargs):  # NOT_RETRIED errors: no retry
+            kwargs["failure_policy"] = failure_policy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+        def _register_sigint_handler(self, controller):
+            def on_sigint(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                log.info("Ctrl-C: stopping the workers (the last checkpoint is kept)")
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # the controller exits as it aborts
+                    pass
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, on_sigint)
+
+    Interruptible.__name__ = trainer_cls.__name__
+    return Interruptible
+
+
+def unplaceable(cfg: config_mod.ExperimentConfig,
+                error: BaseException) -> Optional[WorkersUnplaceable]:
+    """A WorkersUnplaceable for a run that ended because its workers could not be placed
+    (call while still connected), else None."""
+    import ray
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if not (isinstance(error, ControllerError) and isinstance(
+            getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError)):
+        return None
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    if cfg.prior.rat:
-        need += cfg.index.refresh_workers * cfg.ray.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        log.warning("%d workers x %s CPUs need %s CPUs but the cluster has %s: the run waits "
-                    "for an autoscaler (or forever); lower ray.num_workers or "
-                    "ray.cpus_per_worker", cfg.ray.num_workers, cfg.ray.cpus_per_worker,
-                    need, have)
-    if cfg.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
-        log.warning("ray.use_gpu=true but the cluster has %s GPUs for %d workers",
-                    ray.cluster_resources().get("GPU", 0), cfg.ray.num_workers)
+    return WorkersUnplaceable(
+        f"Ray could not start the {cfg.ray.num_workers} workers ({need:g} CPUs) in "
+        f"{CONTROLLER_RETRIES + 1} tries: the cluster has {have:g} CPUs now (a node lost, or "
+        f"busy with other work). The checkpoints are kept: rerun the same command to resume "
+        f"{describe_resume(cfg.run_path())} once the cluster has the capacity, or with a "
+        f"lower ray.num_workers")
 
 
 def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=None,
                  encoders=None, where: str = WORKER):
     """The TorchTrainer of a run (gloo on CPU, NCCL on GPU: TorchConfig's default)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig)
     from ray.train.torch import TorchTrainer
 
     from ..retrieval.service import placement_strategy  # hook: issue12
@@ -136,7 +217,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
+    return interruptible(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -146,8 +227,13 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
             name=cfg.run_name(),
             storage_path=str(run.parent),  # absolute; the same name resumes its checkpoints
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
-                                         controller_failure_limit=cfg.ray.controller_failure_limit),
+                                         controller_failure_limit=CONTROLLER_RETRIES),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            # Ray Train's INFO lines (its resources, each checkpoint's path, and on every
+            # resume "configure a new, unique RunConfig(name) or delete the existing
+            # folder", the opposite of what a rerun here is for) stay in Ray's log files;
+            # the driver and rank 0 say what matters
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -158,18 +244,42 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
 
     Starts the index service for RAT (named index_actor_name(cfg)) and stops it at the end.
     """
-    import ray
-
     config_mod.check_trainer_keys(cfg, "ray")
     if cfg.train.batch_size < cfg.ray.num_workers:
         raise config_mod.ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch, split over "
             f"ray.num_workers={cfg.ray.num_workers} workers: make it at least as large")
     # deterministic refusals before Ray starts: a changed run, a job's temporary folder,
-    # a tracking server that does not answer
+    # a tracking server that does not answer, a store another run writes into
     if cfg.tracking.enabled:
         probe(cfg.tracking.uri)
-    run_folder.prepare(cfg)
+    with store_writer(cfg):
+        run_folder.prepare(cfg)
+        try:
+            if cfg.tracking.enabled:  # the MLflow run exists before Ray: a failed start shows
+                MlflowTracker(cfg.run_path(), cfg.tracking.uri, cfg.tracking.experiment,
+                              cfg.run_name())
+            return train_on_ray(cfg, splits)
+        except BaseException as exc:  # FAILED, or KILLED for Ctrl-C (which aborts the
+            if cfg.tracking.enabled:  # workers before their tracker can say so)
+                end_run_of(cfg.run_path(), exc)
+            raise
+
+
+def store_writer(cfg: config_mod.ExperimentConfig):
+    """The lock of the run's exemplar store (its latent versions have one training writer)
+    when the store lives outside the run folder, whose own lock covers the one inside."""
+    path = store_path(cfg)
+    if path.is_relative_to(cfg.run_path().resolve()):
+        return contextlib.nullcontext()
+    return StoreWriterLock(path)
+
+
+def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits]) -> dict:
+    """run()'s work once its inputs and locks are settled: Ray, the store, the index
+    service and the TorchTrainer."""
+    import ray
+
     started = connect(cfg)
     cfg = absolute(cfg)
     run_path = cfg.run_path()
@@ -181,7 +291,6 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
         store = open_exemplar_store(store_path(cfg), latent_dim)
     else:
         store = ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
-    check_resources(cfg)
     preflight.check_cluster(cfg)  # hook: issue16
 
     where = placement(cfg.index, store.n, cfg.prior.rat)
@@ -201,15 +310,24 @@ def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -
         encoders = start_refresh_encoders(str(store_path(cfg)), config_mod.to_dict(cfg),
                                           splits.image_shape, cfg.index.refresh_workers,
                                           cfg.ray.cpus_per_worker)
+    point = resume_point(run_path)
+    if point is not None:
+        log.info("resuming %s from epoch %d step %d", run_path, *point)
     try:
-        result = make_trainer(cfg, splits, service, encoders, where).fit()
+        try:
+            result = make_trainer(cfg, splits, service, encoders, where).fit()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # fit raises the run's error: say it the clear way
+            clear = worker_error(err) or unplaceable(cfg, err)
+            if clear is None:
+                raise
+            raise clear from None
     finally:
         for handle in [*(service or []), *(encoders or [])]:  # hook: issue12
             ray.kill(handle)
         if started:
             ray.shutdown()
-    if result.error is not None:
-        raise result.error
     summary_file = run_path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return summary or dict(result.metrics or {})
