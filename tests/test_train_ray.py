@@ -469,7 +469,7 @@ def test_a_bit_flipped_image_chunk_stops_a_ray_run_with_a_message(tmp_path, data
     from exvae_dist.train.driver import run
 
     over = [f"train.run_dir={tmp_path / 'runs'}", "train.progress=false", "train.epochs=1",
-            "train.max_steps_per_epoch=2", "ray.controller_failure_limit=0",
+            "train.max_steps_per_epoch=2",
             "ray.max_failures=0", "index.kind=flat", "tracking.enabled=false",
             "tracking.sample_grid=false", "data.name=store", f"data.store={tmp_path / 's'}",
             "data.n_train=null", "data.n_valid=null", "data.n_test=null"]

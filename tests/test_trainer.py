@@ -281,7 +281,7 @@ def test_a_mid_epoch_resume_equals_an_uninterrupted_run_and_mlflow_equals_metric
     from exvae_dist.core import loop
 
     common = ("train.log_every=1", "prior.refresh_every=2", "train.checkpoint_every_steps=3",
-              "train.epochs=2", "tracking.sample_grid=false", "tracking.system_metrics=false")
+              "train.epochs=2", "tracking.sample_grid=false")
     whole = smoke_cfg(tmp_path, "train.name=whole", "tracking.enabled=false", *common)
     fit(whole)
     parts = smoke_cfg(tmp_path, "train.name=parts", *common)
