@@ -101,6 +101,10 @@ class UnreadableCheckpoint(ValueError):
     """A checkpoint file that exists but does not load (truncated, corrupt)."""
 
 
+class AllCheckpointsUnreadable(RuntimeError):
+    """Every checkpoint of a run failed to load: the run refuses to start over from step 0."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -136,7 +140,7 @@ def first_readable(candidates: Sequence[Path], load: Callable[[Path], T],
                         what, candidate, len(failures))
         return value, candidate
     if failures:
-        raise RuntimeError(f"every {what} is unreadable, refusing to start over from step 0: "
+        raise AllCheckpointsUnreadable(f"every {what} is unreadable, refusing to start over from step 0: "
                            + "; ".join(failures)
                            + ". Delete them (or the run folder) to start the run afresh")
     return None

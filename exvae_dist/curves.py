@@ -115,4 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from exvae_dist.cli import guarded
+
+    sys.exit(guarded(main, None))

@@ -315,4 +315,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from exvae_dist.cli import guarded
+
+    sys.exit(guarded(main, None))

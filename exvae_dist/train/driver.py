@@ -113,6 +113,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
     from ray.train.torch import TorchTrainer
 
     from ..retrieval.service import placement_strategy  # hook: issue12
+    from .failures import StopOnKnownError
     from .worker import train_loop_per_worker
 
     run = cfg.run_path()
@@ -142,6 +143,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                          controller_failure_limit=cfg.ray.controller_failure_limit),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+            callbacks=[StopOnKnownError()],  # a deterministic error is not retried
         ),
     )
 
