@@ -165,20 +165,10 @@ def train_command(prog: str, argv: Optional[list[str]], ray: bool) -> int:
 
 
 def _train(cfg: config_mod.ExperimentConfig, use_ray: bool, parser) -> int:
+    from .api import train
+
     try:
-        if use_ray:
-            # A local Ray stays on loopback, without token auth or usage reporting; explicit
-            # settings in the environment win.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            from .train.driver import run
-
-            summary = run(cfg)
-        else:
-            from .trainer import fit
-
-            summary = fit(cfg)
+        summary = train(cfg, use_ray)
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun the same command to resume {cfg.run_path()} from its last "
               "checkpoint", file=sys.stderr)

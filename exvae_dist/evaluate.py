@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import config as config_mod
+from .api import ExemplarVAE
 from .data import DataSplits, binarize_once
 from .evaluation import knn, pictures
 from .evaluation.likelihood import describe_prior, estimate_log_likelihood
@@ -44,12 +45,6 @@ from .trainer import resolve_device
 log = logging.getLogger(__name__)
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016
-
-
-def _bar(items, desc: str, total: Optional[int] = None):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
 
 
 def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, list]:
@@ -69,28 +64,17 @@ def chunk_sizes(e, device: torch.device) -> tuple[int, int]:
             e.exemplar_chunk or (16384 if gpu else DEFAULT_CHUNK))
 
 
-def log_likelihood(trained: TrainedRun, x: torch.Tensor, centres: Optional[torch.Tensor]) -> dict:
-    """Importance-sampled test log-likelihood of x [n, D], batched, with a progress bar."""
+def log_likelihood(scorer: ExemplarVAE, x: torch.Tensor) -> dict:
+    """Importance-sampled test log-likelihood of x [n, D] (ExemplarVAE.log_prob's estimate),
+    batched, with a progress bar and its ETA."""
+    trained = scorer.trained
     e = trained.cfg.eval
     model = trained.model
+    centres = scorer.centres()
     n_exemplars = 0 if centres is None else centres.shape[0]
-    torch.manual_seed(e.seed)
-    values, pools, max_error = [], [], 0.0
-    t0 = time.perf_counter()
-    bar = _bar(range(0, x.shape[0], e.batch_size), "log-likelihood",
-               total=math.ceil(x.shape[0] / e.batch_size))
-    sample_chunk, exemplar_chunk = chunk_sizes(e, x.device)
-    for start in bar:
-        res = estimate_log_likelihood(model, x[start:start + e.batch_size], e.n_samples, centres,
-                                  e.prior_neighbours, e.prior_pool, e.prior_tolerance,
-                                  sample_chunk, exemplar_chunk)
-        values.append(res.log_px.double())
-        pools += res.pools
-        max_error = max(max_error, res.max_error)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(mean=f"{torch.cat(values).mean().item():.2f}")
-    seconds = time.perf_counter() - t0
-    v = torch.cat(values)
+    res = scorer._log_prob(x, progress=trained.cfg.train.progress)
+    pools, max_error, seconds = res["pools"], res["max_error"], res["seconds"]
+    v = res["values"]
     truncated = (model.prior_kind == "exemplar" and e.prior_neighbours is not None
                  and e.prior_neighbours < n_exemplars)
     dims = x.shape[1]
@@ -160,6 +144,22 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
     # grey-level exemplars, as in training; eval.exemplars picks a grown set
     exemplar_set: ExemplarSet = choose_set(trained, splits)
     out = output_folder(trained.path, e.name)
+    try:
+        return _evaluate_into(out, trained, splits, exemplar_set, device)
+    except BaseException:
+        # stopped (Ctrl-C) or failed: no half-filled folder is left (summary.json, written
+        # last, marks a complete one)
+        if not (out / "summary.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            if out.parent.is_dir() and not any(out.parent.iterdir()):
+                out.parent.rmdir()
+        raise
+
+
+def _evaluate_into(out: Path, trained: TrainedRun, splits: DataSplits,
+                   exemplar_set: ExemplarSet, device: torch.device) -> dict:
+    cfg, model = trained.cfg, trained.model
+    e = cfg.eval
     test_x = torch.from_numpy(splits.test_x).to(device)
     if e.n_test is not None:
         test_x = test_x[:e.n_test]
@@ -193,7 +193,8 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
                                     f"{ACTIVE_UNIT_THRESHOLD} (Burda et al.), top latent")
 
     if e.likelihood:
-        summary["log_likelihood"] = log_likelihood(trained, test_x, centres)
+        summary["log_likelihood"] = log_likelihood(ExemplarVAE(trained, exemplar_set, splits),
+                                                   test_x)
         ll = summary["log_likelihood"]
         log.info("test log-likelihood %.3f +- %.3f nats (%s)", ll["value"], ll["stderr"],
                  ll["prior"])
@@ -311,4 +312,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from exvae_dist.cli import guarded
+
+    sys.exit(guarded(main, None))
