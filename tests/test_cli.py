@@ -110,3 +110,15 @@ def test_a_deterministic_worker_error_is_not_retried_on_ray(tmp_path, data_dir):
     sessions = (tmp_path / "smoke" / "sessions.jsonl").read_text().splitlines()
     assert len(sessions) == 1, sessions
     assert "[FailurePolicy] RAISE" in done.stdout + done.stderr
+
+
+def test_console_script_entry_runs_help_in_a_fresh_process():
+    """What pip's `exvae` wrapper runs: `sys.exit(exvae_dist.cli.main())`."""
+    entry = "import sys; from exvae_dist.cli import main; sys.exit(main())"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args, first in ((["--help"], "usage: exvae <command>"),
+                        (["train", "--help"], "usage: exvae train")):
+        done = subprocess.run([sys.executable, "-c", entry, *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.startswith(first)
