@@ -26,6 +26,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PARAMS = {"output": "log_prob", "n_samples": 0, "n": 0, "seed": 0}
+# exemplar sets up to this many bytes of images travel inside the model (exemplars.npz);
+# a larger ingested store is pointed to instead (exemplars.json: the run's data.store, read
+# where it is when the model is loaded)
+INLINE_BYTES = 1 << 30
 
 
 class ExemplarVAEModel(mlflow.pyfunc.PythonModel):
@@ -71,6 +75,17 @@ def _config_dict(vae) -> dict:
     return config_mod.to_dict(vae.config)
 
 
+def exemplars_inline(vae) -> bool:
+    """Whether the exemplar set goes inside the model (INLINE_BYTES), without reading it."""
+    cfg = vae.config
+    if cfg.data.name != "store":
+        return True  # a named dataset: at most Omniglot's or MNIST's tens of thousands
+    from .retrieval.store import ExemplarStore
+
+    n = ExemplarStore(Path(cfg.data.store).expanduser()).n
+    return n * int(np.prod(vae.image_shape)) <= INLINE_BYTES
+
+
 def write_exemplars(vae, path: Path) -> Path:
     ex = vae.exemplar_set
     from .exemplars import to_uint8
@@ -92,14 +107,16 @@ def log_model(vae, registered_model_name: Optional[str] = None, name: str = "mod
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    from .jsonio import read_json
+    from .jsonio import dumps, read_json
     from .tracking import RUN_FILE, default_uri, store_lock
 
     run_path = Path(vae.trained.path)
     saved = read_json(run_path / RUN_FILE) if (run_path / RUN_FILE).is_file() else {}
     uri = saved.get("uri") or vae.config.tracking.uri or default_uri(run_path.parent)
     safetensors = write_safetensors(vae)
-    example = vae.exemplar_set.images[:2].astype(np.float32)
+    inline = exemplars_inline(vae)
+    example = (vae.exemplar_set.images[:2].astype(np.float32) if inline
+               else np.zeros((2, int(np.prod(vae.image_shape))), np.float32))
     signature = infer_signature(example, np.zeros(len(example)), params=PARAMS)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -108,8 +125,17 @@ def log_model(vae, registered_model_name: Optional[str] = None, name: str = "mod
             ckpt = Path(tmp) / "best.pt"
             shutil.copyfile(vae.trained.checkpoint, ckpt)
             files = {"checkpoint": str(ckpt),
-                     "safetensors": str(shutil.copyfile(safetensors, Path(tmp) / "best.safetensors")),
-                     "exemplars": str(write_exemplars(vae, Path(tmp) / "exemplars.npz"))}
+                     "safetensors": str(shutil.copyfile(safetensors,
+                                                        Path(tmp) / "best.safetensors"))}
+            if inline:
+                files["exemplars"] = str(write_exemplars(vae, Path(tmp) / "exemplars.npz"))
+            else:
+                pointer = Path(tmp) / "exemplars.json"
+                pointer.write_text(dumps({"data.store": vae.config.data.store,
+                                          "data.store_fingerprint":
+                                              vae.config.data.store_fingerprint,
+                                          "eval.exemplars": vae.config.eval.exemplars}))
+                files["exemplars"] = str(pointer)
             client = MlflowClient(uri)
             run_id = saved.get("run_id")
             status = client.get_run(run_id).info.status if run_id else None

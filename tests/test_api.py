@@ -185,6 +185,22 @@ def test_mlflow_model_predicts_log_likelihoods_and_registers(fitted):
     assert set(weights) == set(state) and all(torch.equal(weights[k], state[k]) for k in state)
 
 
+def test_a_large_exemplar_set_is_pointed_to_not_copied(fitted, monkeypatch):
+    import mlflow
+
+    from exvae_dist import mlflow_model
+
+    model, _ = fitted
+    model = exvae_dist.ExemplarVAE.load(model.trained.path, exemplars="original")
+    monkeypatch.setattr(mlflow_model, "INLINE_BYTES", 400 * 784 - 1)
+    info = model.log_model()
+    mlflow.set_tracking_uri(json.loads((model.trained.path / "mlflow_run.json").read_text())["uri"])
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts(info.model_uri)).rglob("*")}
+    assert "exemplars.json" in files and "exemplars.npz" not in files
+    loaded = exvae_dist.ExemplarVAE.load(info.model_uri, exemplars="original")
+    assert np.array_equal(loaded.exemplar_set.latents, model.exemplar_set.latents)
+
+
 def test_examples_script_runs(tmp_path, data_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO), "EXVAE_DATA_DIR": str(data_dir)}
     done = subprocess.run([sys.executable, str(REPO / "examples" / "notebook.py")],
