@@ -58,6 +58,36 @@ def test_fit_trains_on_the_array_and_returns_the_run(fitted, mnist_600):
     assert (root / "smoke" / "best.safetensors").is_file()
 
 
+def test_fit_again_resumes_and_a_changed_setting_is_refused(fitted, mnist_600):
+    from exvae_dist.run_folder import RunFolderError
+
+    model, root = fitted
+    images, labels = mnist_600
+    keys = dict(config="smoke", valid=100, test=100,
+                train={"run_dir": str(root), "epochs": 1, "max_steps_per_epoch": 5,
+                       "progress": False, "threads": 1}, **{"tracking.sample_grid": False})
+    stores = sorted((root / "stores").iterdir())
+    again = exvae_dist.fit(images, labels, **keys)
+    assert again.trained.path == model.trained.path
+    assert sorted((root / "stores").iterdir()) == stores  # the same array, the same store
+    resumed = [json.loads(line) for line in
+               (root / "smoke" / "sessions.jsonl").read_text().splitlines()][-1]
+    assert resumed["from_epoch"] >= 1  # picked up the finished run, did not start over
+    with pytest.raises(RunFolderError, match="train.lr"):
+        exvae_dist.fit(images, labels, **{**keys, "train": {**keys["train"], "lr": 0.01}})
+
+
+@pytest.mark.slow
+def test_fit_on_ray(tmp_path, mnist_600):
+    images, labels = mnist_600
+    model = exvae_dist.fit(images, labels, config="smoke", ray=True, valid=100, test=100,
+                           train={"run_dir": str(tmp_path), "epochs": 1,
+                                  "max_steps_per_epoch": 3, "progress": False, "threads": 1},
+                           **{"ray.num_workers": 1, "tracking.enabled": False})
+    assert (tmp_path / "smoke" / "summary.json").is_file()
+    assert np.isfinite(model.log_prob(model.splits.test_x[:2], n_samples=10)).all()
+
+
 def test_log_prob_equals_evaluate_with_the_same_seed(fitted, capsys):
     from exvae_dist.evaluate import main
 

@@ -98,6 +98,19 @@ def test_a_diverging_run_is_one_line_without_traceback(tmp_path, data_dir):
     assert done.stderr.strip().splitlines()[-1].startswith("error: non-finite loss")
 
 
+def test_a_locked_run_is_one_line_without_traceback(tmp_path, data_dir):
+    from exvae_dist.run_lock import RunLock
+
+    with RunLock(tmp_path / "smoke"):  # held by this (live) process
+        done = subprocess.run([sys.executable, "-m", "exvae_dist.trainer", "--config",
+                               "smoke", f"train.run_dir={tmp_path}", *SHORT],
+                              capture_output=True, text=True, env=_env(data_dir), timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run folder") and "in use by another run" in last
+
+
 @pytest.mark.slow
 def test_a_deterministic_worker_error_is_not_retried_on_ray(tmp_path, data_dir):
     done = subprocess.run([sys.executable, "-m", "exvae_dist.train", "--config", "smoke",
