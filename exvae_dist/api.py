@@ -43,12 +43,15 @@ class ExemplarVAE:
     @classmethod
     def load(cls, source: str | os.PathLike, device: str = "cpu",
              exemplars: Optional[str | int] = None, checkpoint: str = "best",
-             overrides: Sequence[str] = (), **keys: Any) -> "ExemplarVAE":
+             overrides: Sequence[str] = (), tracking_uri: Optional[str] = None,
+             **keys: Any) -> "ExemplarVAE":
         """source: a run folder, a checkpoint file, an MLflow run id (recorded under
         train.run_dir), or an MLflow model URI (models:/NAME/VERSION, models:/m-<id>,
         runs:/<run id>/model). exemplars: eval.exemplars (grown: the newest grown version,
-        original, or a version number); checkpoint: best or latest; further config keys as
-        key=value strings or keywords ({"train.threads": 1})."""
+        original, or a version number); checkpoint: best or latest; tracking_uri: the MLflow
+        store of a models:/ or runs:/ URI (default: MLflow's, e.g. MLFLOW_TRACKING_URI; the
+        runs' own is sqlite:///<train.run_dir>/mlflow.db); further config keys as key=value
+        strings or keywords ({"train.threads": 1})."""
         from .evaluation.runs import load_run
 
         wanted = [*overrides, *dotlist(keys), f"train.device={device}",
@@ -57,7 +60,7 @@ class ExemplarVAE:
             wanted.append(f"eval.exemplars={exemplars}")
         source = str(source)
         if source.startswith(("models:/", "runs:/", "m-")) and not Path(source).exists():
-            source = str(_download_model(source))
+            source = str(_download_model(source, tracking_uri))
         trained = load_run(source, wanted, env=os.environ)
         trained.model.to(device)
         # a logged model's folder (mlflow_model.py) carries its exemplar set
@@ -412,20 +415,21 @@ def ingest_array(images, labels, run_dir: Path, valid: Optional[int] = None,
 
 # ---------------------------------------------------------------------------- MLflow models
 
-def _download_model(uri: str) -> Path:
+def _download_model(uri: str, tracking_uri: Optional[str] = None) -> Path:
     """A logged model's files (mlflow_model.log_model) in a local folder."""
     import mlflow
 
     if uri.startswith("m-"):
         uri = f"models:/{uri}"
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                         tracking_uri=tracking_uri))
     except Exception as err:  # MLflow raises its own types for unknown names / ids
         from .evaluation.runs import RunNotFoundError
 
         raise RunNotFoundError(f"MLflow has no model {uri!r} (tracking URI "
-                               f"{mlflow.get_tracking_uri()}): {' '.join(str(err).split())}"
-                               ) from None
+                               f"{tracking_uri or mlflow.get_tracking_uri()}): "
+                               f"{' '.join(str(err).split())}; pass tracking_uri=") from None
     for candidate in (local / "artifacts", local):
         if (candidate / "best.pt").is_file():
             return candidate

@@ -204,6 +204,11 @@ def test_mlflow_model_predicts_log_likelihoods_and_registers(fitted):
     assert got.shape == (3,) and np.isfinite(got).all()
     assert np.allclose(got, model.log_prob(x, n_samples=20, seed=1))
     assert pyfunc.predict(x, params={"output": "sample", "n": 4}).shape == (4, 784)
+    run_id = json.loads((model.trained.path / "mlflow_run.json").read_text())["run_id"]
+    by_run = exvae_dist.ExemplarVAE.load(f"runs:/{run_id}/model", exemplars="original")
+    assert np.allclose(by_run.log_prob(x, n_samples=20, seed=1), got)
+    by_id = exvae_dist.ExemplarVAE.load(run_id, train={"run_dir": str(root)})
+    assert by_id.trained.path == model.trained.path
     registered = exvae_dist.ExemplarVAE.load("models:/exvae-test/1")
     assert len(registered.exemplar_set.images) == 400
     assert np.allclose(registered.log_prob(x, n_samples=20, seed=1), got)
