@@ -41,28 +41,35 @@ class ExemplarVAE:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, source: str | os.PathLike, device: str = "cpu",
+    def load(cls, source: str | os.PathLike, device: Optional[str] = None,
              exemplars: Optional[str | int] = None, checkpoint: str = "best",
              overrides: Sequence[str] = (), tracking_uri: Optional[str] = None,
              **keys: Any) -> "ExemplarVAE":
         """source: a run folder, a checkpoint file, an MLflow run id (recorded under
         train.run_dir), or an MLflow model URI (models:/NAME/VERSION, models:/m-<id>,
-        runs:/<run id>/model). exemplars: eval.exemplars (grown: the newest grown version,
+        runs:/<run id>/model). device: where the model runs (default: the CPU, whatever
+        the run trained on). exemplars: eval.exemplars (grown: the newest grown version,
         original, or a version number); checkpoint: best or latest; tracking_uri: the MLflow
         store of a models:/ or runs:/ URI (default: MLflow's, e.g. MLFLOW_TRACKING_URI; the
         runs' own is sqlite:///<train.run_dir>/mlflow.db); further config keys as key=value
         strings or keywords ({"train.threads": 1})."""
         from .evaluation.runs import load_run
 
-        wanted = [*overrides, *dotlist(keys), f"train.device={device}",
-                  f"eval.checkpoint={checkpoint}"]
+        # the arguments first: overrides and keywords that set the same keys win
+        wanted = [f"eval.checkpoint={checkpoint}"]
+        if device is not None:
+            wanted.append(f"train.device={device}")
         if exemplars is not None:
             wanted.append(f"eval.exemplars={exemplars}")
+        wanted += [*overrides, *dotlist(keys)]
         source = str(source)
         if source.startswith(("models:/", "runs:/", "m-")) and not Path(source).exists():
             source = str(_download_model(source, tracking_uri))
         trained = load_run(source, wanted, env=os.environ)
-        trained.model.to(device)
+        if device is not None:  # else the CPU, wherever the run was trained
+            from .trainer import resolve_device
+
+            trained.model.to(resolve_device(device))
         # a logged model's folder (mlflow_model.py) carries its exemplar set
         return cls(trained, _read_exemplars(Path(trained.path) / "exemplars.npz"))
 
@@ -111,9 +118,9 @@ class ExemplarVAE:
         return None if latents is None else torch.from_numpy(latents).to(self.device)
 
     def __repr__(self) -> str:
-        n = len(self._set.images) if self._set is not None else "?"
+        n = len(self._set.images) if self._set is not None else "not read yet"
         return (f"ExemplarVAE({self.config.model.arch}, {self.prior_kind} prior, image "
-                f"{self.image_shape}, exemplars={n}, run={self.trained.path})")
+                f"{self.image_shape}, exemplars: {n}, run: {self.trained.path})")
 
     # ------------------------------------------------------------------ inputs
     def as_batch(self, images) -> tuple[torch.Tensor, bool]:
@@ -139,9 +146,9 @@ class ExemplarVAE:
             x = x.astype(np.float32) / np.float32(255)
         elif x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer) \
                 or np.issubdtype(x.dtype, np.floating):
-            x = x.astype(np.float32)
+            dtype, x = x.dtype, x.astype(np.float32)
             if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
-                raise InputShapeError(f"{images.dtype} images must lie in [0, 1] (found "
+                raise InputShapeError(f"{dtype} images must lie in [0, 1] (found "
                                       f"{np.nanmin(x):g}..{np.nanmax(x):g}, or NaN): divide "
                                       f"levels by 255, or pass uint8")
         else:

@@ -161,6 +161,19 @@ def test_inputs_uint8_float_one_or_batch_and_clear_errors(fitted):
         model.encode(np.zeros((0, 784), np.float32))
 
 
+def test_load_arguments_and_overrides(fitted):
+    model, _ = fitted
+    path = model.trained.path
+    assert exvae_dist.ExemplarVAE.load(path).trained.checkpoint.name == "best.pt"
+    assert exvae_dist.ExemplarVAE.load(path, checkpoint="latest").trained.checkpoint.name \
+        == "checkpoint.pt"
+    # an override of the same key wins over the argument's default
+    over = exvae_dist.ExemplarVAE.load(path, overrides=["eval.checkpoint=latest"])
+    assert over.trained.checkpoint.name == "checkpoint.pt"
+    file = exvae_dist.ExemplarVAE.load(path / "checkpoint.pt")
+    assert file.trained.checkpoint == path / "checkpoint.pt" and file.trained.path == path
+
+
 def test_nearest_exemplars_against_brute_force(fitted):
     model, _ = fitted
     x = model.splits.valid_x[:5]
