@@ -384,9 +384,8 @@ def log_best_model(cfg) -> None:
     try:
         from .mlflow_model import log_model
 
-        info = log_model(ExemplarVAE.load(cfg.run_path(), overrides=(
-            [f"data.root={cfg.data.root}"] if cfg.data.root else ())))
-        print(f"MLflow model: {info.model_uri}", flush=True)
+        log_model(ExemplarVAE.load(cfg.run_path(), overrides=(
+            [f"data.root={cfg.data.root}"] if cfg.data.root else ())))  # logs its URI
     except Exception as err:  # noqa: BLE001 (reported, and the run's result stands)
         log.warning("could not log %s as an MLflow model: %s: %s", cfg.run_path(),
                     type(err).__name__, err)

@@ -140,9 +140,9 @@ def first_readable(candidates: Sequence[Path], load: Callable[[Path], T],
                         what, candidate, len(failures))
         return value, candidate
     if failures:
-        raise AllCheckpointsUnreadable(f"every {what} is unreadable, refusing to start over from step 0: "
-                           + "; ".join(failures)
-                           + ". Delete them (or the run folder) to start the run afresh")
+        raise AllCheckpointsUnreadable(
+            f"every {what} is unreadable, refusing to start over from step 0: "
+            + "; ".join(failures) + ". Delete them (or the run folder) to start the run afresh")
     return None
 
 
