@@ -249,8 +249,10 @@ class ExemplarVAE:
         from .priors import squared_distances
 
         if self.prior_kind != "exemplar":
-            raise InputShapeError(f"nearest_exemplars needs the exemplar prior; this model "
-                                  f"has a {self.prior_kind} prior")
+            from .exemplars import ExemplarSetError
+
+            raise ExemplarSetError(f"nearest_exemplars needs the exemplar prior; this model "
+                                   f"has a {self.prior_kind} prior")
         x, single = self.as_batch(images)
         centres = self.centres()
         k = min(int(k), centres.shape[0])

@@ -14,8 +14,10 @@ with tracking enabled (cli.py, api.fit).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -97,6 +99,22 @@ def write_exemplars(vae, path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Without MLflow's advice that does not apply here: type hints on predict (the signature
+    is given) and models-from-code instead of a pickled PythonModel (ours is a small class
+    of an installed package)."""
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        pyfunc_log.setLevel(level)
+
+
 def log_model(vae, registered_model_name: Optional[str] = None, name: str = "model"):
     """Logs vae (its checkpoint, weights as safetensors, exemplar set, config) as an MLflow
     model into its run's MLflow run (mlflow_run.json in the run folder; a new run of
@@ -142,7 +160,7 @@ def log_model(vae, registered_model_name: Optional[str] = None, name: str = "mod
             with store_lock(uri):
                 if run_id is None:
                     mlflow.set_experiment(vae.config.tracking.experiment)
-                with mlflow.start_run(run_id=run_id, run_name=run_path.name):
+                with mlflow.start_run(run_id=run_id, run_name=run_path.name), _quiet():
                     info = mlflow.pyfunc.log_model(
                         name=name, python_model=ExemplarVAEModel(), artifacts=files,
                         signature=signature, input_example=example,
