@@ -338,12 +338,19 @@ def fit(images=None, labels=None, config: Optional[str | os.PathLike] = None,
     wanted = [*overrides, *dotlist(keys)]
     if isinstance(ray, str):
         wanted.append(f"ray.address={ray}")
+    # under `ray job submit` a default ./runs would be deleted with the job's folder: the run
+    # (and an array's store) go to the persistent default instead
+    first = config_mod.load(config, wanted, env=os.environ)
+    config_mod.check_trainer_keys(first, "ray" if ray else "one-process")  # before any work
+    moved = run_folder.outside_job_dir(first, run_folder.run_dir_given(config, wanted),
+                                       os.environ)
+    if moved is not first:
+        wanted.append(f"train.run_dir={moved.train.run_dir}")
     if images is not None:
         if isinstance(images, (str, os.PathLike)):
             store = Path(images).expanduser().resolve()
         else:
-            run_dir = config_mod.load(config, wanted, env=os.environ).train.run_dir
-            store = ingest_array(images, labels, Path(run_dir), valid, test)
+            store = ingest_array(images, labels, Path(moved.train.run_dir), valid, test)
         # the whole array (or store) is the data: the config's sizes and classes of a named
         # dataset do not apply, unless given here
         given = config_mod.override_keys(wanted)
@@ -351,8 +358,6 @@ def fit(images=None, labels=None, config: Optional[str | os.PathLike] = None,
                     if f"data.{k}" not in given),
                   *wanted, "data.name=store", f"data.store={store}"]
     cfg = config_mod.load(config, wanted, env=os.environ)
-    config_mod.check_trainer_keys(cfg, "ray" if ray else "one-process")
-    cfg = run_folder.outside_job_dir(cfg, run_folder.run_dir_given(config, wanted), os.environ)
     train(cfg, bool(ray))
     return ExemplarVAE.load(cfg.run_path(), device=cfg.train.device,
                             overrides=[f"data.root={cfg.data.root}"] if cfg.data.root else ())

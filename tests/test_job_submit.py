@@ -70,6 +70,30 @@ def test_a_run_dir_the_user_set_inside_the_job_dir_stays_refused(tmp_path, monke
     assert run_folder.run_dir_given(str(yaml), [])
 
 
+def test_fit_in_a_job_dir_puts_the_run_and_the_array_store_outside_it(tmp_path, monkeypatch,
+                                                                       data_dir):
+    import numpy as np
+
+    import exvae_dist
+    from exvae_dist.data import load_dataset
+
+    cfg = config_mod.load("smoke", ["data.n_train=300"], env={"EXVAE_DATA_DIR": str(data_dir)})
+    images = np.rint(load_dataset(cfg.data).train_x * 255).astype(np.uint8).reshape(-1, 28, 28)
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
+    monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("RAY_STORAGE", raising=False)
+    inside = job_dir(tmp_path)
+    monkeypatch.chdir(inside)
+    model = exvae_dist.fit(images, config="smoke", valid=50, test=50,
+                           train={"epochs": 1, "max_steps_per_epoch": 2, "progress": False,
+                                  "threads": 1}, **{"tracking.enabled": False})
+    assert model.trained.path == home / "exvae_runs" / "smoke"
+    assert len(list((home / "exvae_runs" / "stores").iterdir())) == 1  # the array's store
+    assert list(inside.iterdir()) == []  # nothing written into the job's folder
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
