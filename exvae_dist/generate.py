@@ -111,8 +111,8 @@ def save_npz(path: Path, out: dict, image_shape, info: dict) -> Path:
 def main(argv: Optional[list[str]] = None) -> int:
     from . import cli
     from . import config as config_mod
-    from .evaluation.runs import load_run, load_splits
-    from .exemplars import ExemplarSetError, choose_set, parse_ids
+    from .api import ExemplarVAE
+    from .exemplars import ExemplarSetError, parse_ids
 
     parser = cli.make_parser(
         "python -m exvae_dist.generate", keys=("eval.", "train.threads"),
@@ -136,13 +136,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if not args.out.endswith(".npz"):
             raise ValueError(f"--out {args.out}: the output is an .npz file")
-        trained = load_run(args.run, args.overrides)
+        vae = ExemplarVAE.load(args.run, overrides=args.overrides)  # the API's model
+        trained = vae.trained
         if trained.cfg.train.threads:
             torch.set_num_threads(trained.cfg.train.threads)
         ids = parse_ids(args.exemplars) if args.exemplars else None
         t0 = time.perf_counter()
-        ex = choose_set(trained, load_splits(trained.cfg))
-        out = generate(trained.model, ex, args.n, ids, args.seed, args.how,
+        ex = vae.exemplar_set
+        out = generate(vae.model, ex, args.n, ids, args.seed, args.how,
                        progress=trained.cfg.train.progress)
         info = {"run": str(trained.path), "checkpoint": str(trained.checkpoint),
                 "prior": trained.model.prior_kind, "exemplars": ex.description,
