@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exvae_dist.loop import binarize
+from exvae_dist.core.loop import binarize
 
 KINDS = {"gaussian": ["--prior", "standard"],
          "rat": ["--prior", "exemplar_prior", "--approximate_prior", "True"],

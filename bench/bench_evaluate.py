@@ -23,11 +23,11 @@ import time
 import torch
 
 from exvae_dist.data import load_dataset
-from exvae_dist.evaluate import chunk_sizes
+from exvae_dist.commands.evaluate import chunk_sizes
 from exvae_dist.evaluation.likelihood import estimate_log_likelihood
 from exvae_dist.evaluation.runs import load_run
-from exvae_dist.models.layers import LOG_2PI
-from exvae_dist.objective import encode_means
+from exvae_dist.core.models.layers import LOG_2PI
+from exvae_dist.core.objective import encode_means
 
 
 @torch.no_grad()

@@ -61,8 +61,8 @@ def deformed_latents(n: int, encoder: str, cache: Path, block: int = 8192) -> np
         import torch
 
         from exvae_dist.evaluation.runs import load_run
-        from exvae_dist.ingest import DeformedMnistSource
-        from exvae_dist.objective import encode_means
+        from exvae_dist.commands.ingest import DeformedMnistSource
+        from exvae_dist.core.objective import encode_means
 
         torch.set_num_threads(1)
         net = load_run(str(ckpt)).model.net
@@ -87,7 +87,7 @@ def deformed_latents(n: int, encoder: str, cache: Path, block: int = 8192) -> np
 
 
 def _checkpoint_of(encoder: str) -> Path:
-    from exvae_dist.checkpoint import find_checkpoint
+    from exvae_dist.runs.checkpoint import find_checkpoint
 
     return find_checkpoint(Path(encoder), prefer_best=True)
 

@@ -3,7 +3,7 @@
     python bench/bench_scale.py --sizes 1e5,1e6,1e7 [--source tiled|deformed] [--workdir DIR]
 
 Per N, in fresh processes (so each peak RSS is its own):
-1. build: the store is ingested (exvae_dist.ingest.ingest) from `deformed` (deformed MNIST,
+1. build: the store is ingested (exvae_dist.commands.ingest.ingest) from `deformed` (deformed MNIST,
    the real generator) or `tiled` (MNIST digit i mod 50,000: the same bytes per row, no
    deformation cost, so the build time is the store's own write cost). Seconds, GB on disk.
 2. steps: a RAT step as a worker runs it, minus the index query (bench_index.py): the batch
@@ -47,7 +47,7 @@ def du_gb(path: Path) -> float:
 
 
 def phase_build(n: int, store: Path, source_kind: str) -> dict:
-    from exvae_dist import ingest as ingest_mod
+    from exvae_dist.commands import ingest as ingest_mod
     from exvae_dist.data.deformed import deformed_rows  # noqa: F401
 
     class Tiled(ingest_mod.DeformedMnistSource):
@@ -67,12 +67,12 @@ def phase_steps(store_path: Path, steps: int) -> dict:
     import torch
 
     from exvae_dist import config as config_mod
-    from exvae_dist.loop import make_optimizer
-    from exvae_dist.objective import build_model
-    from exvae_dist.retrieval import keyed
-    from exvae_dist.retrieval.candidates import assemble_candidates, draw_coins
+    from exvae_dist.core.loop import make_optimizer
+    from exvae_dist.core.objective import build_model
+    from exvae_dist.core import keyed
+    from exvae_dist.core.candidates import assemble_candidates, draw_coins
     from exvae_dist.retrieval.store import ExemplarStore
-    from exvae_dist.step import PriorBatch, train_step
+    from exvae_dist.core.step import PriorBatch, train_step
     from exvae_dist.train.store_images import StoreImages
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def phase_refresh(store_path: Path) -> dict:
     import torch
 
     from exvae_dist import config as config_mod
-    from exvae_dist.objective import build_model
+    from exvae_dist.core.objective import build_model
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.refresh import encode_into_version
     from exvae_dist.train.store_images import StoreImages

@@ -32,15 +32,15 @@ from torch.nn import functional as F
 
 from authors_code import gate_halves  # this script's own folder is on sys.path
 from exvae_dist import config as config_mod
-from exvae_dist import priors
+from exvae_dist.core import priors
 from exvae_dist.data import load_dataset
-from exvae_dist.loop import CellBatches, binarize, make_optimizer
-from exvae_dist.models.layers import diag_normal_log_prob
-from exvae_dist.objective import build_model
-from exvae_dist.priors import max_responsibility
-from exvae_dist.retrieval.exact import TorchExactSearch
+from exvae_dist.core.loop import CellBatches, binarize, make_optimizer
+from exvae_dist.core.models.layers import diag_normal_log_prob
+from exvae_dist.core.objective import build_model
+from exvae_dist.core.priors import max_responsibility
+from exvae_dist.core.exact import TorchExactSearch
 from exvae_dist.retrieval.index import kmeans_cells
-from exvae_dist.step import PriorSampler, exemplar_centres, train_step
+from exvae_dist.core.step import PriorSampler, exemplar_centres, train_step
 
 THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-6)
 

@@ -82,7 +82,7 @@ def main() -> int:
 
     import ray
 
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
     from exvae_dist.train.driver import run
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))

@@ -5,7 +5,7 @@
     images, exemplar_ids = model.sample(16, seed=0)
     log_px = model.log_prob(test_images)
 
-(docs/api.md). The names are imported on first use, so that `import exvae_dist.priors` and
+(docs/api.md). The names are imported on first use, so that `import exvae_dist.core.priors` and
 the rest of the pure core stay free of the API's imports.
 """
 

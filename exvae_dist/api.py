@@ -67,7 +67,7 @@ class ExemplarVAE:
             source = str(_download_model(source, tracking_uri))
         trained = load_run(source, wanted, env=os.environ)
         if device is not None:  # else the CPU, wherever the run was trained
-            from .trainer import resolve_device
+            from .train.local import resolve_device
 
             trained.model.to(resolve_device(device))
         # a logged model's folder (mlflow_model.py) carries its exemplar set
@@ -98,7 +98,7 @@ class ExemplarVAE:
     def exemplar_set(self):
         """exemplars.ExemplarSet in use (eval.exemplars), read on first use."""
         if self._set is None:
-            from .exemplars import choose_set
+            from .commands.exemplars import choose_set
 
             self._set = choose_set(self.trained, self.splits)
         return self._set
@@ -174,7 +174,7 @@ class ExemplarVAE:
                   seed: Optional[int] = None, progress: bool = False) -> dict:
         """The batched estimate behind log_prob and evaluate: {"values" float64 [B], "pools",
         "max_error", "seconds"}."""
-        from .evaluate import chunk_sizes
+        from .commands.evaluate import chunk_sizes
         from .evaluation.likelihood import estimate_log_likelihood
 
         e = self.config.eval
@@ -231,7 +231,7 @@ class ExemplarVAE:
         (row of exemplar_set; pseudo-input for a VampPrior, -1 for a Gaussian) each came
         from). exemplars: condition on these exemplar ids, used in turn. how: decoder "mean"
         or a "sample" x ~ p(x|z). The draws of `exvae generate` with the same seed."""
-        from .generate import generate
+        from .commands.generate import generate
 
         out = generate(self.model, self.exemplar_set, n, list(exemplars) if exemplars is not
                        None else None, seed, how, progress=False)
@@ -246,10 +246,10 @@ class ExemplarVAE:
     def nearest_exemplars(self, images, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """The k exemplars whose encoder means are nearest to each image's posterior mean:
         (ids int64 [B, k], Euclidean distances float32 [B, k]), nearest first."""
-        from .priors import squared_distances
+        from .core.priors import squared_distances
 
         if self.prior_kind != "exemplar":
-            from .exemplars import ExemplarSetError
+            from .commands.exemplars import ExemplarSetError
 
             raise ExemplarSetError(f"nearest_exemplars needs the exemplar prior; this model "
                                    f"has a {self.prior_kind} prior")
@@ -264,7 +264,7 @@ class ExemplarVAE:
     def explain(self, images, k: int = 8, n_samples: int = 100, seed: int = 0) -> list[dict]:
         """Exemplar attributions (the posterior responsibility of each exemplar averaged over
         q(z|x), as `exvae explain`): per image the top-k exemplar ids, weights, labels."""
-        from .explain import attribution_weights, summarize
+        from .commands.explain import attribution_weights, summarize
 
         x, single = self.as_batch(images)
         weights = attribution_weights(self.model, x, self.centres(), n_samples,
@@ -276,7 +276,7 @@ class ExemplarVAE:
                       ) -> int:
         """Grows the exemplar set without retraining (as `exvae exemplars add`): a new stored
         version under the run folder, used from now on; returns its number."""
-        from .exemplars import UNKNOWN_LABEL, add_exemplars, read_version
+        from .commands.exemplars import UNKNOWN_LABEL, add_exemplars, read_version
 
         x, _ = self.as_batch(images)
         x = x.cpu().numpy()
@@ -333,7 +333,7 @@ def fit(images=None, labels=None, config: Optional[str | os.PathLike] = None,
     line: the same call again resumes it.
     """
     from . import config as config_mod
-    from . import run_folder
+    from .runs import run_folder
 
     wanted = [*overrides, *dotlist(keys)]
     if isinstance(ray, str):
@@ -377,7 +377,7 @@ def train(cfg, ray: bool) -> dict:
 
         summary = run(cfg)
     else:
-        from .trainer import fit as fit_one_process
+        from .train.local import fit as fit_one_process
 
         summary = fit_one_process(cfg)
     if cfg.tracking.enabled:
@@ -404,7 +404,7 @@ def ingest_array(images, labels, run_dir: Path, valid: Optional[int] = None,
     content so that the same array finds the same store; returns its path."""
     import hashlib
 
-    from .ingest import ArraySource, ingest
+    from .commands.ingest import ArraySource, ingest
 
     images = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images)
     if labels is not None:
@@ -451,7 +451,7 @@ def _download_model(uri: str, tracking_uri: Optional[str] = None) -> Path:
 
 
 def _read_exemplars(path: Path):
-    from .exemplars import ExemplarSet
+    from .commands.exemplars import ExemplarSet
 
     if not path.is_file():
         return None

@@ -16,15 +16,16 @@ from typing import Optional
 def known_types() -> tuple[type, ...]:
     """The exception types whose message is meant for the user (imported lazily: the modules
     that define them import torch)."""
-    from .checkpoint import AllCheckpointsUnreadable, CheckpointWriteError, UnreadableCheckpoint
+    from .runs.checkpoint import (AllCheckpointsUnreadable, CheckpointWriteError,
+                                  UnreadableCheckpoint)
     from .config import ConfigError
     from .data.download import ChecksumMismatchError, DataFileMissingError
     from .data.store_data import StoreMismatchError
     from .evaluation.runs import RunNotFoundError
-    from .exemplars import ExemplarSetError
-    from .ingest import IngestError
+    from .commands.exemplars import ExemplarSetError
+    from .commands.ingest import IngestError
     from .retrieval.store import StoreError
-    from .run_lock import RunLocked
+    from .runs.run_lock import RunLocked
 
     return (ConfigError, RunLocked, ChecksumMismatchError, DataFileMissingError,
             UnreadableCheckpoint, CheckpointWriteError, FloatingPointError, StoreError,

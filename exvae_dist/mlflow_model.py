@@ -60,7 +60,7 @@ def write_safetensors(vae, path: Optional[Path] = None) -> Path:
     """The model's weights as safetensors (default: beside its checkpoint, best.safetensors)."""
     from safetensors.torch import save_file
 
-    from .jsonio import dumps
+    from .common.jsonio import dumps
 
     path = Path(path or Path(vae.trained.checkpoint).with_suffix(".safetensors"))
     state = {k: v.detach().cpu().contiguous() for k, v in vae.model.state_dict().items()}
@@ -90,7 +90,7 @@ def exemplars_inline(vae) -> bool:
 
 def write_exemplars(vae, path: Path) -> Path:
     ex = vae.exemplar_set
-    from .exemplars import to_uint8
+    from .commands.exemplars import to_uint8
 
     np.savez(path, images=to_uint8(ex.images),
              latents=ex.latents if ex.latents is not None else np.empty(0, np.float32),
@@ -125,8 +125,8 @@ def log_model(vae, registered_model_name: Optional[str] = None, name: str = "mod
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    from .jsonio import dumps, read_json
-    from .tracking import RUN_FILE, default_uri, store_lock
+    from .common.jsonio import dumps, read_json
+    from .runs.tracking import RUN_FILE, default_uri, store_lock
 
     run_path = Path(vae.trained.path)
     saved = read_json(run_path / RUN_FILE) if (run_path / RUN_FILE).is_file() else {}

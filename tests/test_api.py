@@ -59,7 +59,7 @@ def test_fit_trains_on_the_array_and_returns_the_run(fitted, mnist_600):
 
 
 def test_fit_again_resumes_and_a_changed_setting_is_refused(fitted, mnist_600):
-    from exvae_dist.run_folder import RunFolderError
+    from exvae_dist.runs.run_folder import RunFolderError
 
     model, root = fitted
     images, labels = mnist_600
@@ -89,7 +89,7 @@ def test_fit_on_ray(tmp_path, mnist_600):
 
 
 def test_log_prob_equals_evaluate_with_the_same_seed(fitted, capsys):
-    from exvae_dist.evaluate import main
+    from exvae_dist.commands.evaluate import main
 
     model, root = fitted
     rc = main([str(model.trained.path), "eval.n_samples=30", "eval.n_test=12",
@@ -126,7 +126,7 @@ def test_log_prob_is_the_exact_prior_estimate_against_brute_force(fitted):
 
 
 def test_sample_ids_and_labels_match_generate(fitted, tmp_path):
-    from exvae_dist.generate import main
+    from exvae_dist.commands.generate import main
 
     model, _ = fitted
     images, ids = model.sample(20, seed=3)
@@ -261,7 +261,7 @@ def test_examples_script_runs(tmp_path, data_dir):
 def test_evaluate_stopped_leaves_no_folder_and_shows_progress_lines(fitted, monkeypatch,
                                                                     capsys):
     from exvae_dist import api
-    from exvae_dist.evaluate import main
+    from exvae_dist.commands.evaluate import main
 
     model, _ = fitted
     evals = model.trained.path / "eval"

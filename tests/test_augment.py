@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
-from exvae_dist.augment import Generator, main, make_classifier, train_classifier
+from exvae_dist.commands.augment import Generator, main, make_classifier, train_classifier
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_dir):
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     root = tmp_path_factory.mktemp("runs")
     cfg = config_mod.load("smoke", [f"train.run_dir={root}", "train.epochs=1",
@@ -27,7 +27,7 @@ def test_augment_end_to_end(trained_run, data_dir, monkeypatch, capsys, caplog):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
-    caplog.set_level("INFO", logger="exvae_dist.augment")
+    caplog.set_level("INFO", logger="exvae_dist.commands.augment")
     rc = main([str(trained_run), "augment.hidden=16", "augment.epochs=2", "augment.seed=3",
                "train.progress=false"])
     assert rc == 0

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from exvae_dist.retrieval.candidates import (assemble_candidates, draw_coins, query_depth,
-                                             subset_size)
+from exvae_dist.core.candidates import assemble_candidates, draw_coins, query_depth, subset_size
 
 
 def reference(neighbour_ids, batch_ids, coins, k):

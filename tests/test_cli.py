@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exvae_dist import cli
+from exvae_dist.commands import cli
 from exvae_dist.config import ConfigError
 from exvae_dist.errors import find_known
 
@@ -23,7 +23,7 @@ SHORT = ["data.n_train=300", "data.n_valid=100", "data.n_test=20", "train.progre
 def test_pyproject_declares_the_console_command():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts["exvae"].partition(":")
-    assert (module, func) == ("exvae_dist.cli", "main")
+    assert (module, func) == ("exvae_dist.commands.cli", "main")
 
 
 def test_front_help_lists_every_command_once(capsys):
@@ -99,7 +99,7 @@ def test_a_diverging_run_is_one_line_without_traceback(tmp_path, data_dir):
 
 
 def test_a_locked_run_is_one_line_without_traceback(tmp_path, data_dir):
-    from exvae_dist.run_lock import RunLock
+    from exvae_dist.runs.run_lock import RunLock
 
     with RunLock(tmp_path / "smoke"):  # held by this (live) process
         done = subprocess.run([sys.executable, "-m", "exvae_dist.trainer", "--config",
@@ -126,8 +126,8 @@ def test_a_deterministic_worker_error_is_not_retried_on_ray(tmp_path, data_dir):
 
 
 def test_console_script_entry_runs_help_in_a_fresh_process():
-    """What pip's `exvae` wrapper runs: `sys.exit(exvae_dist.cli.main())`."""
-    entry = "import sys; from exvae_dist.cli import main; sys.exit(main())"
+    """What pip's `exvae` wrapper runs: `sys.exit(exvae_dist.commands.cli.main())`."""
+    entry = "import sys; from exvae_dist.commands.cli import main; sys.exit(main())"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for args, first in ((["--help"], "usage: exvae <command>"),
                         (["train", "--help"], "usage: exvae train")):

@@ -110,12 +110,12 @@ def test_describe_selects_sections():
 def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_about(caplog):
     import logging
 
-    from exvae_dist.preflight import warn_emulated_bf16
+    from exvae_dist.runs.preflight import warn_emulated_bf16
 
     cfg = config_mod.load(None, ["train.exemplar_precision=bfloat16"], env={})
     flags = open("/proc/cpuinfo").read()
     native = "avx512_bf16" in flags or "amx_bf16" in flags
-    with caplog.at_level(logging.WARNING, logger="exvae_dist.preflight"):
+    with caplog.at_level(logging.WARNING, logger="exvae_dist.runs.preflight"):
         warn_emulated_bf16(cfg)
         warn_emulated_bf16(config_mod.load(None, [], env={}))  # float32: never a warning
     warned = [r for r in caplog.records if "emulated" in r.getMessage()]
@@ -138,7 +138,7 @@ def test_an_override_that_is_no_yaml_value_is_a_config_error():
 
 def test_overrides_may_come_before_the_config_option(capsys):
     """Nothing on the command line is dropped: an override before --config is read too."""
-    from exvae_dist.cli import train_command
+    from exvae_dist.commands.cli import train_command
 
     for argv in (["train.epochs=-5", "--config", "smoke", "train.name=x"],
                  ["train.name=x", "--config", "smoke", "train.epochs=-5"]):

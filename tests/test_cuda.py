@@ -14,11 +14,11 @@ import torch
 
 from exvae_dist import config as config_mod
 from exvae_dist.evaluation.likelihood import estimate_log_likelihood
-from exvae_dist.objective import build_model
-from exvae_dist.priors import exemplar_log_prob
-from exvae_dist.retrieval.exact import TorchExactSearch
-from exvae_dist.step import PriorBatch, train_step
-from exvae_dist.loop import make_optimizer
+from exvae_dist.core.objective import build_model
+from exvae_dist.core.priors import exemplar_log_prob
+from exvae_dist.core.exact import TorchExactSearch
+from exvae_dist.core.step import PriorBatch, train_step
+from exvae_dist.core.loop import make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -104,9 +104,9 @@ def test_exact_search_on_cuda_equals_brute_force():
 
 
 def test_short_cuda_run_trains_resumes_and_evaluates_like_cpu(tmp_path, data_dir):
-    from exvae_dist.evaluate import evaluate
+    from exvae_dist.commands.evaluate import evaluate
     from exvae_dist.evaluation.runs import load_run
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     common = [f"train.run_dir={tmp_path}", "train.progress=false", "data.n_train=1000",
               "data.n_valid=200", "tracking.enabled=false"]
@@ -158,9 +158,9 @@ def test_augment_on_cuda_matches_cpu(tmp_path, data_dir):
     """The same short augmentation run on both devices: the real-only classifier starts from
     the same weights and walks the same batches, so its errors agree up to float round-off
     (a handful of the 10,000 test images); the augmented one sees other generated noise."""
-    from exvae_dist.augment import augment
+    from exvae_dist.commands.augment import augment
     from exvae_dist.evaluation.runs import load_run
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     env = {"EXVAE_DATA_DIR": str(data_dir)}
     cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.epochs=1",

@@ -1,6 +1,6 @@
 """Evaluation: the pooled / truncated exemplar prior against brute force, the importance-sampled
 estimate through the evaluate code path, kNN against scikit-learn, and `python -m
-exvae_dist.evaluate` end to end on a tiny trained run (files, MLflow, clear errors)."""
+exvae_dist.commands.evaluate` end to end on a tiny trained run (files, MLflow, clear errors)."""
 
 import json
 
@@ -11,10 +11,10 @@ from scipy.special import logsumexp
 
 from exvae_dist import config as config_mod
 from exvae_dist.evaluation.knn import knn_errors
-from exvae_dist.evaluation.likelihood import (estimate_log_likelihood, pooled_exemplar_log_prior,
-                                              sorted_exemplars)
+from exvae_dist.evaluation.likelihood import (estimate_log_likelihood,
+                                              pooled_exemplar_log_prior, sorted_exemplars)
 from exvae_dist.evaluation.runs import RunNotFoundError, load_run, resolve_run
-from exvae_dist.objective import build_model, encode_means, importance_log_likelihood
+from exvae_dist.core.objective import build_model, encode_means, importance_log_likelihood
 
 
 def brute_log_prior(z, centres, log_var, k=None):
@@ -134,7 +134,7 @@ def test_knn_error_matches_sklearn():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_dir):
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     root = tmp_path_factory.mktemp("runs")
     cfg = config_mod.load("smoke", [f"train.run_dir={root}", "train.epochs=1",
@@ -149,7 +149,7 @@ def trained_run(tmp_path_factory, data_dir):
 def test_evaluate_end_to_end(trained_run, data_dir, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
-    from exvae_dist.evaluate import main
+    from exvae_dist.commands.evaluate import main
 
     run, root = trained_run
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
@@ -196,7 +196,7 @@ def test_evaluate_end_to_end(trained_run, data_dir, monkeypatch, capsys):
 
 
 def test_missing_run_and_missing_checkpoint_are_clear_errors(tmp_path, capsys):
-    from exvae_dist.evaluate import main
+    from exvae_dist.commands.evaluate import main
 
     with pytest.raises(RunNotFoundError, match="neither a run directory nor an MLflow run id"):
         load_run(str(tmp_path / "nope"), [f"train.run_dir={tmp_path}"])
@@ -221,7 +221,7 @@ def test_bad_override_names_the_key(trained_run):
 def test_a_bad_evaluation_setting_fails_before_any_work_or_folder(trained_run, data_dir,
                                                                   monkeypatch, capsys,
                                                                   override, words):
-    from exvae_dist.evaluate import main
+    from exvae_dist.commands.evaluate import main
 
     run, _ = trained_run
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
@@ -236,7 +236,7 @@ def test_a_bad_evaluation_setting_fails_before_any_work_or_folder(trained_run, d
 def test_a_corrupt_checkpoint_names_the_other_one(trained_run, tmp_path, capsys):
     import shutil
 
-    from exvae_dist.evaluate import main
+    from exvae_dist.commands.evaluate import main
 
     run, _ = trained_run
     copy = tmp_path / "copy"

@@ -14,11 +14,11 @@ from scipy.stats import multivariate_normal
 from exvae_dist import config as config_mod
 from exvae_dist.data import DataSplits
 from exvae_dist.evaluation.runs import TrainedRun
-from exvae_dist.exemplars import (ExemplarSetError, add_exemplars, choose_set, list_versions,
-                                  read_version, sets_dir)
-from exvae_dist.explain import attribution_weights, memorisation_check, summarize
-from exvae_dist.generate import generate
-from exvae_dist.objective import build_model, encode_means
+from exvae_dist.commands.exemplars import (ExemplarSetError, add_exemplars, choose_set,
+                                           list_versions, read_version, sets_dir)
+from exvae_dist.commands.explain import attribution_weights, memorisation_check, summarize
+from exvae_dist.commands.generate import generate
+from exvae_dist.core.objective import build_model, encode_means
 
 SHAPE = (1, 4, 4)
 D = 16
@@ -44,7 +44,7 @@ def _tiny(tmp_path, prior="exemplar", log_var=-2.0, n_train=40, seed=0):
 
 def _short_run(tmp_path, data_dir, *overrides):
     """A one-epoch smoke run trained into tmp_path; returns its config."""
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "train.epochs=1",
                                     "train.progress=false", "train.threads=1", "data.n_valid=50",
@@ -175,8 +175,8 @@ def test_memorisation_check_flags_copies():
 
 @pytest.mark.slow
 def test_grow_generate_explain_evaluate_commands(tmp_path, data_dir, monkeypatch, capsys):
-    from exvae_dist import evaluate, exemplars, explain
-    from exvae_dist import generate as generate_mod
+    from exvae_dist.commands import evaluate, exemplars, explain
+    from exvae_dist.commands import generate as generate_mod
 
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
     cfg = _short_run(tmp_path, data_dir, "train.max_steps_per_epoch=3", "data.n_train=300",
@@ -219,7 +219,7 @@ def test_grow_generate_explain_evaluate_commands(tmp_path, data_dir, monkeypatch
 
 def test_explain_on_a_run_without_exemplars_says_what_applies(tmp_path, data_dir, monkeypatch,
                                                               capsys):
-    from exvae_dist import explain
+    from exvae_dist.commands import explain
 
     monkeypatch.setenv("EXVAE_DATA_DIR", str(data_dir))
     cfg = _short_run(tmp_path, data_dir, "train.max_steps_per_epoch=2", "data.n_train=200",

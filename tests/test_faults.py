@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from exvae_dist import checkpoint as ckpt
+from exvae_dist.runs import checkpoint as ckpt
 from exvae_dist import config as config_mod
-from exvae_dist.checkpoint import (CheckpointWriteError, first_readable, load_checkpoint,
-                                   ray_resume_candidates, save_checkpoint, sweep_run_folder)
-from exvae_dist.preflight import PreflightError
+from exvae_dist.runs.checkpoint import (CheckpointWriteError, first_readable, load_checkpoint,
+                                        ray_resume_candidates, save_checkpoint,
+                                        sweep_run_folder)
+from exvae_dist.runs.preflight import PreflightError
 from exvae_dist.retrieval.store import ExemplarStore
-from exvae_dist.run_lock import RunLock, RunLocked
+from exvae_dist.runs.run_lock import RunLock, RunLocked
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +56,7 @@ def test_service_and_resume_skip_a_corrupt_newest_version(tmp_path):
     from exvae_dist.config import IndexConfig
     from exvae_dist.retrieval.service import IndexHolder
     from exvae_dist.retrieval.store import StoreError
-    from exvae_dist.group import Group
+    from exvae_dist.core.group import Group
     from exvae_dist.train.refresh import LatentRefresh
 
     n, d = 300, 4
@@ -86,7 +87,7 @@ def test_service_and_resume_skip_a_corrupt_newest_version(tmp_path):
 # ------------------------------------------------------------------------------- checkpoints
 
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path, smoke_cfg, caplog):
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     cfg = smoke_cfg(tmp_path, "train.epochs=2")
     fit(cfg)
@@ -126,7 +127,7 @@ def test_ray_resume_falls_back_to_older_folders_then_the_run_folder(tmp_path):
 
 def test_full_disk_is_named_with_path_and_free_space_and_keeps_the_checkpoint(
         tmp_path, smoke_cfg, monkeypatch):
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     real_save = torch.save
 
@@ -175,7 +176,7 @@ def test_sweep_removes_temp_files_and_unregistered_ray_folders_only(tmp_path):
 
 HOLD = """
 import sys, time
-from exvae_dist.run_lock import RunLock
+from exvae_dist.runs.run_lock import RunLock
 with RunLock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -184,7 +185,7 @@ with RunLock(sys.argv[1]):
 
 def test_a_second_start_in_the_same_run_folder_is_refused(tmp_path, smoke_cfg):
     from exvae_dist.train.driver import run
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     cfg = smoke_cfg(tmp_path, "train.epochs=1")
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(cfg.run_path())],
@@ -219,7 +220,7 @@ def test_lock_of_another_host_is_refused_with_how_to_clear_it(tmp_path):
 ])
 def test_too_few_exemplars_are_refused_before_training(tmp_path, smoke_cfg, override, cause):
     from exvae_dist.train.driver import run
-    from exvae_dist.trainer import fit
+    from exvae_dist.train.local import fit
 
     cfg = smoke_cfg(tmp_path, override)
     for start in (fit, run):
@@ -233,8 +234,8 @@ def test_a_store_with_too_few_images_is_refused_before_training(tmp_path, smoke_
     whose leave-one-out mixture is empty (the loss would be inf)."""
     from types import SimpleNamespace
 
-    from exvae_dist.ingest import ingest, open_source
-    from exvae_dist.trainer import fit
+    from exvae_dist.commands.ingest import ingest, open_source
+    from exvae_dist.train.local import fit
 
     np.save(tmp_path / "tiny.npy", np.random.default_rng(0).integers(0, 256, (5, 28, 28),
                                                                       dtype=np.uint8))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import (auto_factory, auto_nlist, brute_force_knn,
-                                        build_index, default_nlist, deserialize, describe,
-                                        merge_topk, recall_at_k, resolve_kind, search, serialize,
+from exvae_dist.retrieval.index import (auto_factory, auto_nlist, brute_force_knn, build_index,
+                                        default_nlist, deserialize, describe, merge_topk,
+                                        recall_at_k, resolve_kind, search, serialize,
                                         set_nprobe)
 
 

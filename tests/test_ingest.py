@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from exvae_dist import config as config_mod
-from exvae_dist import ingest as ingest_mod
+from exvae_dist.commands import ingest as ingest_mod
 from exvae_dist.data import load_dataset
 from exvae_dist.data.deformed import deformed_rows
 from exvae_dist.data.readers import read_idx
@@ -280,8 +280,8 @@ def test_store_images_within_the_bound_are_read_once_into_memory(tmp_path):
 @pytest.mark.slow
 def test_run_trained_on_a_store_evaluates_on_its_test_split_and_refuses_another(
         tmp_path, data_dir, monkeypatch, capsys):
-    from exvae_dist.evaluate import main as evaluate
-    from exvae_dist.trainer import fit
+    from exvae_dist.commands.evaluate import main as evaluate
+    from exvae_dist.train.local import fit
 
     x = read_idx(data_dir / "mnist" / "train-images-idx3-ubyte.gz")[:700]
     y = read_idx(data_dir / "mnist" / "train-labels-idx1-ubyte.gz")[:700]

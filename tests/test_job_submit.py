@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from exvae_dist import config as config_mod
-from exvae_dist import run_folder
+from exvae_dist.runs import run_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ("train.epochs=1", "train.max_steps_per_epoch=2", "data.n_train=300", "data.n_valid=100",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exvae_dist.jsonio import dumps, read_json, write_json
+from exvae_dist.common.jsonio import dumps, read_json, write_json
 
 
 def test_non_finite_numbers_become_null_and_numpy_becomes_plain(tmp_path):

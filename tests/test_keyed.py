@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from exvae_dist.retrieval import keyed
-from exvae_dist.retrieval.candidates import assemble_candidates
+from exvae_dist.core import keyed
+from exvae_dist.core.candidates import assemble_candidates
 
 
 def test_mix64_is_splitmix64s_finaliser():

@@ -7,8 +7,8 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import logistic
 
-from exvae_dist.models.likelihoods import (DiscretizedLogisticMixture, build_likelihood,
-                                           log_sigmoid_difference)
+from exvae_dist.core.models.likelihoods import (DiscretizedLogisticMixture, build_likelihood,
+                                                log_sigmoid_difference)
 
 
 def _brute_force_bin_probs(log_pi, means, log_s):
@@ -96,7 +96,7 @@ def test_dlogistic_samples_are_8_bit_levels_and_follow_the_means():
 @pytest.mark.parametrize("arch", ["vae", "hvae", "convhvae"])
 def test_dlogistic_decoder_gives_a_finite_elbo_on_colour_images(arch):
     from exvae_dist import config
-    from exvae_dist.objective import build_model
+    from exvae_dist.core.objective import build_model
 
     cfg = config.load(None, [f"model.arch={arch}", "model.likelihood=dlogistic",
                              "model.n_mixtures=2", "model.hidden=16", "model.z_dim=4",

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
-from exvae_dist.group import Group
-from exvae_dist.loop import binarize, EpochBatches, rank_slice
-from exvae_dist.objective import build_model
-from exvae_dist.step import PriorSampler
+from exvae_dist.core.group import Group
+from exvae_dist.core.loop import binarize, EpochBatches, rank_slice
+from exvae_dist.core.objective import build_model
+from exvae_dist.core.step import PriorSampler
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_dynamic_binarization_is_keyed_by_step_and_rank():
 def test_union_normalizer_leaves_the_normalizer_to_the_kept_count():
     """prior.normalizer=union: log_norm None, so the prior divides by the candidates kept
     (the reference code); subset: log |S minus {i}| per row."""
-    from exvae_dist.retrieval.exact import TorchExactSearch
+    from exvae_dist.core.exact import TorchExactSearch
 
     for normalizer in ("subset", "union"):
         cfg = config_mod.load(None, ["prior.k=5", f"prior.normalizer={normalizer}",
@@ -121,8 +121,8 @@ def test_no_ray_trains_in_one_process(tmp_path, data_dir):
 
 
 def test_the_pure_core_imports_no_ray_zarr_or_mlflow():
-    code = ("import sys; import exvae_dist.loop, exvae_dist.step, exvae_dist.objective, "
-            "exvae_dist.priors, exvae_dist.retrieval.candidates, exvae_dist.retrieval.exact; "
+    code = ("import sys; import exvae_dist.core.loop, exvae_dist.core.step, exvae_dist.core.objective, "
+            "exvae_dist.core.priors, exvae_dist.core.candidates, exvae_dist.core.exact; "
             "print(sorted(m for m in ('ray', 'zarr', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr

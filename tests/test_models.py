@@ -6,8 +6,8 @@ import torch
 from scipy.stats import norm
 
 from exvae_dist.config import ModelConfig, load
-from exvae_dist.models import build_net
-from exvae_dist.objective import build_model
+from exvae_dist.core.models import build_net
+from exvae_dist.core.objective import build_model
 
 ARCHS = ["vae", "hvae", "convhvae"]
 B, D, Z = 4, 784, 40

@@ -13,9 +13,9 @@ import torch
 from scipy import stats
 from scipy.special import log_expit, logsumexp
 
-from exvae_dist.models.base import LatentTerms, LatentVariableModel
-from exvae_dist.objective import VAEWithPrior, importance_log_likelihood, kl_beta
-from exvae_dist.priors import ExemplarPrior, GaussianPrior, exemplar_log_prob
+from exvae_dist.core.models.base import LatentTerms, LatentVariableModel
+from exvae_dist.core.objective import VAEWithPrior, importance_log_likelihood, kl_beta
+from exvae_dist.core.priors import ExemplarPrior, GaussianPrior, exemplar_log_prob
 
 F64 = torch.float64
 D, X_DIM = 2, 4
@@ -302,7 +302,7 @@ def test_exemplar_prior_without_centres_is_a_clear_error():
 
 
 def test_max_responsibility_is_the_largest_softmax_weight_of_each_centre():
-    from exvae_dist.priors import max_responsibility
+    from exvae_dist.core.priors import max_responsibility
 
     g = torch.Generator().manual_seed(0)
     z, centres = torch.randn(6, 3, generator=g), torch.randn(3000, 3, generator=g)
@@ -318,7 +318,7 @@ def test_max_responsibility_is_the_largest_softmax_weight_of_each_centre():
 
 def _exemplar_model(threshold):
     from exvae_dist import config as config_mod
-    from exvae_dist.objective import build_model
+    from exvae_dist.core.objective import build_model
 
     cfg = config_mod.load(None, [f"train.exemplar_grad_threshold={threshold}"], env={})
     torch.manual_seed(0)

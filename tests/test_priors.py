@@ -10,9 +10,9 @@ import torch
 from scipy import stats
 from scipy.special import logsumexp
 
-from exvae_dist.priors import (ExemplarPrior, VampPrior, exemplar_log_prob, mixture_log_prob,
-                               streamed_exemplar_log_prob)
-from exvae_dist.retrieval import candidates as cand_mod
+from exvae_dist.core.priors import (ExemplarPrior, VampPrior, exemplar_log_prob,
+                                    mixture_log_prob, streamed_exemplar_log_prob)
+from exvae_dist.core import candidates as cand_mod
 
 F64 = torch.float64
 

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from exvae_dist import config as config_mod
-from exvae_dist.run_folder import (FINGERPRINT, IDENTITY, RunFolderError, fingerprint, prepare,
-                                   temporary_working_dir)
+from exvae_dist.runs.run_folder import (FINGERPRINT, IDENTITY, RunFolderError, fingerprint,
+                                        prepare, temporary_working_dir)
 
 
 def cfg_at(tmp_path, *overrides):
@@ -77,7 +77,7 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
 def test_the_lock_of_this_attempt_stays_with_the_run_when_the_old_folder_moves(tmp_path):
     """exclusive_run takes <run>/run.lock before prepare() moves an old folder aside: the
     lock must guard the new folder, or a second start could run beside this one."""
-    from exvae_dist.run_lock import RunLock
+    from exvae_dist.runs.run_lock import RunLock
 
     trained(tmp_path)
     cfg = cfg_at(tmp_path, "model.z_dim=8", "train.overwrite=true")
@@ -176,7 +176,7 @@ def test_identity_keys_added_later_are_read_from_an_older_runs_config_yaml(tmp_p
 def test_a_store_run_records_its_stores_content_and_refuses_another(tmp_path):
     from types import SimpleNamespace
 
-    from exvae_dist.ingest import ingest, open_source
+    from exvae_dist.commands.ingest import ingest, open_source
 
     args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
     for name, seed in (("a.zarr", 0), ("b.zarr", 1)):

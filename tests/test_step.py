@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
-from exvae_dist.objective import build_model
-from exvae_dist.retrieval.exact import TorchExactSearch
-from exvae_dist.step import PriorSampler, normalize_gradients
+from exvae_dist.core.objective import build_model
+from exvae_dist.core.exact import TorchExactSearch
+from exvae_dist.core.step import PriorSampler, normalize_gradients
 
 
 def test_torch_exact_search_equals_brute_force_knn():
@@ -63,7 +63,7 @@ def test_rat_sampler_keeps_the_k_nearest_of_the_steps_subset_less_the_element_it
     """Brute force: row b's components are the k nearest (float64 distance of the cached
     means) among the subset S of this step, less b's own exemplar; the same set as the k'-deep
     search over all N that the index services use."""
-    from exvae_dist.retrieval import keyed
+    from exvae_dist.core import keyed
 
     cfg, model, images = _model_and_data("prior.k=5", "prior.subsample=150")
     means = model.net.encode_top(images)[0].detach()
@@ -199,7 +199,7 @@ def test_bfloat16_search_recalls_the_exact_neighbours_on_clustered_latents():
 
 
 def test_validation_elbo_averages_its_samples():
-    from exvae_dist.step import validation_elbo
+    from exvae_dist.core.step import validation_elbo
 
     cfg = config_mod.load("smoke", ["prior.kind=gaussian"])
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_smallest_k_equals_a_full_sort(n, k, group):
     """The two-pass selection (group minima, then the chosen groups) returns exactly the k
     smallest of each row, sorted, whatever the partial last group; integer-valued scores give
     ties at the cut-off, where the values (not the columns) must agree."""
-    from exvae_dist.retrieval.exact import smallest_k
+    from exvae_dist.core.exact import smallest_k
 
     g = torch.Generator().manual_seed(n)
     scores = torch.randn(9, n, generator=g)

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from exvae_dist.tracking import (FAILED, FINISHED, KILLED, MlflowTracker, NullTracker,
-                                 TrackingUnavailableError, open_run_tracker, probe, status_for)
+from exvae_dist.runs.tracking import (FAILED, FINISHED, KILLED, MlflowTracker, NullTracker,
+                                      TrackingUnavailableError, open_run_tracker, probe,
+                                      status_for)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_probe_accepts_a_server_that_answers():
 RACE = """
 import sys, time
 from pathlib import Path
-from exvae_dist.tracking import MlflowTracker
+from exvae_dist.runs.tracking import MlflowTracker
 time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # start together
 t = MlflowTracker(Path(sys.argv[1]), sys.argv[2], "race")
 print(t.run_id)

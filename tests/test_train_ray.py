@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
-from exvae_dist import loop
-from exvae_dist.checkpoint import load_checkpoint
+from exvae_dist.core import loop
+from exvae_dist.runs.checkpoint import load_checkpoint
 from exvae_dist.data import load_dataset
-from exvae_dist.group import Group
-from exvae_dist.train.exemplars import ensure_store
+from exvae_dist.core.group import Group
+from exvae_dist.retrieval.exemplar_images import ensure_store
 from exvae_dist.train.refresh import StoreLatents
 from exvae_dist.train.store_images import StoreImages
 from exvae_dist.train.service_client import ServiceSearch
@@ -74,7 +74,7 @@ def test_one_worker_ddp_epoch_equals_one_process_epoch(tmp_path, data_dir, ray_l
     import torch.distributed as dist
 
     from exvae_dist.retrieval.service import start_index_service
-    from exvae_dist.trainer import build_parts as one_process_parts
+    from exvae_dist.train.local import build_parts as one_process_parts
 
     cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "index.kind=flat",
                 "train.max_steps_per_epoch=3", "tracking.enabled=false",
@@ -352,9 +352,9 @@ def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_spli
     store's own test split."""
     from types import SimpleNamespace
 
-    from exvae_dist import ingest as ingest_mod
+    from exvae_dist.commands import ingest as ingest_mod
     from exvae_dist.data.readers import read_idx
-    from exvae_dist.evaluate import main as evaluate
+    from exvae_dist.commands.evaluate import main as evaluate
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.driver import run
 
@@ -387,7 +387,7 @@ import sys
 from pathlib import Path
 import numpy as np, torch
 from exvae_dist import config as config_mod, loop
-from exvae_dist.group import Group
+from exvae_dist.core.group import Group
 from exvae_dist.retrieval.store import ExemplarStore
 from exvae_dist.train.worker import build_parts
 

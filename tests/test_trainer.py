@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from exvae_dist import config as config_mod
-from exvae_dist.checkpoint import find_checkpoint, load_checkpoint
-from exvae_dist.loop import EarlyStopping, MetricsLog, TimeBudget
-from exvae_dist.trainer import fit
+from exvae_dist.runs.checkpoint import find_checkpoint, load_checkpoint
+from exvae_dist.core.loop import EarlyStopping, MetricsLog, TimeBudget
+from exvae_dist.train.local import fit
 
 
 @pytest.fixture
@@ -257,11 +257,11 @@ def test_write_back_puts_the_steps_fresh_means_into_the_cache(tmp_path, data_dir
 
     import numpy as np
 
-    from exvae_dist import loop
+    from exvae_dist.core import loop
     from exvae_dist.data import load_dataset
-    from exvae_dist.objective import encode_means
-    from exvae_dist.step import train_step
-    from exvae_dist.trainer import build_parts
+    from exvae_dist.core.objective import encode_means
+    from exvae_dist.core.step import train_step
+    from exvae_dist.train.local import build_parts
 
     cfg = config_mod.load("smoke", [f"train.run_dir={tmp_path}", "data.n_train=500",
                                     "data.n_valid=50", "tracking.enabled=false",
@@ -294,7 +294,7 @@ def test_write_back_puts_the_steps_fresh_means_into_the_cache(tmp_path, data_dir
 
 
 def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke_cfg):
-    from exvae_dist.curves import epoch_records, main
+    from exvae_dist.runs.curves import epoch_records, main
 
     cfg = smoke_cfg(tmp_path, "train.epochs=2", "tracking.enabled=false")
     fit(cfg)
@@ -313,7 +313,7 @@ def test_curves_overlays_runs_and_names_a_folder_without_metrics(tmp_path, smoke
 
 
 def test_cell_batches_draw_each_exemplar_once_from_few_cells():
-    from exvae_dist.loop import CellBatches
+    from exvae_dist.core.loop import CellBatches
 
     rng = np.random.default_rng(0)
     cells = rng.permutation(np.repeat(np.arange(40), 25))  # 40 cells of 25 = 1,000 ids

@@ -5,10 +5,10 @@ and binarization. Pure numpy / scipy / stdlib (no torch, Ray, Zarr or MLflow).
     splits = load_dataset(cfg.data)   # DataSplits: train_x [N, 784] grey, valid_x / test_x binary
 """
 
-from .datasets import (DataSplits, binarize_once, data_root, dynamic_binarize,  # noqa: F401
-                       eight_bit, keep_labels, load_dataset)
-from .download import (ChecksumMismatchError, DataFileMissingError, download_file,  # noqa: F401
-                       ensure_file, verify_file)
+from .datasets import (DataSplits, binarize_once, data_root, dynamic_binarize, eight_bit,
+                       keep_labels, load_dataset)
+from .download import (ChecksumMismatchError, DataFileMissingError, download_file, ensure_file,
+                       verify_file)
 
 __all__ = ["DataSplits", "load_dataset", "keep_labels", "eight_bit", "data_root", "dynamic_binarize", "binarize_once",
            "ChecksumMismatchError", "DataFileMissingError", "download_file", "ensure_file",

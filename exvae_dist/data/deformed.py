@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..retrieval.keyed import DEFORM, derive_key, keyed_normal, keyed_uniform
+from ..core.keyed import DEFORM, derive_key, keyed_normal, keyed_uniform
 
 # Deformation ranges (uniform unless noted); mild enough that digits stay legible.
 MAX_ROTATION_DEG = 15.0

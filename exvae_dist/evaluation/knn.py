@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..retrieval.exact import exact_topk
+from ..core.exact import exact_topk
 
 
 def nearest_labels(ref: torch.Tensor, ref_y: torch.Tensor, query: torch.Tensor, k: int,

@@ -30,9 +30,9 @@ from typing import Optional
 
 import torch
 
-from ..models.layers import LOG_2PI
-from ..objective import VAEWithPrior, importance_log_likelihood
-from ..priors import DEFAULT_CHUNK, fast_logsumexp, squared_distances
+from ..core.models.layers import LOG_2PI
+from ..core.objective import VAEWithPrior, importance_log_likelihood
+from ..core.priors import DEFAULT_CHUNK, fast_logsumexp, squared_distances
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..objective import VAEWithPrior
-from ..sampling import sample_images, sample_top, save_grid
+from ..core.objective import VAEWithPrior
+from ..core.sampling import sample_images, sample_top, save_grid
 
 
 @torch.no_grad()

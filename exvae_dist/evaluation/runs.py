@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .. import config as config_mod
-from ..checkpoint import BEST, LATEST, UnreadableCheckpoint, find_checkpoint, load_checkpoint
-from ..jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
-from ..objective import VAEWithPrior, build_model
-from ..tracking import RUN_FILE
+from ..runs.checkpoint import (BEST, LATEST, UnreadableCheckpoint, find_checkpoint,
+                               load_checkpoint)
+from ..common.jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
+from ..core.objective import VAEWithPrior, build_model
+from ..runs.tracking import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def run_command(prog: str, description: str, keys: Sequence[str], example: str,
     listing the config keys that start with one of `keys`. Returns the loaded run, or None
     after printing why it could not be loaded (the command then exits with 2); a bad key
     exits through argparse."""
-    from ..cli import make_parser, setup_logging
+    from ..commands.cli import make_parser, setup_logging
 
     parser = make_parser(prog, description, keys)
     parser.add_argument("run", help="run directory (runs/<name>), a checkpoint file, or an "

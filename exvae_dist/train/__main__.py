@@ -7,12 +7,12 @@ from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ..cli import train_command
+    from ..commands.cli import train_command
 
     return train_command("python -m exvae_dist.train", argv, ray=True)
 
 
 if __name__ == "__main__":
-    from exvae_dist.cli import guarded
+    from exvae_dist.commands.cli import guarded
 
     sys.exit(guarded(main, None))

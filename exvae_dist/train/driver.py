@@ -17,14 +17,14 @@ from typing import Optional
 
 
 from .. import config as config_mod
-from .. import run_folder
-from ..tracking import probe
+from ..runs import run_folder
+from ..runs.tracking import probe
 from ..data import DataSplits, load_dataset
-from ..objective import build_model
-from ..retrieval.candidates import query_depth, subset_size
-from .exemplars import ensure_store, open_exemplar_store, to_bytes
-from .. import preflight  # hook: issue16
-from ..run_lock import exclusive_run  # hook: issue16
+from ..core.objective import build_model
+from ..core.candidates import query_depth, subset_size
+from ..retrieval.exemplar_images import ensure_store, open_exemplar_store, to_bytes
+from ..runs import preflight  # hook: issue16
+from ..runs.run_lock import exclusive_run  # hook: issue16
 
 log = logging.getLogger(__name__)
 

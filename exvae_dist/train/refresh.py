@@ -19,10 +19,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..models import LatentVariableModel
-from ..objective import encode_means
+from ..core.models import LatentVariableModel
+from ..core.objective import encode_means
 from ..retrieval.store import ExemplarStore
-from ..group import Group
+from ..core.group import Group
 from .store_images import StoreImages
 
 log = logging.getLogger(__name__)

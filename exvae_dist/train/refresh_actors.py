@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import config as config_mod
-from ..objective import build_model
+from ..core.objective import build_model
 from ..retrieval.store import ExemplarStore
 from .refresh import encode_into_version
 from .store_images import StoreImages

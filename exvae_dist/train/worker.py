@@ -19,14 +19,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import config as config_mod
-from ..checkpoint import (BEST, LATEST, first_readable, load_checkpoint, ray_resume_candidates,
-                          save_checkpoint)
-from ..group import Group
-from ..loop import Parts, fit
-from ..objective import build_model
+from ..runs.checkpoint import (BEST, LATEST, first_readable, load_checkpoint,
+                               ray_resume_candidates, save_checkpoint)
+from ..core.group import Group
+from ..core.loop import Parts, fit
+from ..core.objective import build_model
 from ..retrieval.store import ExemplarStore
-from ..tracking import make_tracker
-from .exemplars import from_bytes
+from ..runs.tracking import make_tracker
+from ..retrieval.exemplar_images import from_bytes
 from .refresh import LatentRefresh
 from .service_client import ShardedSearch
 from .store_images import StoreImages

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .cli import EXIT_INTERRUPTED
-from .retrieval.keyed import SPLIT, KeyedPermutation
+from ..core.keyed import SPLIT, KeyedPermutation
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def numpy_source(path: Path, labels: Optional[str], images_key: Optional[str],
 
 
 def zarr_source(path: Path, labels: Optional[str]) -> ArraySource:
-    from .retrieval.store_ingest import open_zarr_images
+    from ..retrieval.store_ingest import open_zarr_images
     images = open_zarr_images(path)
     y = open_zarr_images(labels) if labels else None
     return ArraySource(images, y, {"kind": "zarr", "path": str(path.resolve()),
@@ -227,11 +227,11 @@ class DeformedMnistSource:
     """deformed-mnist:N, seeded by --seed; held-out splits are MNIST's own."""
 
     def __init__(self, n: int, seed: int, data_root: Optional[str]):
-        from .config import DataConfig
-        from .data.datasets import N_TRAIN_MNIST, data_root as root_of
-        from .data.download import ensure_file
-        from .data.readers import read_idx
-        from .data import sources
+        from ..config import DataConfig
+        from ..data.datasets import N_TRAIN_MNIST, data_root as root_of
+        from ..data.download import ensure_file
+        from ..data.readers import read_idx
+        from ..data import sources
         cfg = DataConfig(root=data_root)
         folder = root_of(cfg) / sources.FOLDERS["mnist"]
         paths = {k: ensure_file(r, folder, download=True) for k, r in sources.MNIST.items()}
@@ -248,7 +248,7 @@ class DeformedMnistSource:
         self.where = f"deformed-mnist:{n}"
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        from .data.deformed import deformed_rows
+        from ..data.deformed import deformed_rows
         x, y = deformed_rows(self.base, self.base_labels, rows, self.seed)
         return x[:, None], y
 
@@ -299,7 +299,7 @@ def ingest(source, store_path: str | Path, *, n_valid: int = 0, n_test: int = 0,
 
     stop_after_blocks: write at most that many blocks, then return "" (tests of resuming).
     """
-    from .retrieval.store_ingest import StoreBuilder
+    from ..retrieval.store_ingest import StoreBuilder
     deformed = isinstance(source, DeformedMnistSource)
     if deformed:  # held-out splits are MNIST's own
         held = np.empty(0, np.int64)
@@ -403,6 +403,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from exvae_dist.cli import guarded
+    from exvae_dist.commands.cli import guarded
 
     sys.exit(guarded(main, None))

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 
-from .config import ConfigError, ExperimentConfig
-from .retrieval.candidates import subset_size
+from ..config import ConfigError, ExperimentConfig
+from ..core.candidates import subset_size
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _store_rows(path) -> int | None:
     cannot be opened: the run folder's check names that problem."""
     from pathlib import Path
 
-    from .retrieval.store import ExemplarStore  # Zarr only for store runs
+    from ..retrieval.store import ExemplarStore  # Zarr only for store runs
 
     try:
         return ExemplarStore(Path(path).expanduser()).n

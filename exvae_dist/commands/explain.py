@@ -35,11 +35,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .objective import VAEWithPrior
-from .priors import squared_distances
-from .evaluation.pictures import save_figure
-from .jsonio import write_json
-from .sampling import as_rgb
+from ..core.objective import VAEWithPrior
+from ..core.priors import squared_distances
+from ..evaluation.pictures import save_figure
+from ..common.jsonio import write_json
+from ..core.sampling import as_rgb
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,9 @@ def _images_arg(spec: str, splits) -> tuple[np.ndarray, Optional[np.ndarray], Op
 
 def main(argv: Optional[list[str]] = None) -> int:
     from . import cli
-    from . import config as config_mod
-    from .data import load_dataset
-    from .evaluation.runs import load_run, load_splits
+    from .. import config as config_mod
+    from ..data import load_dataset
+    from ..evaluation.runs import load_run, load_splits
     from .exemplars import ExemplarSetError, choose_set
     from .generate import generate
 
@@ -315,6 +315,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from exvae_dist.cli import guarded
+    from exvae_dist.commands.cli import guarded
 
     sys.exit(guarded(main, None))

@@ -30,8 +30,8 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import OmegaConf
 
-from . import config as config_mod
-from .jsonio import read_json, write_json, write_text_atomic
+from .. import config as config_mod
+from ..common.jsonio import read_json, write_json, write_text_atomic
 from .run_lock import LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def _pin_store(cfg: config_mod.ExperimentConfig) -> None:
     anything starts."""
     if cfg.data.name != "store" or not cfg.data.store:
         return
-    from .retrieval.store_ingest import ingested_fingerprint  # Zarr only for store runs
+    from ..retrieval.store_ingest import ingested_fingerprint  # Zarr only for store runs
 
     try:
         found = ingested_fingerprint(cfg.data.store)

@@ -28,19 +28,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import config as config_mod
-from .api import ExemplarVAE
-from .data import DataSplits, binarize_once
-from .evaluation import knn, pictures
-from .evaluation.likelihood import describe_prior, estimate_log_likelihood
-from .evaluation.runs import TrainedRun, load_splits, run_command
+from .. import config as config_mod
+from ..api import ExemplarVAE
+from ..data import DataSplits, binarize_once
+from ..evaluation import knn, pictures
+from ..evaluation.likelihood import describe_prior, estimate_log_likelihood
+from ..evaluation.runs import TrainedRun, load_splits, run_command
 from .exemplars import ExemplarSet, ExemplarSetError, choose_set
-from .jsonio import dumps, write_json
-from .objective import encode_means
-from .priors import DEFAULT_CHUNK
-from .step import validation_elbo
-from .tracking import open_run_tracker
-from .trainer import resolve_device
+from ..common.jsonio import dumps, write_json
+from ..core.objective import encode_means
+from ..core.priors import DEFAULT_CHUNK
+from ..core.step import validation_elbo
+from ..runs.tracking import open_run_tracker
+from ..train.local import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from exvae_dist.cli import guarded
+    from exvae_dist.commands.cli import guarded
 
     sys.exit(guarded(main, None))

@@ -34,13 +34,14 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 import numpy as np
 import torch
 
-from . import config as config_mod
-from . import hardware, jsonio
-from .curves import plot_curves
+from .. import config as config_mod
+from ..runs import hardware
+from ..common import jsonio
+from ..runs.curves import plot_curves
 from .group import Group
 from .objective import VAEWithPrior, kl_beta
-from .retrieval import keyed
-from .retrieval.index import kmeans_cells
+from . import keyed
+from ..retrieval.index import kmeans_cells
 from .sampling import sample_images, save_grid
 from .step import NeighbourSearch, PriorSampler, log_var_value, train_step, validation_elbo
 
@@ -545,7 +546,7 @@ def finish_run(run: Path, summary: dict, stopper: EarlyStopping, tracker,
                out_of_time: bool = False) -> dict:
     """The end of a run (rank 0): summary.json (atomically; a rerun of a finished run keeps
     the summary it had), the final config and best checkpoint to the tracker."""
-    from .checkpoint import BEST
+    from ..runs.checkpoint import BEST
 
     if stopper.should_stop:
         log.info("early stopping: no validation improvement for %d epochs", stopper.patience)

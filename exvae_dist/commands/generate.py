@@ -26,8 +26,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .objective import VAEWithPrior
-from .sampling import sample_top_with_sources, save_grid
+from ..core.objective import VAEWithPrior
+from ..core.sampling import sample_top_with_sources, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def save_npz(path: Path, out: dict, image_shape, info: dict) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from . import cli
-    from . import config as config_mod
-    from .api import ExemplarVAE
+    from .. import config as config_mod
+    from ..api import ExemplarVAE
     from .exemplars import ExemplarSetError, parse_ids
 
     parser = cli.make_parser(
@@ -163,6 +163,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from exvae_dist.cli import guarded
+    from exvae_dist.commands.cli import guarded
 
     sys.exit(guarded(main, None))

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .objective import VAEWithPrior, encode_means
-from .retrieval import keyed
-from .retrieval.candidates import assemble_candidates, query_depth, subset_size
+from . import keyed
+from .candidates import assemble_candidates, query_depth, subset_size
 
 
 class NeighbourSearch(Protocol):

@@ -22,8 +22,8 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import config as config_mod
-from . import run_folder
+from .. import config as config_mod
+from ..runs import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,20 @@ EXIT_USAGE = 2  # a bad command line or config (argparse's own code)
 COMMANDS = {
     "train": ("exvae_dist.train.__main__", "train on Ray Train (the default job); --no-ray "
                                            "trains in this process"),
-    "trainer": ("exvae_dist.trainer", "train in this one process, without Ray"),
-    "evaluate": ("exvae_dist.evaluate", "test log-likelihood, ELBO, kNN error and pictures of "
+    "trainer": ("exvae_dist.train.local", "train in this one process, without Ray"),
+    "evaluate": ("exvae_dist.commands.evaluate", "test log-likelihood, ELBO, kNN error and pictures of "
                                         "a trained run"),
-    "generate": ("exvae_dist.generate", "draw images from a trained run, with the exemplar "
+    "generate": ("exvae_dist.commands.generate", "draw images from a trained run, with the exemplar "
                                         "each came from"),
-    "explain": ("exvae_dist.explain", "the exemplars behind an image: attributions and "
+    "explain": ("exvae_dist.commands.explain", "the exemplars behind an image: attributions and "
                                       "memorisation"),
-    "exemplars": ("exvae_dist.exemplars", "grow (add) or list a trained run's exemplar set "
+    "exemplars": ("exvae_dist.commands.exemplars", "grow (add) or list a trained run's exemplar set "
                                           "without retraining"),
-    "augment": ("exvae_dist.augment", "generative data augmentation: classifiers trained "
+    "augment": ("exvae_dist.commands.augment", "generative data augmentation: classifiers trained "
                                       "with and without samples"),
-    "ingest": ("exvae_dist.ingest", "bring your own images: write an exemplar store to "
+    "ingest": ("exvae_dist.commands.ingest", "bring your own images: write an exemplar store to "
                                     "train on"),
-    "curves": ("exvae_dist.curves", "overlay the validation curves of runs"),
+    "curves": ("exvae_dist.runs.curves", "overlay the validation curves of runs"),
 }
 
 # set by main() while a subcommand runs, so that its --help says `exvae <name>`
@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(front_help())
         return 0 if argv else EXIT_USAGE
     if argv[0] == "--version":
-        from . import __version__
+        from .. import __version__
 
         print(f"exvae-dist {__version__}")
         return 0
@@ -97,7 +97,7 @@ def guarded(command: Callable[[list[str]], Optional[int]], argv: Optional[Sequen
     """The one exception boundary of every command: runs command(argv) and turns a known error
     (errors.find_known, also when Ray wraps it) into one line on stderr and exit 1 (2 for a
     config error), Ctrl-C into exit 130; anything else keeps its traceback (a bug)."""
-    from . import errors
+    from .. import errors
 
     try:
         return int(command(None if argv is None else list(argv)) or 0)
@@ -165,7 +165,7 @@ def train_command(prog: str, argv: Optional[list[str]], ray: bool) -> int:
 
 
 def _train(cfg: config_mod.ExperimentConfig, use_ray: bool, parser) -> int:
-    from .api import train
+    from ..api import train
 
     try:
         summary = train(cfg, use_ray)

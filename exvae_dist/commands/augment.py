@@ -28,18 +28,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import load_dataset
-from .data import sources
-from .data.datasets import IMAGE_PIXELS, data_root
-from .data.download import ensure_file
-from .data.readers import read_idx
-from .evaluation.runs import TrainedRun, run_command
+from ..data import load_dataset
+from ..data import sources
+from ..data.datasets import IMAGE_PIXELS, data_root
+from ..data.download import ensure_file
+from ..data.readers import read_idx
+from ..evaluation.runs import TrainedRun, run_command
 from .exemplars import choose_set
 from .generate import draw_images
-from .jsonio import dumps, write_json
-from .objective import VAEWithPrior, encode_means
-from .tracking import open_run_tracker
-from .trainer import resolve_device
+from ..common.jsonio import dumps, write_json
+from ..core.objective import VAEWithPrior, encode_means
+from ..runs.tracking import open_run_tracker
+from ..train.local import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from exvae_dist.cli import guarded
+    from exvae_dist.commands.cli import guarded
 
     sys.exit(guarded(main, None))

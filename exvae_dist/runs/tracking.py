@@ -30,8 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
-from .jsonio import read_json, write_json
+from ..config import ConfigError
+from ..common.jsonio import read_json, write_json
 
 log = logging.getLogger(__name__)
 

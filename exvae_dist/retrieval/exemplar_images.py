@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..retrieval.store import ExemplarStore
+from .store import ExemplarStore
 
 log = logging.getLogger(__name__)
 

@@ -95,7 +95,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def read_version(run: Path, version: int) -> ExemplarSet:
     """A stored version; ExemplarSetError naming the versions there when it is missing."""
-    from .retrieval.store import ExemplarStore
+    from ..retrieval.store import ExemplarStore
 
     folder = sets_dir(run) / _name(version)
     if not (folder / "set.json").is_file():
@@ -114,7 +114,7 @@ def read_version(run: Path, version: int) -> ExemplarSet:
 def write_version(run: Path, version: int, images: np.ndarray, latents: np.ndarray,
                   labels: np.ndarray, image_shape: Sequence[int], meta: dict) -> Path:
     """Writes version `version` (refused if it exists) through a temp folder + rename."""
-    from .retrieval.store import ExemplarStore
+    from ..retrieval.store import ExemplarStore
 
     root = sets_dir(run)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def write_version(run: Path, version: int, images: np.ndarray, latents: np.ndarr
 def training_set(trained, splits) -> ExemplarSet:
     """The run's training exemplars encoded now with its encoder (what training used: grey
     levels), on the model's device."""
-    from .step import exemplar_centres
+    from ..core.step import exemplar_centres
 
     device = next(trained.model.parameters()).device
     centres = exemplar_centres(trained.model, torch.from_numpy(splits.train_x).to(device))
@@ -206,7 +206,7 @@ def load_source(source: str, cfg, allow_test: bool = False) -> tuple[np.ndarray,
     """
     from dataclasses import replace
 
-    from .data import load_dataset
+    from ..data import load_dataset
 
     if source.endswith(".npz"):
         path = Path(source).expanduser()
@@ -249,8 +249,8 @@ def add_exemplars(trained, images: np.ndarray, labels: np.ndarray, source: str,
                   splits=None) -> int:
     """Encodes `images` [M, D] with the trained encoder and writes a new complete version =
     the newest one (the training set on the first call) + these; returns its number."""
-    from .evaluation.runs import load_splits
-    from .objective import encode_means
+    from ..evaluation.runs import load_splits
+    from ..core.objective import encode_means
 
     model = trained.model
     if model.prior_kind != "exemplar":
@@ -307,8 +307,8 @@ def add_exemplars(trained, images: np.ndarray, labels: np.ndarray, source: str,
 
 def main(argv: Optional[list[str]] = None) -> int:
     from . import cli
-    from . import config as config_mod
-    from .evaluation.runs import load_run
+    from .. import config as config_mod
+    from ..evaluation.runs import load_run
 
     parser = cli.make_parser(
         "python -m exvae_dist.exemplars", keys=("eval.", "train.threads"),
@@ -358,6 +358,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from exvae_dist.cli import guarded
+    from exvae_dist.commands.cli import guarded
 
     sys.exit(guarded(main, None))

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .evaluation.pictures import save_figure
-from .jsonio import write_jsonl
+from ..evaluation.pictures import save_figure
+from ..common.jsonio import write_jsonl
 
 
 def epoch_records(run: Path) -> list[dict]:
@@ -117,6 +117,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 if __name__ == "__main__":
     import sys
 
-    from exvae_dist.cli import guarded
+    from exvae_dist.commands.cli import guarded
 
     sys.exit(guarded(main, None))

@@ -13,15 +13,15 @@ from typing import Optional
 
 import torch
 
-from . import config as config_mod
-from . import run_folder
-from .checkpoint import BEST, LATEST, load_resume_state, save_checkpoint
-from .data import DataSplits, load_dataset
-from .loop import Parts, fit as fit_parts
-from .objective import build_model, encode_means
-from .retrieval.exact import TorchExactSearch
-from .run_lock import exclusive_run
-from .tracking import make_tracker, probe
+from .. import config as config_mod
+from ..runs import run_folder
+from ..runs.checkpoint import BEST, LATEST, load_resume_state, save_checkpoint
+from ..data import DataSplits, load_dataset
+from ..core.loop import Parts, fit as fit_parts
+from ..core.objective import build_model, encode_means
+from ..core.exact import TorchExactSearch
+from ..runs.run_lock import exclusive_run
+from ..runs.tracking import make_tracker, probe
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def build_parts(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] =
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .cli import train_command
+    from ..commands.cli import train_command
 
     return train_command("python -m exvae_dist.trainer", argv, ray=False)
 
