@@ -23,7 +23,7 @@ import time
 import torch
 
 from exvae_dist.data import load_dataset
-from exvae_dist.commands.evaluate import chunk_sizes
+from exvae_dist.evaluation.likelihood import chunk_sizes
 from exvae_dist.evaluation.likelihood import PRIOR_TOLERANCE, estimate_log_likelihood
 from exvae_dist.evaluation.runs import load_run
 from exvae_dist.core.models.layers import LOG_2PI

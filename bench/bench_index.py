@@ -61,7 +61,7 @@ def deformed_latents(n: int, encoder: str, cache: Path, block: int = 8192) -> np
         import torch
 
         from exvae_dist.evaluation.runs import load_run
-        from exvae_dist.commands.ingest import DeformedMnistSource
+        from exvae_dist.data.ingest import DeformedMnistSource
         from exvae_dist.core.objective import encode_means
 
         torch.set_num_threads(1)

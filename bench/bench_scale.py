@@ -47,7 +47,7 @@ def du_gb(path: Path) -> float:
 
 
 def phase_build(n: int, store: Path, source_kind: str) -> dict:
-    from exvae_dist.commands import ingest as ingest_mod
+    from exvae_dist.data import ingest as ingest_mod
     from exvae_dist.data.deformed import deformed_rows  # noqa: F401
 
     class Tiled(ingest_mod.DeformedMnistSource):

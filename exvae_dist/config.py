@@ -25,11 +25,12 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from .common.errors import KnownError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(KnownError, ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 

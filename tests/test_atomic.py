@@ -80,7 +80,7 @@ def test_exemplars_add_sweeps_the_folder_a_killed_add_left(tmp_path):
     """`exemplars add` killed mid-write left its .tmp-<pid> folder forever."""
     from test_exemplar_sets import D, _tiny
 
-    from exvae_dist.commands.exemplars import add_exemplars, sets_dir
+    from exvae_dist.evaluation.exemplar_sets import add_exemplars, sets_dir
 
     run, splits = _tiny(tmp_path)
     stale = sets_dir(tmp_path) / f".v000002.tmp-{dead_pid()}"

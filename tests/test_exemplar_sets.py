@@ -14,10 +14,9 @@ from scipy.stats import multivariate_normal
 from exvae_dist import config as config_mod
 from exvae_dist.data import DataSplits
 from exvae_dist.evaluation.runs import TrainedRun
-from exvae_dist.commands.exemplars import (ExemplarSetError, add_exemplars, choose_set,
-                                           list_versions, read_version, sets_dir)
-from exvae_dist.commands.explain import attribution_weights, memorisation_check, summarize
-from exvae_dist.commands.generate import generate
+from exvae_dist.evaluation.exemplar_sets import ExemplarSetError, add_exemplars, choose_set, list_versions, read_version, sets_dir
+from exvae_dist.evaluation.attribution import attribution_weights, memorisation_check, summarize
+from exvae_dist.evaluation.generation import generate
 from exvae_dist.core.objective import build_model, encode_means
 
 SHAPE = (1, 4, 4)

@@ -281,7 +281,7 @@ def test_a_store_with_too_few_images_is_refused_before_training(tmp_path, smoke_
     whose leave-one-out mixture is empty (the loss would be inf)."""
     from types import SimpleNamespace
 
-    from exvae_dist.commands.ingest import ingest, open_source
+    from exvae_dist.data.ingest import ingest, open_source
     from exvae_dist.train.local import fit
 
     np.save(tmp_path / "tiny.npy", np.random.default_rng(0).integers(0, 256, (5, 28, 28),

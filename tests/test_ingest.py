@@ -9,7 +9,8 @@ import torch
 import zarr
 
 from exvae_dist import config as config_mod
-from exvae_dist.commands import ingest as ingest_mod
+from exvae_dist.commands import ingest as ingest_command
+from exvae_dist.data import ingest as ingest_mod
 from exvae_dist.data import load_dataset
 from exvae_dist.data.deformed import deformed_rows
 from exvae_dist.data.readers import read_idx
@@ -105,7 +106,7 @@ def test_class_folders_print_their_label_map(tmp_path, capsys):
         for i in range(30):
             Image.fromarray(np.full((6, 5), i, np.uint8)).save(tmp_path / "imgs" / name /
                                                                 f"{i}.png")
-    assert ingest_mod.main([str(tmp_path / "imgs"), str(tmp_path / "s"), "--no-progress"]) == 0
+    assert ingest_command.main([str(tmp_path / "imgs"), str(tmp_path / "s"), "--no-progress"]) == 0
     assert "ant -> 0, cat -> 1, zebra -> 2" in capsys.readouterr().out
     assert '"zebra": 2' in (tmp_path / "s" / "zarr.json").read_text()  # readable in metadata
 
@@ -226,12 +227,12 @@ def test_a_full_disk_says_the_store_can_be_resumed(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(StoreBuilder, "write_block", full_after_one)
     argv = [str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress", "--block-rows", "64",
             "--valid", "10", "--test", "10"]
-    assert ingest_mod.main(argv) == 2
+    assert ingest_command.main(argv) == 2
     err = capsys.readouterr().err
     assert "no space left on device writing" in err and "MiB free" in err
     assert "rerun the same command to resume" in err and "Traceback" not in err
     monkeypatch.setattr(StoreBuilder, "write_block", write)  # space freed: the rerun resumes
-    assert ingest_mod.main(argv) == 0
+    assert ingest_command.main(argv) == 0
     assert_round_trip(tmp_path / "s", x, None, n_valid=10, n_test=10)
 
 
@@ -274,17 +275,17 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
 
     x, _ = make_images(50)
     np.save(tmp_path / "x.npy", x)
-    monkeypatch.setattr(ingest_mod, "ingest", interrupted)
-    assert ingest_mod.main([str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress"]) == 130
+    monkeypatch.setattr(ingest_command, "ingest", interrupted)
+    assert ingest_command.main([str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress"]) == 130
     assert "nothing was written" in capsys.readouterr().err  # stopped before the store began
     (tmp_path / "s").mkdir()
-    assert ingest_mod.main([str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress"]) == 130
+    assert ingest_command.main([str(tmp_path / "x.npy"), str(tmp_path / "s"), "--no-progress"]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
 
 
 def test_cli_help_explains_sources(capsys):
     with pytest.raises(SystemExit):
-        ingest_mod.main(["--help"])
+        ingest_command.main(["--help"])
     out = capsys.readouterr().out
     assert "deformed-mnist:N" in out and "resumes" in out
     assert "Leave-one-out is by row id" in out and "--drop-duplicates" in out

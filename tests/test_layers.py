@@ -10,7 +10,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exvae_dist"
 # lowest first; a module may import its own layer and the layers before it
-LAYERS = ("config", "common", "core", "retrieval", "data", "runs", "evaluation", "train", "commands")
+LAYERS = ("common", "config", "core", "retrieval", "data", "runs", "evaluation", "train", "api",
+          "commands")
 # the commands that use a trained run (evaluate, generate, explain, ...) need no trainer: only
 # the command line of training itself (cli.py) reaches into train/
 TRAINING_COMMANDS = ("exvae_dist.commands.cli",)

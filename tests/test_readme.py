@@ -111,7 +111,8 @@ def test_readme_blocks_are_what_this_test_and_ci_cover():
     assert "--node-ip-address 127.0.0.1" in text
     job = next(b for b in blocks if "ray job submit" in b)
     assert '"$PWD/.venv/bin/python" -m exvae_dist.train' in job
-    assert 'train.run_dir="$PWD/runs"' in job
+    # the short form: no train.run_dir, the run goes to $RAY_STORAGE (set below) or ~/exvae_runs
+    assert "train.run_dir" not in job
     # a submit before the head's job agent is up fails ("No available agent"), seen in CI
     assert job.index("127.0.0.1:52365/api/healthz") < job.index("ray job submit")
     # one MLflow store (train.run_dir/mlflow.db) for every README run: the one the README's
@@ -150,7 +151,9 @@ def test_readme_commands_run(data_dir, tmp_path, capsys):
         script += [f'echo "@@ {i} start $(date +%s.%N)"', block, f'echo "@@ {i} end $(date +%s.%N)"']
     env = {k: v for k, v in os.environ.items()
            if k not in ("EXVAE_DATA_DIR", "RAY_ADDRESS", "PYTEST_CURRENT_TEST")}
-    env.update(PYTHONPATH=str(repo), RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
+    # RAY_STORAGE: where the job block's run goes (not this machine's ~/exvae_runs)
+    env.update(PYTHONPATH=str(repo), RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0",
+               RAY_STORAGE=str(repo / "runs"))
     start = time.monotonic()
     try:
         done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=repo, env=env,

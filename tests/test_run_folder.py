@@ -176,7 +176,7 @@ def test_identity_keys_added_later_are_read_from_an_older_runs_config_yaml(tmp_p
 def test_a_store_run_records_its_stores_content_and_refuses_another(tmp_path):
     from types import SimpleNamespace
 
-    from exvae_dist.commands.ingest import ingest, open_source
+    from exvae_dist.data.ingest import ingest, open_source
 
     args = SimpleNamespace(labels=None, images_key=None, labels_key=None, data_root=None, seed=0)
     for name, seed in (("a.zarr", 0), ("b.zarr", 1)):

@@ -326,7 +326,7 @@ def test_a_second_run_on_a_store_in_use_is_refused_before_ray(tmp_path, monkeypa
     Ray or any data; the store is left as it was."""
     from types import SimpleNamespace
 
-    from exvae_dist.commands import ingest as ingest_mod
+    from exvae_dist.data import ingest as ingest_mod
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.runs.run_lock import StoreLocked
     from exvae_dist.train import driver
@@ -427,7 +427,7 @@ def test_ray_run_reads_an_ingested_store_in_place_and_evaluates_on_its_test_spli
     store's own test split."""
     from types import SimpleNamespace
 
-    from exvae_dist.commands import ingest as ingest_mod
+    from exvae_dist.data import ingest as ingest_mod
     from exvae_dist.data.readers import read_idx
     from exvae_dist.commands.evaluate import main as evaluate
     from exvae_dist.retrieval.store import ExemplarStore
@@ -464,7 +464,7 @@ def test_a_bit_flipped_image_chunk_stops_a_ray_run_with_a_message(tmp_path, data
     chunk (all images resident, the default) stops the run and names the ingest."""
     from types import SimpleNamespace
 
-    from exvae_dist.commands import ingest as ingest_mod
+    from exvae_dist.data import ingest as ingest_mod
     from exvae_dist.data.readers import read_idx
     from exvae_dist.train.driver import run
 

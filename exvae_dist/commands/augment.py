@@ -35,8 +35,8 @@ from ..data.download import ensure_file
 from ..data.readers import read_idx
 from ..evaluation.runs import TrainedRun
 from .cli import run_command
-from .exemplars import choose_set
-from .generate import draw_images
+from ..evaluation.exemplar_sets import choose_set
+from ..evaluation.generation import draw_images
 from ..common.jsonio import dumps, write_json
 from ..core.objective import VAEWithPrior, encode_means
 from ..runs.tracking import open_run_tracker
@@ -236,4 +236,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from exvae_dist.commands.cli import guarded
+
+    sys.exit(guarded(main, None))

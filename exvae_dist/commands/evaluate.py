@@ -29,15 +29,15 @@ import numpy as np
 import torch
 
 from .. import config as config_mod
+from ..api import ExemplarVAE
 from ..data import DataSplits, binarize_once
 from ..evaluation import knn, pictures
-from ..evaluation.likelihood import PRIOR_TOLERANCE, describe_prior, estimate_log_likelihood
+from ..evaluation.likelihood import PRIOR_TOLERANCE, describe_prior
 from ..evaluation.runs import TrainedRun, load_splits
 from .cli import run_command
-from .exemplars import ExemplarSet, ExemplarSetError, choose_set
+from ..evaluation.exemplar_sets import ExemplarSet, ExemplarSetError, choose_set
 from ..common.jsonio import dumps, write_json
 from ..core.objective import encode_means
-from ..core.priors import DEFAULT_CHUNK
 from ..core.step import validation_elbo
 from ..runs.tracking import open_run_tracker
 from ..runs.hardware import resolve_device
@@ -50,12 +50,6 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016
 TSNE_POINTS = 2000
 
 
-def _bar(items, desc: str, total: Optional[int] = None):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
-
-
 def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, list]:
     """means: [n, d] encoder means over a data set -> (#units whose variance over the data
     exceeds threshold, the per-unit variances)."""
@@ -63,36 +57,17 @@ def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) 
     return int((var > threshold).sum().item()), [round(v, 6) for v in var.tolist()]
 
 
-def chunk_sizes(device: torch.device) -> tuple[int, int]:
-    """(samples, exemplars) per block of the estimate: the sizes measured fastest on each
-    device (a 2-core CPU: blocks that stay in cache; an H100: a whole image's 5000 samples
-    against 16,384 exemplars per kernel, 10x the images per second of the CPU sizes there)."""
-    gpu = device.type != "cpu"
-    return (5000 if gpu else 500), (16384 if gpu else DEFAULT_CHUNK)
-
-
-def log_likelihood(trained: TrainedRun, x: torch.Tensor, centres: Optional[torch.Tensor]) -> dict:
-    """Importance-sampled test log-likelihood of x [n, D], batched, with a progress bar."""
+def log_likelihood(scorer: ExemplarVAE, x: torch.Tensor) -> dict:
+    """Importance-sampled test log-likelihood of x [n, D] (ExemplarVAE.log_prob's estimate),
+    batched, with a progress bar and its ETA."""
+    trained = scorer.trained
     e = trained.cfg.eval
     model = trained.model
+    centres = scorer.centres()
     n_exemplars = 0 if centres is None else centres.shape[0]
-    torch.manual_seed(e.seed)
-    values, pools, max_error = [], [], 0.0
-    t0 = time.perf_counter()
-    bar = _bar(range(0, x.shape[0], e.batch_size), "log-likelihood",
-               total=math.ceil(x.shape[0] / e.batch_size))
-    sample_chunk, exemplar_chunk = chunk_sizes(x.device)
-    for start in bar:
-        res = estimate_log_likelihood(model, x[start:start + e.batch_size], e.n_samples, centres,
-                                  e.prior_neighbours, e.prior_pool, PRIOR_TOLERANCE,
-                                  sample_chunk, exemplar_chunk)
-        values.append(res.log_px.double())
-        pools += res.pools
-        max_error = max(max_error, res.max_error)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(mean=f"{torch.cat(values).mean().item():.2f}")
-    seconds = time.perf_counter() - t0
-    v = torch.cat(values)
+    res = scorer._log_prob(x, progress=trained.cfg.train.progress)
+    pools, max_error, seconds = res["pools"], res["max_error"], res["seconds"]
+    v = res["values"]
     truncated = (model.prior_kind == "exemplar" and e.prior_neighbours is not None
                  and e.prior_neighbours < n_exemplars)
     dims = x.shape[1]
@@ -162,6 +137,22 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
     # grey-level exemplars, as in training; eval.exemplars picks a grown set
     exemplar_set: ExemplarSet = choose_set(trained, splits)
     out = output_folder(trained.path, e.name)
+    try:
+        return _evaluate_into(out, trained, splits, exemplar_set, device)
+    except BaseException:
+        # stopped (Ctrl-C) or failed: no half-filled folder is left (summary.json, written
+        # last, marks a complete one)
+        if not (out / "summary.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            if out.parent.is_dir() and not any(out.parent.iterdir()):
+                out.parent.rmdir()
+        raise
+
+
+def _evaluate_into(out: Path, trained: TrainedRun, splits: DataSplits,
+                   exemplar_set: ExemplarSet, device: torch.device) -> dict:
+    cfg, model = trained.cfg, trained.model
+    e = cfg.eval
     test_x = torch.from_numpy(splits.test_x).to(device)
     if e.n_test is not None:
         test_x = test_x[:e.n_test]
@@ -195,7 +186,8 @@ def evaluate(trained: TrainedRun, splits: Optional[DataSplits] = None) -> dict:
                                     f"{ACTIVE_UNIT_THRESHOLD} (Burda et al.), top latent")
 
     if e.likelihood:
-        summary["log_likelihood"] = log_likelihood(trained, test_x, centres)
+        summary["log_likelihood"] = log_likelihood(ExemplarVAE(trained, exemplar_set, splits),
+                                                   test_x)
         ll = summary["log_likelihood"]
         log.info("test log-likelihood %.3f +- %.3f nats (%s)", ll["value"], ll["stderr"],
                  ll["prior"])
@@ -313,4 +305,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from exvae_dist.commands.cli import guarded
+
+    sys.exit(guarded(main, None))

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 from ..common.atomic import atomic_path, write_text
 from .sources import RemoteFile
+from ..common.errors import KnownError
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,11 @@ _CHUNK = 1 << 20
 _verified: dict[tuple[str, int, int], str] = {}
 
 
-class DataFileMissingError(FileNotFoundError):
+class DataFileMissingError(KnownError, FileNotFoundError):
     """A dataset file is absent and could not be downloaded; the message says what to do."""
 
 
-class ChecksumMismatchError(ValueError):
+class ChecksumMismatchError(KnownError, ValueError):
     """A dataset file's sha256 differs from the registered one."""
 
 

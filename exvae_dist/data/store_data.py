@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .splits import DataSplits, binarize_once
+from ..common.errors import KnownError
 
 log = logging.getLogger(__name__)
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(KnownError, ValueError):
     """The store at data.store is not the one the run was trained on."""
 
 

@@ -221,3 +221,11 @@ def describe_prior(prior_kind: str, n_exemplars: int, neighbours: Optional[int],
         return f"exact exemplar prior over all N={n_exemplars} exemplars, normalizer N ({how})"
     return (f"LOWER BOUND: nearest-neighbour-truncated exemplar prior, the k={neighbours} "
             f"nearest of N={n_exemplars} exemplars per sample, normalizer N")
+
+
+def chunk_sizes(device: torch.device) -> tuple[int, int]:
+    """(samples, exemplars) per block of the estimate: the sizes measured fastest on each
+    device (a 2-core CPU: blocks that stay in cache; an H100: a whole image's 5000 samples
+    against 16,384 exemplars per kernel, 10x the images per second of the CPU sizes there)."""
+    gpu = device.type != "cpu"
+    return (5000 if gpu else 500), (16384 if gpu else DEFAULT_CHUNK)

@@ -21,11 +21,12 @@ from ..runs.checkpoint import (BEST, LATEST, UnreadableCheckpoint, find_checkpoi
 from ..common.jsonio import write_json  # noqa: F401 (re-exported: strict JSON, atomic)
 from ..core.objective import VAEWithPrior, build_model
 from ..runs.tracking import RUN_FILE
+from ..common.errors import KnownError
 
 log = logging.getLogger(__name__)
 
 
-class RunNotFoundError(FileNotFoundError):
+class RunNotFoundError(KnownError, FileNotFoundError):
     """The run argument names neither a run directory nor a known MLflow run id."""
 
 

@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from ..common.errors import KnownError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def create_images_array(root: zarr.Group, shape: tuple[int, ...], chunk_rows: in
         compressors=compressors, config={"write_empty_chunks": True})
 
 
-class StoreError(ValueError):
+class StoreError(KnownError, ValueError):
     """A store or latent version that cannot be used as asked; the message says why."""
 
 

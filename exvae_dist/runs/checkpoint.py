@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import torch
 
 from ..common.atomic import atomic_path, sweep_temps
+from ..common.errors import KnownError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ RAY_FOLDER_PREFIX = "checkpoint_"
 T = TypeVar("T")
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(KnownError, OSError):
     """Writing a checkpoint failed (errno ENOSPC for a full disk); the message names the
     path and the free space, and the last good checkpoint is intact."""
 
@@ -94,8 +95,12 @@ def _write_error(path: Path, err: BaseException) -> CheckpointWriteError:
         f"{path.parent}); {kept}")
 
 
-class UnreadableCheckpoint(ValueError):
+class UnreadableCheckpoint(KnownError, ValueError):
     """A checkpoint file that exists but does not load (truncated, corrupt)."""
+
+
+class AllCheckpointsUnreadable(KnownError, RuntimeError):
+    """Every checkpoint of a run failed to load: the run refuses to start over from step 0."""
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -145,9 +150,9 @@ def first_readable(candidates: Sequence[Path], load: Callable[[Path], T],
                         what, candidate, len(failures))
         return value, candidate
     if failures:
-        raise RuntimeError(f"every {what} is unreadable, refusing to start over from step 0: "
-                           + "; ".join(failures)
-                           + ". Delete them (or the run folder) to start the run afresh")
+        raise AllCheckpointsUnreadable(
+            f"every {what} is unreadable, refusing to start over from step 0: "
+            + "; ".join(failures) + ". Delete them (or the run folder) to start the run afresh")
     return None
 
 

@@ -127,6 +127,42 @@ def temporary_working_dir(path: Path, env: Optional[Mapping[str, str]] = None) -
     return None
 
 
+# Where a run goes when its default train.run_dir (./runs) would lie in a Ray job's temporary
+# working dir: RAY_STORAGE (the cluster's storage path, as Ray Train reads it) where set, else
+# this folder (Ray Train's own default is ~/ray_results, for the same reason)
+PERSISTENT_RUN_DIR = "~/exvae_runs"
+
+
+def run_dir_given(config: Optional[str | os.PathLike], overrides=()) -> bool:
+    """Whether the user chose train.run_dir: an override, or the --config file, sets it."""
+    if "train.run_dir" in config_mod.override_keys(overrides):
+        return True
+    if config is None:
+        return False
+    layer = OmegaConf.load(config_mod.resolve_config_path(config))
+    return OmegaConf.select(layer, "train.run_dir", default=None) is not None
+
+
+def outside_job_dir(cfg: config_mod.ExperimentConfig, given: bool,
+                    env: Optional[Mapping[str, str]] = None) -> config_mod.ExperimentConfig:
+    """cfg, or when its run folder would lie in a folder Ray deletes (temporary_working_dir)
+    and the user did not set train.run_dir (`given`): cfg with train.run_dir the persistent
+    default ($RAY_STORAGE, else PERSISTENT_RUN_DIR), announced on stdout (a job's output).
+    A run_dir the user set is left as it is, for prepare() to refuse."""
+    env = os.environ if env is None else env
+    if given or temporary_working_dir(cfg.run_path(), env) is None:
+        return cfg
+    storage = env.get("RAY_STORAGE") or ""
+    root = storage if storage and "://" not in storage else PERSISTENT_RUN_DIR
+    root = str(Path(root).expanduser().resolve())
+    default = cfg.train.run_dir
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=root))
+    print(f"run folder: {cfg.run_path()} (train.run_dir was not set and {default}/ would lie "
+          f"in the job's temporary working dir, which Ray deletes; set train.run_dir to "
+          f"choose another)", flush=True)
+    return cfg
+
+
 def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] = None,
             now: Optional[float] = None) -> RunFolder:
     """Checks and claims cfg.run_path() before any expensive work; returns the RunFolder.

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..common.atomic import temp_path
+from ..common.errors import KnownError
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(KnownError, RuntimeError):
     """Another live process holds the run folder's lock."""
 
 

@@ -36,6 +36,7 @@ from typing import Optional
 
 from ..config import ConfigError
 from ..common.jsonio import read_json, write_json
+from ..common.errors import KnownError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class TrackingUnavailableError(ConfigError):
     """tracking.uri names a server that does not answer (checked before any work starts)."""
 
 
-class TrackingWriteError(OSError):
+class TrackingWriteError(KnownError, OSError):
     """The MLflow store is full ("database or disk is full"): a retry meets it again, so the
     Ray trainer does not retry it (driver.NOT_RETRIED); the message names the store, the free
     space and the way on."""

@@ -13,4 +13,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from exvae_dist.commands.cli import guarded
+
+    sys.exit(guarded(main, None))

@@ -20,8 +20,9 @@ from typing import Optional
 
 from .. import config as config_mod
 from ..runs import run_folder
-from ..runs.checkpoint import CheckpointWriteError, describe_resume, resume_point
-from ..runs.tracking import MlflowTracker, TrackingWriteError, end_run_of, probe
+from ..common.errors import find_known
+from ..runs.checkpoint import describe_resume, resume_point
+from ..runs.tracking import MlflowTracker, end_run_of, probe
 from ..data import DataSplits, load_dataset
 from ..core.objective import build_model
 from ..core.cache import ACTORS, WORKER, placement
@@ -45,37 +46,6 @@ KEEP_CHECKPOINTS = 2
 class WorkersUnplaceable(preflight.PreflightError):
     """Ray could not start the run's workers in CONTROLLER_RETRIES + 1 tries (a node lost,
     the cluster busy); the message names the capacity and where a rerun resumes."""
-
-
-# Errors a worker meets again on every retry (a bad setting, a full disk, a diverged loss):
-# Ray Train, which retries every worker error up to ray.max_failures times, stops at once
-# and the driver raises the worker's own exception, whose message says what to do.
-NOT_RETRIED = (config_mod.ConfigError, CheckpointWriteError, TrackingWriteError,
-               FloatingPointError)
-
-
-def failure_policy(failure_config):
-    """Ray Train's default failure policy, except that a NOT_RETRIED worker error is raised
-    at once (Ray offers no public hook: interruptible() installs it)."""
-    from ray.train.v2._internal.execution.failure_handling import (DefaultFailurePolicy,
-                                                                   FailureDecision)
-
-    class NoRetryOfKnownErrors(DefaultFailurePolicy):
-        def make_decision(self, training_failed_error):
-            if worker_error(training_failed_error) is not None:
-                return FailureDecision.RAISE
-            return super().make_decision(training_failed_error)
-
-    return NoRetryOfKnownErrors(failure_config)
-
-
-def worker_error(error: BaseException) -> Optional[BaseException]:
-    """The first NOT_RETRIED exception a worker raised, from Ray Train's WorkerGroupError."""
-    for failure in (getattr(error, "worker_failures", None) or {}).values():
-        base = getattr(failure, "_base_exc", failure)  # Ray wraps it with its traceback
-        if isinstance(base, NOT_RETRIED):
-            return base
-    return None
 
 
 def connect(cfg: config_mod.ExperimentConfig) -> bool:
@@ -137,8 +107,7 @@ def absolute(cfg: config_mod.ExperimentConfig) -> config_mod.ExperimentConfig:
 
 def interruptible(trainer_cls):
     """trainer_cls whose fit() turns Ctrl-C into KeyboardInterrupt, as the one-process
-    trainer's does (exit 130 at the command line), after aborting the workers, and does not
-    retry the NOT_RETRIED errors.
+    trainer's does (exit 130 at the command line), after aborting the workers.
 
     Ray Train's own SIGINT handler aborts the controller and then exits with status 1, the
     run's MLflow run left RUNNING; this one aborts the controller the same way (the workers
@@ -149,10 +118,6 @@ def interruptible(trainer_cls):
     import ray
 
     class Interruptible(trainer_cls):
-        def _initialize_and_run_controller(self, **kwargs):  # NOT_RETRIED errors: no retry
-            kwargs["failure_policy"] = failure_policy(self.run_config.failure_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
         def _register_sigint_handler(self, controller):
             def on_sigint(signum, frame):
                 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -198,6 +163,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
     from ray.train.torch import TorchTrainer
 
     from ..retrieval.service import placement_strategy  # hook: issue12
+    from .failures import StopOnKnownError
     from .worker import train_loop_per_worker
 
     run = cfg.run_path()
@@ -234,6 +200,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
             # folder", the opposite of what a rerun here is for) stay in Ray's log files;
             # the driver and rank 0 say what matters
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=[StopOnKnownError()],  # a deterministic error is not retried
         ),
     )
 
@@ -319,7 +286,7 @@ def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits])
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # fit raises the run's error: say it the clear way
-            clear = worker_error(err) or unplaceable(cfg, err)
+            clear = find_known(err) or unplaceable(cfg, err)
             if clear is None:
                 raise
             raise clear from None
