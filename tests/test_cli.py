@@ -121,7 +121,6 @@ def test_a_deterministic_worker_error_is_not_retried_on_ray(tmp_path, data_dir):
     # each start of the training loop appends one session record: one start, no retry
     sessions = (tmp_path / "smoke" / "sessions.jsonl").read_text().splitlines()
     assert len(sessions) == 1, sessions
-    assert "[FailurePolicy] RAISE" in done.stdout + done.stderr
 
 
 def test_console_script_entry_runs_help_in_a_fresh_process():

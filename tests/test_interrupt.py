@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _train(tmp_path, data_dir, epochs, module="exvae_dist.train.local", *extra):
+def _train(tmp_path, data_dir, epochs, module="exvae_dist.trainer", *extra):
     env = {**os.environ, "EXVAE_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(

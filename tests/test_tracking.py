@@ -191,12 +191,11 @@ def test_a_full_mlflow_store_is_a_clear_error_that_ray_does_not_retry(tracker, m
     the way on, which the Ray trainer's failure policy raises at once (no retry), and the
     driver raises as the worker's own error."""
     from mlflow.exceptions import MlflowException
-    from ray.train import FailureConfig, WorkerGroupError
+    from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
-    from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
     from exvae_dist.runs.tracking import TrackingWriteError
-    from exvae_dist.train.driver import failure_policy, worker_error
+    from exvae_dist.train.failures import StopOnKnownError
 
     t = tracker()
 
@@ -213,12 +212,14 @@ def test_a_full_mlflow_store_is_a_clear_error_that_ray_does_not_retry(tracker, m
         t.log_metrics({"loss": 1.0}, 2)
     t.end()
 
-    # the Ray trainer's failure policy: no retry for a full store, retries for the rest
-    policy = failure_policy(FailureConfig(max_failures=3))
+    # on Ray: a full store ends the run (the controller's callback raises it: not retried);
+    # another worker error is left to Ray Train's retries
     full_error = TrackingWriteError(28, "full")
+    stop = StopOnKnownError()
+    with pytest.raises(TrackingWriteError):
+        stop.after_exception(None, {0: UserExceptionWithTraceback(full_error, "tb")})
+    stop.after_exception(None, {0: UserExceptionWithTraceback(OSError(5), "tb")})  # no raise
     wrapped = WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(full_error, "tb")})
-    assert worker_error(wrapped) is full_error
-    assert policy.make_decision(wrapped) == FailureDecision.RAISE
-    other = WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(OSError(5), "tb")})
-    assert worker_error(other) is None
-    assert policy.make_decision(other) == FailureDecision.RETRY
+    from exvae_dist.common.errors import find_known
+
+    assert find_known(wrapped) is full_error

@@ -498,6 +498,7 @@ from exvae_dist import config as config_mod
 from exvae_dist.core import loop
 from exvae_dist.core.group import Group
 from exvae_dist.retrieval.store import ExemplarStore
+from exvae_dist.core.cache import placement
 from exvae_dist.train.worker import build_parts
 
 root = Path(sys.argv[1])
@@ -507,14 +508,19 @@ cfg = config_mod.load("smoke", [f"train.run_dir={root}", "train.progress=false",
     "train.epochs=1", "ray.resident_mb=0", "train.threads=1"], env={})
 torch.set_num_threads(1)
 valid = torch.bernoulli(torch.full((200, 784), 0.2))
-parts = build_parts(cfg, root, ExemplarStore(root / "store"), valid, True, (1, 28, 28), None,
-                    Group())
+store = ExemplarStore(root / "store")
+# where the driver would place the cache: in the worker below index.auto_exact_below, else
+# latent versions in the store, streamed (what keeps a worker's memory flat in N)
+parts = build_parts(cfg, root, store, valid, True, (1, 28, 28), None, Group(),
+                    where=placement(cfg.index, store.n, cfg.prior.rat))
 
 class NoCheckpoints:
     def load(self): return None
     def save(self, *a): pass
 
-parts.sink = NoCheckpoints()
+from exvae_dist.runs.recorder import NullRecorder
+
+parts.sink, parts.recorder = NoCheckpoints(), NullRecorder()
 state, sampler, _ = loop.start(parts)   # a refresh pass over all N rows
 summary = loop.run_epoch(parts, state, sampler)  # steps, refresh, streamed validation
 assert np.isfinite(summary["val_elbo"])

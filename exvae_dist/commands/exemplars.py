@@ -1,29 +1,5 @@
-"""`python -m exvae_dist.exemplars add RUN SOURCE` / `list RUN`: grow a trained model's
-exemplar set without a gradient step.
-
-The exemplars of the exemplar prior are data, not weights: new images join a trained model
-by encoding them with its (frozen) encoder and appending their means to the Parzen window
-
-    p(z | X') = 1/N' sum_{n <= N'} Normal(z; mu_phi(x_n), s^2 I)
-
-with the learned s^2 = exp(lambda) KEPT. That assumes the bandwidth chosen for the N
-training exemplars still suits N' exemplars (a kernel estimate's best bandwidth shrinks
-slowly as N grows, and the new images may be less well encoded than the training ones); no
-parameter is retrained.
-
-Layout (every version complete and immutable; a new one is written under a temp name and
-renamed into place, so a crash leaves no half version):
-
-    <run>/exemplar_sets/v000001/   the training exemplars, written by the first `add`
-        store.zarr                 retrieval.store.ExemplarStore: uint8 images, latent version 1
-        labels.npy                 int64 [N] class ids (-1 = unknown)
-        set.json                   what the version holds and how it was made
-    <run>/exemplar_sets/v000002/   v000001 + the added images (its first N latent rows are a
-                                   bitwise copy of v000001's), and so on
-
-`evaluate`, `generate`, `augment` and `explain` take eval.exemplars=grown (the newest
-version, the default; the training set when none was grown), original, or a version number.
-"""
+"""`python -m exvae_dist.exemplars add RUN SOURCE` / `list RUN`: the command line of
+evaluation/exemplar_sets.py (grown exemplar sets: what they are and how they are kept)."""
 
 from __future__ import annotations
 

@@ -1,26 +1,5 @@
-"""`python -m exvae_dist.explain RUN [--images test:0-31 | FILE.npz] [--memorisation N]`
-
-Which exemplars carry an image's prior mass, and whether generated images copy training ones.
-
-Attribution (exemplar prior). For an image x and exemplar n,
-
-    w_n(x) = E_{q(z|x)} [ N(z; mu_n, s^2 I) / sum_m N(z; mu_m, s^2 I) ]
-
-estimated with S posterior samples (--samples): the posterior responsibility of exemplar n,
-averaged over where the encoder puts x. The weights of an image sum to 1 over all N
-exemplars of the set in use (eval.exemplars). Written: attributions.json (per image: its
-top-k exemplars with weights and labels, the top-k mass and the effective number of
-exemplars 1 / sum w^2; for images from `generate`, the exemplar each was drawn from and its
-rank) and attributions.png (the image, then its top exemplars with their weights).
-
-Memorisation check (any prior). N generated images (decoder means) against the images the
-model draws from (the exemplar set in use: the training images unless it was grown) in pixel
-space: the Euclidean distance of each to its nearest training image, next to
-the same distance for N test images (the typical distance of a new image from the data the
-model saw). Generated images much closer to the training set than test images are, are
-near-copies. Both on 8-bit grey levels (binary datasets are viewed as the grey levels they
-were binarized from). Written: memorisation.json and memorisation.png (histograms).
-"""
+"""`python -m exvae_dist.explain RUN [--images test:0-31 | FILE.npz] [--memorisation N]`: the
+command line of evaluation/attribution.py (attributions and the memorisation check)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""`python -m exvae_dist.generate RUN --n 10000 --out FILE.npz [--exemplars IDS] [--grid FILE.png]`
-
-Draws images from a trained model and records where each came from:
-
-    exemplar prior: n ~ Uniform(exemplars) (or the ids of --exemplars, in turn),
-                    z ~ Normal(mu_phi(x_n), s^2 I), x ~ p(x | z) or its mean
-    VampPrior:      the pseudo-input k each z was drawn around (labels -1)
-    Gaussian:       no component (ids and labels -1)
-
-FILE.npz holds `images` uint8 [n, C, H, W] (levels 0..255; Bernoulli draws are 0 / 255),
-`exemplar_ids` int64 [n] (rows of the exemplar set in use, eval.exemplars), `labels` int64
-[n] (the class of that exemplar, -1 when unknown), `image_shape`, and a JSON `info` string.
-`augment` draws its exemplar-conditioned samples with the same `draw_images`.
-"""
+"""`python -m exvae_dist.generate RUN --n 10000 --out FILE.npz [--exemplars IDS] [--grid
+FILE.png]`: the command line of evaluation/generation.py (what is drawn and written)."""
 
 from __future__ import annotations
 

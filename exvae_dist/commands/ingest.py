@@ -1,38 +1,5 @@
-"""Bring your own images: `python -m exvae_dist.ingest SOURCE STORE`.
-
-SOURCE is one of
-  images.npy            uint8 / bool / float-in-[0,1] array [N, H, W] or [N, C, H, W]
-                        (memory-mapped; [N, H, W, C] with C = 1, 3 or 4 is transposed);
-                        labels from --labels labels.npy
-  data.npz              the same inside an .npz (keys --images-key / --labels-key;
-                        uncompressed members are memory-mapped)
-  a folder              PNG / JPEG files, all the same size, read as grey levels; with one
-                        sub-folder per class, the sub-folder names are the labels (in
-                        sorted order: the map is printed and kept in the store's label_map)
-  path/to/array.zarr    an existing Zarr array (labels from --labels, another Zarr array)
-  deformed-mnist:N      N MNIST digits with labels: rows 0..49,999 are MNIST's training
-                        digits as they are, later rows deformed copies of them
-                        (exvae_dist/data/deformed.py, --seed); validation and test are
-                        the standard MNIST ones
-
-STORE is the exemplar store to write (a Zarr v3 group). The ingest streams one block of
-rows at a time (never the whole set in memory), shows a progress bar, and can be
-interrupted: re-run the same command and it resumes from the last written block. Until it
-finishes, the store is refused by training and evaluation.
-
-Values are checked before the store is created (a float array is read once for NaN and
-for values outside [0, 1]), so a refused source leaves nothing behind.
-
-Held-out splits (except deformed-mnist): --valid and --test rows are drawn from the source
-by a keyed permutation of --split-seed; the rest, in source order, are the exemplars.
-
-Leave-one-out is by row id: the prior of training image i leaves out exemplar row i only, so
-an exact duplicate of an image (another row with the same pixels) stays in its prior and
-explains it for free. The ingest counts exact duplicate training rows and lists the first
-few; --drop-duplicates keeps only the first of each (one more read of the source).
-
-Then train on it:  python -m exvae_dist.train data.name=store data.store=STORE
-"""
+"""`python -m exvae_dist.ingest SOURCE STORE [options]`: the command line of data/ingest.py,
+which says what sources, checks, splits and resuming it does (`--help` lists every option)."""
 
 from __future__ import annotations
 

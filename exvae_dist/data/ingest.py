@@ -1,4 +1,5 @@
-"""Bring your own images: `python -m exvae_dist.ingest SOURCE STORE`.
+"""Bring your own images into an exemplar store (`python -m exvae_dist.ingest SOURCE STORE`,
+commands/ingest.py, is its command line).
 
 SOURCE is one of
   images.npy            uint8 / bool / float-in-[0,1] array [N, H, W] or [N, C, H, W]

@@ -1,6 +1,5 @@
-"""`python -m exvae_dist.explain RUN [--images test:0-31 | FILE.npz] [--memorisation N]`
-
-Which exemplars carry an image's prior mass, and whether generated images copy training ones.
+"""Which exemplars carry an image's prior mass, and whether generated images copy training
+ones (commands/explain.py is the command line).
 
 Attribution (exemplar prior). For an image x and exemplar n,
 

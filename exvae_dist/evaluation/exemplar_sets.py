@@ -1,5 +1,5 @@
-"""`python -m exvae_dist.exemplars add RUN SOURCE` / `list RUN`: grow a trained model's
-exemplar set without a gradient step.
+"""Grown exemplar sets: a trained model's exemplar set extended without a gradient step
+(commands/exemplars.py is the command line: `exemplars add RUN SOURCE`, `list RUN`).
 
 The exemplars of the exemplar prior are data, not weights: new images join a trained model
 by encoding them with its (frozen) encoder and appending their means to the Parzen window

@@ -1,6 +1,5 @@
-"""`python -m exvae_dist.generate RUN --n 10000 --out FILE.npz [--exemplars IDS] [--grid FILE.png]`
-
-Draws images from a trained model and records where each came from:
+"""Drawing images from a trained model, recording where each came from (commands/generate.py
+is the command line):
 
     exemplar prior: n ~ Uniform(exemplars) (or the ids of --exemplars, in turn),
                     z ~ Normal(mu_phi(x_n), s^2 I), x ~ p(x | z) or its mean
