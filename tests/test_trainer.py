@@ -316,3 +316,23 @@ def test_a_mid_epoch_resume_equals_an_uninterrupted_run_and_mlflow_equals_metric
         history = sorted((m.step, m.value) for m in client.get_metric_history(info["run_id"], key))
         assert history == [(r["step"], pytest.approx(r[key])) for r in b if key in r], key
     assert len(client.get_metric_history(info["run_id"], "val_elbo")) == 2
+
+
+def test_a_one_process_run_that_fails_before_training_is_failed_in_mlflow(tmp_path, smoke_cfg,
+                                                                         monkeypatch):
+    """The MLflow run exists before the data is read: a start that fails there is in MLflow,
+    FAILED with an end time (it did not appear at all before)."""
+    from mlflow.tracking import MlflowClient
+
+    from exvae_dist.train import local
+
+    def broken(cfg):
+        raise OSError("the data disk went away")
+
+    monkeypatch.setattr(local, "load_dataset", broken)
+    cfg = smoke_cfg(tmp_path, "tracking.sample_grid=false")
+    with pytest.raises(OSError, match="went away"):
+        fit(cfg)
+    info = json.loads((cfg.run_path() / "mlflow_run.json").read_text())
+    failed = MlflowClient(info["uri"]).get_run(info["run_id"]).info
+    assert failed.status == "FAILED" and failed.end_time, failed

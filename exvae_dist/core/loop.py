@@ -275,9 +275,9 @@ def start(p: Parts) -> tuple[TrainState, PriorSampler, Optional[dict]]:
 def fit(parts: Parts) -> dict:
     """Trains (or resumes) a run; returns the last epoch's summary (rank 0's is complete)."""
     p, cfg, group = parts, parts.cfg, parts.group
-    state, sampler, _ = start(p)
     summary: dict = {}
     try:
+        state, sampler, _ = start(p)  # a failed resume or first refresh is the run's failure
         walls = p.recorder.begin(cfg, state.epoch, state.step, p.tags)
         budget = TimeBudget(cfg.train.time_budget_hours, walls)
         out_of_time = False

@@ -64,12 +64,17 @@ def build_parts(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] =
     if cfg.tracking.enabled:
         probe(cfg.tracking.uri)
     run = run_folder.prepare(cfg).path  # refuses a changed rerun; writes config.yaml
-
-    splits = splits or load_dataset(cfg.data)
-    # the whole training set lives on the training device (MNIST: 157 MB in float32)
-    train_x = torch.from_numpy(splits.train_x).to(device)
-    torch.manual_seed(cfg.train.seed)  # the initial weights
-    model = build_model(cfg, splits.image_shape).to(device)
+    # the MLflow run exists before the data: a start that fails shows as FAILED there
+    recorder = make_recorder(run, make_tracker(cfg, run), 0, cfg.tracking.sample_grid)
+    try:
+        splits = splits or load_dataset(cfg.data)
+        # the whole training set lives on the training device (MNIST: 157 MB in float32)
+        train_x = torch.from_numpy(splits.train_x).to(device)
+        torch.manual_seed(cfg.train.seed)  # the initial weights
+        model = build_model(cfg, splits.image_shape).to(device)
+    except BaseException as exc:
+        recorder.failed(exc)
+        raise
     # exemplars are encoded from grey levels (the training images before binarization), as
     # the reference code does (METHOD.md 4); one process: the "worker" placement
     cache = (ExemplarCache(train_x, rat=cfg.prior.rat) if model.prior_kind == "exemplar"
@@ -77,6 +82,5 @@ def build_parts(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] =
     return Parts(cfg=cfg, model=model, wrapped=model, train_images=train_x,
                  valid_x=torch.from_numpy(splits.valid_x).to(device), dynamic=splits.dynamic,
                  image_shape=tuple(splits.image_shape), cache=cache, sink=FileSink(run),
-                 recorder=make_recorder(run, make_tracker(cfg, run), 0, cfg.tracking.sample_grid),
-                 run=run, device=device,
+                 recorder=recorder, run=run, device=device,
                  progress=progress_bar, tags={"trainer": "one-process"})
