@@ -12,11 +12,12 @@ from typing import Optional
 
 from .cli import EXIT_INTERRUPTED
 
+from ..data import ingest as ingest_library
 from ..data.ingest import (IngestError, StoreFullError, ingest, open_source)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m exvae_dist.ingest", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m exvae_dist.ingest", description=ingest_library.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="a .npy / .npz file, an image folder, a Zarr array, or "
                                    "deformed-mnist:N")
