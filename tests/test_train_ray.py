@@ -252,8 +252,17 @@ def test_a_ray_run_refused_before_training_is_failed_in_mlflow_and_no_experiment
 
 # ------------------------------------------- a worker dies mid-epoch: restart from the checkpoint
 
+def cmdline(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):  # gone meanwhile
+        return []
+
+
 class WorkerKiller(threading.Thread):
-    """SIGKILLs one Ray Train worker process once metrics.jsonl shows a step of `epoch`."""
+    """SIGKILLs one of this process's Ray Train workers once metrics.jsonl shows a step of `epoch`."""
 
     def __init__(self, metrics: Path, epoch: int):
         super().__init__(daemon=True)
@@ -274,8 +283,11 @@ class WorkerKiller(threading.Thread):
                         pass
             steps = [r for r in steps if "loss" in r and r["epoch"] == self.epoch]
             if steps:
-                workers = [p for p in psutil.process_iter(["cmdline"])
-                           if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                # only this test's own Ray (started by this process): a machine-wide match
+                # also SIGKILLed the workers of other Ray runs on the box (another pytest, a
+                # bench), whose runs then failed with their placement group removed
+                workers = [p for p in psutil.Process().children(recursive=True)
+                           if "RayTrainWorker" in " ".join(cmdline(p))]
                 if workers:
                     workers[-1].send_signal(signal.SIGKILL)
                     self.killed_at = steps[-1]["step"]
