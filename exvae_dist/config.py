@@ -103,6 +103,9 @@ class PriorConfig:
 class TrainConfig:
     batch_size: int = 100  # global minibatch (split over ray.num_workers in the Ray trainer)
     lr: float = 5e-4  # Adam learning rate
+    # "constant" (the paper's) or "cosine": half a cosine from lr to 0 over train.epochs, one
+    # rate per epoch (the fast recipe, configs/mnist_vae_exemplar_fast.yaml)
+    lr_schedule: str = "constant"
     # The reference optimizer divides each parameter's gradient by its L2 norm before Adam.
     normalize_grads: bool = True
     epochs: int = 2000  # maximum epochs (early stopping usually ends a run first)
@@ -273,6 +276,7 @@ CHOICES = {
     "prior.kind": ("gaussian", "vampprior", "exemplar"),
     "prior.normalizer": ("subset", "union"),
     "train.device": ("cpu", "cuda"),
+    "train.lr_schedule": ("constant", "cosine"),
     "index.kind": ("auto", "flat"),
     "eval.checkpoint": ("best", "latest"),
     "augment.generated": ("mean", "bernoulli"),

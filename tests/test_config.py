@@ -118,13 +118,14 @@ def test_a_removed_lever_is_refused_by_name_and_saved_configs_holding_it_still_l
     assert config_mod.from_dict(saved) == config_mod.load(None, [], env={})
 
 
-def test_at_most_87_keys_so_that_each_new_one_is_argued():
-    # issue 29: <= 90 keys, each with a user who needs it; 87 leaves room for the few that
+def test_at_most_88_keys_so_that_each_new_one_is_argued():
+    # issue 29: <= 90 keys, each with a user who needs it (87 then; issue 31 added
+    # train.lr_schedule for the fast recipe); the rest leaves room for the few that
     # other changes add. Raising this number needs that argument, not just an edit here.
     cfg = config_mod.ExperimentConfig()
     keys = [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
             for f in dataclasses.fields(getattr(cfg, s.name))]
-    assert len(keys) <= 87, f"{len(keys)} config keys"
+    assert len(keys) <= 88, f"{len(keys)} config keys"
     assert not set(keys) & set(config_mod.REMOVED_KEYS)  # a removed key stays removed
 
 

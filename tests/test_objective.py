@@ -14,7 +14,8 @@ from scipy import stats
 from scipy.special import log_expit, logsumexp
 
 from exvae_dist.core.models.base import LatentTerms, LatentVariableModel
-from exvae_dist.core.objective import VAEWithPrior, importance_log_likelihood, kl_beta
+from exvae_dist.core.objective import (VAEWithPrior, importance_log_likelihood, kl_beta,
+                                       learning_rate)
 from exvae_dist.core.priors import ExemplarPrior, GaussianPrior, exemplar_log_prob
 
 F64 = torch.float64
@@ -239,6 +240,18 @@ def test_elbo_terms_match_scipy_for_the_sampled_z():
     (0, 1, 1.0), (0, 0, 1.0), (3, -5, 1.0), (1, 4, 0.5)])
 def test_kl_warmup_schedule(epoch, warmup, want):
     assert kl_beta(epoch, warmup) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("epoch,epochs,want", [
+    # half a cosine from lr (epoch 0) towards 0 after the last epoch: lr (1 + cos(pi e/E)) / 2
+    (0, 60, 1e-3), (30, 60, 5e-4), (15, 60, 1e-3 * (2 + 2 ** 0.5) / 4),
+    (45, 60, 1e-3 * (2 - 2 ** 0.5) / 4), (59, 60, 1e-3 * (1 - 0.9986295347545738) / 2),
+    (60, 60, 0.0), (75, 60, 0.0), (0, 1, 1e-3)])
+def test_cosine_learning_rate_schedule(epoch, epochs, want):
+    assert learning_rate(epoch, 1e-3, "cosine", epochs) == pytest.approx(want, abs=1e-15)
+    assert learning_rate(epoch, 1e-3, "constant", epochs) == 1e-3
+    with pytest.raises(ValueError, match="constant, cosine"):
+        learning_rate(epoch, 1e-3, "linear", epochs)
 
 
 # ---------------------------------------------------------------- exact-subsampled path

@@ -48,6 +48,17 @@ def test_a_changed_setting_is_refused_with_the_ways_on(tmp_path, override, key):
     assert (cfg_at(tmp_path).run_path() / "config.yaml").read_text() == before
 
 
+def test_a_cosine_schedule_binds_the_epoch_count_and_a_constant_one_does_not(tmp_path):
+    # cosine: train.epochs sets every epoch's learning rate, so a rerun with another count
+    # would mix two schedules in one run; constant (above): epochs may grow freely
+    trained(tmp_path, "train.lr_schedule=cosine", "train.epochs=60")
+    assert prepare(cfg_at(tmp_path, "train.lr_schedule=cosine", "train.epochs=60")).resumed
+    with pytest.raises(RunFolderError, match="train.epochs"):
+        prepare(cfg_at(tmp_path, "train.lr_schedule=cosine", "train.epochs=80"))
+    with pytest.raises(RunFolderError, match="train.lr_schedule"):
+        prepare(cfg_at(tmp_path, "train.epochs=60"))
+
+
 def test_allow_changed_resumes_and_records_the_change(tmp_path):
     trained(tmp_path)
     folder = prepare(cfg_at(tmp_path, "train.warmup_epochs=10", "train.allow_changed=true"))

@@ -336,3 +336,24 @@ def test_a_one_process_run_that_fails_before_training_is_failed_in_mlflow(tmp_pa
     info = json.loads((cfg.run_path() / "mlflow_run.json").read_text())
     failed = MlflowClient(info["uri"]).get_run(info["run_id"]).info
     assert failed.status == "FAILED" and failed.end_time, failed
+
+
+def test_the_fast_recipe_loads_and_trains_on_its_cosine_schedule(tmp_path, data_dir):
+    # configs/mnist_vae_exemplar_fast.yaml as shipped, cut to 3 short epochs: the
+    # paper's model and prior, and each epoch's Adam rate is the cosine of
+    # objective.learning_rate over the recipe's own schedule length
+    fast = config_mod.load("mnist_vae_exemplar_fast", [], env={})
+    paper = config_mod.load("mnist_vae_exemplar", [], env={})
+    assert fast.model == paper.model and fast.prior == paper.prior
+    assert (fast.train.lr_schedule, fast.train.epochs, fast.train.warmup_epochs) == ("cosine", 60, 10)
+    cfg = config_mod.load("mnist_vae_exemplar_fast", [
+        f"train.run_dir={tmp_path}", "train.progress=false", "data.n_train=500",
+        "data.n_valid=100", "train.epochs=3", "train.warmup_epochs=2",
+        "train.max_steps_per_epoch=3", "tracking.enabled=false", "train.threads=1"],
+        env={"EXVAE_DATA_DIR": str(data_dir)})
+    summary = fit(cfg)
+    epochs = [r for r in records(cfg.run_path()) if "val_elbo" in r]
+    assert [r["lr"] for r in epochs] == pytest.approx([1e-3, 7.5e-4, 2.5e-4])
+    assert summary["epoch"] == 3 and all(r["val_elbo"] < 0 for r in epochs)
+    state = load_checkpoint(find_checkpoint(cfg.run_path(), prefer_best=False))
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)

@@ -36,7 +36,7 @@ import torch
 
 from .. import config as config_mod
 from .group import Group
-from .objective import VAEWithPrior, kl_beta
+from .objective import VAEWithPrior, kl_beta, learning_rate
 from . import keyed
 from .step import PriorSampler, log_var_value, train_step, validation_elbo
 
@@ -331,6 +331,9 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
     seed, epoch = cfg.train.seed, state.epoch
     t0 = time.perf_counter()
     beta = kl_beta(epoch, cfg.train.warmup_epochs)
+    lr = learning_rate(epoch, cfg.train.lr, cfg.train.lr_schedule, cfg.train.epochs)
+    for group_ in state.optimizer.param_groups:
+        group_["lr"] = lr
     p.model.train()
     batches = epoch_batches(p, epoch)
     keys = ("loss", "log_px", "kl", "candidates", "short_rows")
@@ -413,7 +416,7 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
     state.epoch += 1
     totals = group.sum([sums[k] for k in keys] + [*timing["rebuild"], *timing["steady"]])
     n_steps = max(1, len(batches))
-    summary = {"epoch": state.epoch, "step": state.step, "beta": beta,
+    summary = {"epoch": state.epoch, "step": state.step, "beta": beta, "lr": lr,
                **{f"train_{k}": v / (n_steps * group.world) for k, v in zip(keys, totals)},
                **{f"val_{k}": v for k, v in val.items()},
                "log_var": log_var_value(p.model), "train_seconds": train_seconds,

@@ -36,6 +36,18 @@ def kl_beta(epoch: int, warmup_epochs: int) -> float:
     return min(1.0, (epoch + 1) / warmup_epochs)
 
 
+def learning_rate(epoch: int, lr: float, schedule: str, epochs: int) -> float:
+    """The Adam learning rate of (0-based) `epoch`: `lr` throughout ("constant", the paper's),
+    or half a cosine from `lr` in the first epoch towards 0 after the last of `epochs`
+    ("cosine": a model of the same quality in fewer epochs, bench/README.md "Time to
+    quality"). A function of the epoch alone, so a resumed run takes up the same rates."""
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"train.lr_schedule={schedule!r} is not one of constant, cosine")
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
+
+
 class VAEWithPrior(nn.Module):
     """An architecture and its prior over the top latent."""
 

@@ -49,7 +49,7 @@ IDENTITY: dict[str, Optional[tuple[str, ...]]] = {
              "store_fingerprint"),
     "model": None,  # every key
     "prior": None,
-    "train": ("batch_size", "lr", "normalize_grads", "warmup_epochs", "seed",
+    "train": ("batch_size", "lr", "lr_schedule", "normalize_grads", "warmup_epochs", "seed",
               "max_steps_per_epoch"),
 }
 # Identity keys that no checkpoint can survive: the network's shapes, the prior's parameters
@@ -87,6 +87,8 @@ def fingerprint(cfg: config_mod.ExperimentConfig) -> dict[str, Any]:
         values = dataclasses.asdict(getattr(cfg, section))
         for key in (keys if keys is not None else values):
             out[f"{section}.{key}"] = values[key]
+    if cfg.train.lr_schedule != "constant":  # the schedule's length sets every epoch's rate
+        out["train.epochs"] = cfg.train.epochs
     return out
 
 
