@@ -5,10 +5,11 @@ import dataclasses
 import faiss
 import numpy as np
 import pytest
+from brute_force import brute_force_knn
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import (CALIBRATION_QUERIES, UNCALIBRATED_NPROBE, auto_factory,
-                                        auto_nlist, brute_force_knn, build_index,
+from exvae_dist.retrieval.index import (CALIBRATION_QUERIES, UNCALIBRATED_NPROBE, IndexBuilder,
+                                        auto_factory, auto_nlist, build_index,
                                         calibrate_nprobe, deserialize, describe, merge_topk,
                                         recall_at_k, resolve_kind, search, serialize,
                                         set_nprobe)
@@ -147,9 +148,10 @@ def test_calibrated_nprobe_is_the_smallest_whose_bound_reaches_the_target():
                         recall_k=5)
     assert faiss.extract_index_ivf(again).nprobe == expected
     # the recall it reports is the recall@5 of those rows (the depth asked), not @10's
-    nprobe, recall = calibrate_nprobe(index, x, dataclasses.replace(cfg, auto_target_recall=target),
-                                      seed=3, recall_k=5)
+    nprobe, recall, bound = calibrate_nprobe(
+        index, x, dataclasses.replace(cfg, auto_target_recall=target), seed=3, recall_k=5)
     assert nprobe == expected and recall == pytest.approx(table[expected][0], abs=1e-9)
+    assert bound == pytest.approx(table[expected][1], abs=1e-9)
 
 
 def test_build_index_calibrates_for_the_depth_its_caller_searches(monkeypatch):
@@ -158,7 +160,7 @@ def test_build_index_calibrates_for_the_depth_its_caller_searches(monkeypatch):
 
     depths = []
     monkeypatch.setattr(index_mod, "calibrate_nprobe", lambda *args, **kw: depths.append(
-        args[4] if len(args) > 4 else kw["recall_k"]))
+        args[4] if len(args) > 4 else kw["recall_k"]) or (1, 1.0, 1.0))
     build_index(clustered(3000, d=8), IndexConfig(kind="auto", auto_exact_below=0), recall_k=44)
     build_index(clustered(3000, d=8), IndexConfig(kind="auto", auto_exact_below=0))
     assert depths == [44, 10]
@@ -215,3 +217,42 @@ def test_faiss_loader_chain_is_not_logged(tmp_path):
                               "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "faiss.loader" not in out.stderr and "ModuleNotFoundError" not in out.stderr
+
+
+def test_kept_centroids_answer_within_the_recall_and_are_trained_again_once_stale(monkeypatch):
+    """IndexBuilder: a version whose latents moved a little keeps the last k-means' centroids
+    and still reaches the recall target on held-out queries (brute force); latents that moved
+    far (another place and scale) make the calibration ask for many more probes, and the
+    centroids are trained again."""
+    from exvae_dist.retrieval import index as index_mod
+
+    kmeans = []
+    train = index_mod._trained_ivfhnsw
+    monkeypatch.setattr(index_mod, "_trained_ivfhnsw",
+                        lambda *a, **kw: kmeans.append(1) or train(*a, **kw))
+    cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_target_recall=0.95)
+    builder = IndexBuilder(cfg, seed=1)
+    rng = np.random.default_rng(7)
+
+    def held_out_recall(index, data):
+        x, q = data[:20_000], data[20_000:]
+        truth, _ = numpy_knn(x, q, 10)
+        return recall_at_k(search(index, q, 10)[0], truth)
+
+    first = clustered(20_200, d=16, seed=21)
+    index = builder.build(first[:20_000])
+    assert builder.last["trained"] and len(kmeans) == 1
+    assert held_out_recall(index, first) >= 0.93
+
+    moved = first + 0.05 * rng.standard_normal(first.shape).astype(np.float32)
+    index = builder.build(moved[:20_000])
+    assert not builder.last["trained"] and len(kmeans) == 1  # no k-means for this version
+    assert index.ntotal == 20_000 and builder.last["recall"] >= 0.95
+    assert held_out_recall(index, moved) >= 0.93
+    # the kept template is still empty: versions never share vectors
+    assert builder._trained.ntotal == 0
+
+    elsewhere = 4.0 * clustered(20_200, d=16, seed=22) + 10.0
+    index = builder.build(elsewhere[:20_000])
+    assert builder.last["trained"] and len(kmeans) == 2
+    assert held_out_recall(index, elsewhere) >= 0.93

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import brute_force_knn
+from brute_force import brute_force_knn
 from exvae_dist.retrieval.service import IndexHolder, IndexNotReady, start_index_service
 from exvae_dist.retrieval.store import ExemplarStore, StoreError
 
@@ -135,9 +135,13 @@ def test_holder_calibrates_its_builds_for_the_depth_its_clients_search(tmp_path,
     from exvae_dist.retrieval import service
 
     depths = []
-    build = service.build_index
-    monkeypatch.setattr(service, "build_index", lambda x, cfg, **kw: (
-        depths.append(kw.get("recall_k")) or build(x, cfg, **kw)))
+
+    class Recording(service.IndexBuilder):
+        def build(self, latents):
+            depths.append(self.recall_k)
+            return super().build(latents)
+
+    monkeypatch.setattr(service, "IndexBuilder", Recording)
     holder = IndexHolder(str(make_store(tmp_path / "s.zarr").path), CFG, recall_k=44)
     assert holder.wait_for_version(1, timeout=30) == 1
     holder.close()

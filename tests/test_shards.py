@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import brute_force_knn, recall_at_k
+from brute_force import brute_force_knn
+from exvae_dist.retrieval.index import recall_at_k
 from exvae_dist.retrieval.service import start_index_shards
 from exvae_dist.retrieval.store import ExemplarStore
 from exvae_dist.train.service_client import ShardedSearch

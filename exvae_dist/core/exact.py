@@ -2,7 +2,7 @@
 
 `exact_topk` is used by the in-memory neighbour search of the one-process trainer
 (`TorchExactSearch`), by kNN classification (evaluation/knn.py) and by the brute-force checks
-(index.brute_force_knn). It ranks by ||c||^2 / 2 - q.c (the squared distance less a
+(tests/brute_force.py). It ranks by ||c||^2 / 2 - q.c (the squared distance less a
 per-query constant) in blocks of points, so memory stays at [B, block] whatever N is.
 Pure torch: no FAISS, no Ray.
 """

@@ -65,6 +65,9 @@ UNCALIBRATED_NPROBE = 64
 # PQ codes over the lists (index.auto_codes=PQ...,RFlat): candidates re-ranked exactly per
 # neighbour asked for; 10 reached recall@10 ~0.98 at N = 1e6 on clustered d=40 latents
 REFINE_FACTOR = 10
+# IndexBuilder trains the coarse centroids again once a query scans more than this many
+# times the vectors it scanned right after their k-means (calibrated nprobe x list imbalance)
+RETRAIN_SCAN_GROWTH = 1.5
 
 
 def resolve_kind(n: int, cfg: IndexConfig) -> str:
@@ -92,37 +95,98 @@ def auto_factory(n: int, cfg: IndexConfig) -> str:
 def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0,
                 recall_k: int = DEFAULT_RECALL_K) -> faiss.Index:
     """An index over latents [N, d] (row n gets id n), ready to search; kind=auto's IVF is
-    calibrated for the recall of the `recall_k` nearest.
+    calibrated for the recall of the `recall_k` nearest. One version, from scratch:
+    IndexBuilder.build keeps the coarse quantizer across the versions of a training run.
 
     Search parameters (nprobe, re-ranking depth) are set here and travel with the index.
     An index over one shard's rows numbers them from 0; the shard adds its first row.
     On a machine where FAISS sees GPUs and cfg.use_gpu is set, flat indexes run on the GPU.
     """
-    x = _as_matrix(latents, "latents")
-    n, d = x.shape
-    if n == 0:
-        raise ValueError("cannot build an index over 0 latents")
-    if resolve_kind(n, cfg) == "flat":
-        index = _gpu_or_cpu(faiss.IndexFlatL2(d), cfg)
-        index.add(x)
+    return IndexBuilder(cfg, seed, recall_k).build(latents)
+
+
+class IndexBuilder:
+    """Builds the successive versions of one training run's index.
+
+    kind=auto's IVF spends most of a build from scratch on the k-means of its coarse
+    centroids (1e7: 97 s of 307 s, bench/README.md), yet between two refreshes the encoder
+    moves the latents little, so the centroids of an earlier version still cut the space
+    well. A build therefore reuses the trained, empty IVF of the last version that ran the
+    k-means (its centroids and, with PQ codes, its codebooks) and only assigns the new
+    vectors to lists; the calibration that follows measures the recall it reaches anyway.
+    The k-means runs again when the calibrated recall says the centroids have gone stale:
+    the target is out of reach, or reaching it scans more than RETRAIN_SCAN_GROWTH times the
+    vectors per query that the freshly trained centroids scanned: more lists probed, or lists
+    grown uneven (the latents crowd into fewer of them), measured as the calibrated nprobe
+    times FAISS's list imbalance factor (1 for lists of equal length).
+    With calibration off (index.auto_target_recall=0) nothing can say so: every build
+    trains, as build_index does. `last` describes the newest build (for logs and status).
+    """
+
+    def __init__(self, cfg: IndexConfig, seed: int = 0, recall_k: int = DEFAULT_RECALL_K):
+        self.cfg, self.seed, self.recall_k = cfg, seed, recall_k
+        self._trained: Optional[faiss.Index] = None  # empty, trained IVF of the last k-means
+        self._trained_scan = 0.0  # scan_cost() right after that k-means
+        self.last: dict = {}
+
+    def build(self, latents: np.ndarray) -> faiss.Index:
+        x = _as_matrix(latents, "latents")
+        n, d = x.shape
+        if n == 0:
+            raise ValueError("cannot build an index over 0 latents")
+        if resolve_kind(n, self.cfg) == "flat":
+            index = _gpu_or_cpu(faiss.IndexFlatL2(d), self.cfg)
+            index.add(x)
+            self.last = {"trained": None}  # no centroids: an exact index
+            return index
+        calibrated = self.cfg.auto_target_recall > 0
+        template = self._trained
+        if template is None or template.d != d \
+                or faiss.extract_index_ivf(template).nlist != auto_nlist(n):
+            template = None
+        t0 = time.perf_counter()
+        if template is None:
+            template = _trained_ivfhnsw(x, self.cfg, self.seed)
+        index = faiss.clone_index(template)
+        t1 = time.perf_counter()
+        _add_assigning_cheaply(index, x)
+        t2 = time.perf_counter()
+        trained = template is not self._trained
+        nprobe, recall, bound = calibrate_nprobe(index, x, self.cfg, self.seed, self.recall_k) \
+            if calibrated else (faiss.extract_index_ivf(index).nprobe, math.nan, math.nan)
+        scan = scan_cost(index)
+        if not trained and (bound < self.cfg.auto_target_recall
+                            or scan > RETRAIN_SCAN_GROWTH * self._trained_scan):
+            log.info("the kept centroids scan %.1f lists' worth per query for recall@%d %.3f "
+                     "(after their k-means: %.1f): training them again", scan, self.recall_k,
+                     recall, self._trained_scan)
+            self._trained = None
+            return self.build(x)
+        if trained and calibrated:
+            self._trained, self._trained_scan = template, scan
+        self.last = {"trained": trained, "kmeans_seconds": t1 - t0, "add_seconds": t2 - t1,
+                     "calibration_seconds": time.perf_counter() - t2, "nprobe": nprobe,
+                     "recall": recall, "scan": scan, "seconds": time.perf_counter() - t0}
+        log.info("%s over %d rows: %s %.1f s, adding %.1f s, calibration %.1f s",
+                 describe(index), n, "k-means" if trained else "kept centroids, copying",
+                 t1 - t0, t2 - t1, time.perf_counter() - t2)
         return index
-    t0 = time.perf_counter()
-    index = _trained_ivfhnsw(x, cfg, seed)
-    t1 = time.perf_counter()
-    _add_assigning_cheaply(index, x)
-    t2 = time.perf_counter()
-    if cfg.auto_target_recall > 0:
-        calibrate_nprobe(index, x, cfg, seed, recall_k)
-    log.info("%s over %d rows: k-means %.1f s, adding %.1f s, calibration %.1f s",
-             describe(index), n, t1 - t0, t2 - t1, time.perf_counter() - t2)
-    return index
+
+
+def scan_cost(index: faiss.Index) -> float:
+    """Vectors an IVF query scans, in mean list lengths: nprobe x the imbalance factor of
+    the lists (sum of squared lengths x nlist / N^2), since a query from the data's own
+    distribution lands in a list with probability proportional to its length."""
+    ivf = faiss.extract_index_ivf(index)
+    return ivf.nprobe * float(ivf.invlists.imbalance_factor())
 
 
 def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
-                     seed: int = 0, recall_k: int = DEFAULT_RECALL_K) -> tuple[int, float]:
+                     seed: int = 0, recall_k: int = DEFAULT_RECALL_K
+                     ) -> tuple[int, float, float]:
     """Sets kind=auto's nprobe to the smallest value whose recall@recall_k reaches
     cfg.auto_target_recall on this index's own data (its mean over the calibration queries
-    less two standard errors), and returns (nprobe, mean recall). It doubles nprobe from 1
+    less two standard errors), and returns (nprobe, mean recall, that lower bound). It doubles nprobe from 1
     until the target is reached, then bisects between the last value short of it and the
     first one past it (with exact codes recall can only grow with nprobe: more lists probed,
     the same distances), so the query time is not rounded up by as much as 2x.
@@ -142,7 +206,7 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
     n = x.shape[0]
     k = min(recall_k, n - 1)
     if k <= 0:
-        return ivf.nprobe, 1.0
+        return ivf.nprobe, 1.0, 1.0
     rows = np.sort(np.random.default_rng(seed).choice(
         n, min(n, CALIBRATION_QUERIES), replace=False))
     queries = x[rows]
@@ -181,7 +245,7 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
         log.warning("index.auto_target_recall=%.3f is out of reach of %s even probing every "
                     "list (recall@%d %.3f): its codes lose it; use index.auto_codes=Flat",
                     cfg.auto_target_recall, describe(index), k, recall)
-    return ivf.nprobe, recall
+    return ivf.nprobe, recall, bound
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,30 +263,6 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     dists, ids = index.search(q, k)
     dists = np.where(ids < 0, np.inf, dists).astype(np.float32, copy=False)
     return ids.astype(np.int64, copy=False), dists
-
-
-def brute_force_knn(latents: np.ndarray, queries: np.ndarray, k: int,
-                    block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Reference exact kNN in numpy (float64 distances, blocks of queries): ids [B, k], d2 [B, k].
-
-    Ties are broken by the smaller id. For tests and recall measurements.
-    """
-    x = np.asarray(latents, dtype=np.float64)
-    q = np.asarray(queries, dtype=np.float64)
-    k = min(k, x.shape[0])
-    x2 = (x * x).sum(1)
-    out_ids = np.empty((q.shape[0], k), dtype=np.int64)
-    out_d = np.empty((q.shape[0], k), dtype=np.float64)
-    for lo in range(0, q.shape[0], block):
-        qb = q[lo:lo + block]
-        d2 = (qb * qb).sum(1)[:, None] - 2 * qb @ x.T + x2[None, :]
-        part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < x.shape[0] else \
-            np.tile(np.arange(x.shape[0]), (qb.shape[0], 1))
-        pd = np.take_along_axis(d2, part, 1)
-        order = np.lexsort((part, pd), axis=1)
-        out_ids[lo:lo + block] = np.take_along_axis(part, order, 1)
-        out_d[lo:lo + block] = np.take_along_axis(pd, order, 1)
-    return out_ids, np.maximum(out_d, 0.0)
 
 
 def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -265,7 +305,7 @@ def merge_topk(ids: list[np.ndarray], dists: list[np.ndarray], k: int
     """The k nearest over several shards' answers: lists of ids [B, k_s] and squared
     distances [B, k_s] (ids global, -1 / inf for empty slots) -> ids [B, k], dists [B, k].
 
-    Ties between shards go to the smaller id, as in brute_force_knn.
+    Ties between shards go to the smaller id.
     """
     all_ids = np.concatenate(ids, axis=1)
     all_d = np.concatenate(dists, axis=1)

@@ -40,7 +40,7 @@ import faiss
 import numpy as np
 
 from exvae_dist.config import IndexConfig
-from exvae_dist.retrieval.index import DEFAULT_RECALL_K, build_index, describe, search
+from exvae_dist.retrieval.index import DEFAULT_RECALL_K, IndexBuilder, describe, search
 from exvae_dist.retrieval.store import ExemplarStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class _Served:
     d: int
     build_seconds: float
     description: str
+    kept_centroids: bool = False  # built on the last k-means' centroids (IndexBuilder)
 
 
 class IndexHolder:
@@ -92,6 +93,8 @@ class IndexHolder:
             raise ValueError(f"shard {shard} of {shards} over {self.store.n} exemplars has no "
                              f"rows: use at most {self.store.n} shards")
         faiss.omp_set_num_threads(max(1, cfg.service_threads))
+        # used by the builder thread only: keeps kind=auto's centroids across versions
+        self._builder = IndexBuilder(cfg, recall_k=recall_k)
         # version -> _Served; replaced as a whole (never mutated), so a reader sees one dict
         self._held: dict[int, _Served] = {}
         self._committed: Optional[int] = None  # newest version a query named
@@ -206,7 +209,8 @@ class IndexHolder:
 
     def status(self) -> dict[str, Any]:
         """version (newest held), ready (all held), committed, failed_version, shard, shards,
-        rows, n, d, kind, build_seconds, queries_served, building, pending, last_error."""
+        rows, n, d, kind, build_seconds, kept_centroids, queries_served, building, pending,
+        last_error."""
         with self._lock:
             return self._status_locked()
 
@@ -239,6 +243,7 @@ class IndexHolder:
                 "d": None if served is None else served.d,
                 "kind": None if served is None else served.description,
                 "build_seconds": None if served is None else served.build_seconds,
+                "kept_centroids": None if served is None else served.kept_centroids,
                 "queries_served": self._queries,
                 "building": self._building is not None,
                 "building_version": self._building,
@@ -302,12 +307,13 @@ class IndexHolder:
             latents = self.store.read_latents(version)
         else:
             latents = self.store.read_latent_rows(version, *self.rows)
-        index = build_index(latents, self.cfg, recall_k=self.recall_k)
+        index = self._builder.build(latents)
         seconds = time.perf_counter() - start
         log.info("index version %d (shard %d of %d) built in %.1f s: %s over %d x %d", version,
                  self.shard, self.shards, seconds, describe(index), *latents.shape)
         return _Served(version=version, index=index, n=latents.shape[0], d=latents.shape[1],
-                       build_seconds=seconds, description=describe(index))
+                       build_seconds=seconds, description=describe(index),
+                       kept_centroids=self._builder.last.get("trained") is False)
 
 
 # -- the Ray actor -------------------------------------------------------------------------
