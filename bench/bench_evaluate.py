@@ -114,6 +114,7 @@ def main() -> None:
               "baseline_images": args.baseline_images, "images": args.images,
               "baseline_images_per_s": base_ips, "exact_images_per_s": exact_ips,
               "exact_speedup": exact_ips / base_ips,
+              "exact_log_px": exact.tolist(), "pool_median": sorted(pools)[len(pools) // 2],
               "exact_minus_baseline_same_images": (exact[:args.baseline_images] - base.float()).tolist(),
               "truncated": {}}
     for k in [int(v) for v in args.neighbours.split(",") if v]:

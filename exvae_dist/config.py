@@ -150,10 +150,10 @@ class EvalConfig:
     n_test: Optional[int] = None  # evaluate on the first n test images (None = all)
     knn_ks: list[int] = field(default_factory=lambda: [3, 5, 7, 9, 11, 13, 15])  # kNN k's
     validation_samples: int = 1  # posterior draws per image in the per-epoch validation ELBO
-    # Exact prior: per test image, start from the prior_pool exemplars nearest to its
-    # posterior mean and grow the pool until the skipped exemplars' mass is certified (triangle
-    # inequality) to change log p(z) by at most 1e-6 nats. prior_pool=0: every sample
-    # against all N (slow; the brute-force path). See evaluation/likelihood.py.
+    # Exact prior: each importance sample starts from the prior_pool exemplars nearest to its
+    # image's posterior mean, and its pool grows until the skipped exemplars' mass is certified
+    # (triangle inequality) to change its log p(z) by at most 1e-6 nats. prior_pool=0: every
+    # sample against all N (slow; the brute-force path). See evaluation/likelihood.py.
     prior_pool: int = 1024
     likelihood: bool = True  # compute the importance-sampled log-likelihood
     knn: bool = True  # kNN classification error on encoder means (labelled datasets)

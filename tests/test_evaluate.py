@@ -50,7 +50,7 @@ def test_pooled_prior_matches_brute_force(log_var):
     assert 0.0 <= err <= 1e-6
     # pool=0: every exemplar, no certificate needed
     full, pool_full, _ = pooled_exemplar_log_prior(z, mu, centres, lv, order[0], d2[0], pool=0)
-    assert pool_full == 2000 and np.allclose(full.numpy(), exact, rtol=0, atol=1e-9)
+    assert (pool_full == 2000).all() and np.allclose(full.numpy(), exact, rtol=0, atol=1e-9)
     for k in (1, 10, 200):
         trunc, _, _ = pooled_exemplar_log_prior(z, mu, centres, lv, order[0], d2[0],
                                                 neighbours=k, pool=16)
@@ -74,8 +74,47 @@ def test_pool_stays_small_when_exemplars_are_far():
     order, d2 = sorted_exemplars(mu[None], centres)
     got, pool, err = pooled_exemplar_log_prior(z, mu, centres, torch.tensor(-4.0).double(),
                                                order[0], d2[0], pool=64)
-    assert pool < 1000 and err <= 1e-6
+    assert pool.max() < 1000 and err <= 1e-6
     assert np.allclose(got.numpy(), brute_log_prior(z, centres, -4.0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_each_sample_gets_the_pool_its_distance_needs(dtype):
+    """Samples near the posterior mean are certified with fewer exemplars than far ones, and
+    every sample still gets the exact prior (float32 to its round-off)."""
+    centres = clustered(5000, 8, 2, spread=1.0).double()
+    mu = centres[0]
+    g = torch.Generator().manual_seed(4)
+    near = mu + 0.05 * torch.randn(100, 8, generator=g, dtype=torch.float64)
+    far = mu + 0.8 * torch.randn(100, 8, generator=g, dtype=torch.float64)
+    z = torch.cat([near, far])
+    order, d2 = sorted_exemplars(mu[None].to(dtype), centres.to(dtype))
+    got, pool, err = pooled_exemplar_log_prior(z.to(dtype), mu.to(dtype), centres.to(dtype),
+                                               torch.tensor(-2.0, dtype=dtype), order[0], d2[0],
+                                               pool=32)
+    exact = brute_log_prior(z, centres, -2.0)
+    atol = 1e-6 if dtype == torch.float64 else 2e-3
+    assert np.allclose(got.double().numpy(), exact, rtol=0, atol=atol)
+    assert err <= 1e-6
+    assert pool[:100].float().median() * 4 < pool[100:].float().median()
+
+
+def test_a_sample_far_above_its_shift_is_redone_not_overflowed():
+    """The exps are taken relative to each sample's best logit among the exemplars nearest to
+    mu; a sample whose nearest exemplar lies far from mu beats that shift by more than exp
+    can hold (float32: ~88 nats), and must be computed again with its true maximum."""
+    g = torch.Generator().manual_seed(6)
+    near_mu = torch.randn(200, 4, generator=g) * 0.5           # the 64+ nearest to mu = 0
+    lone = torch.tensor([[3.0, 0.0, 0.0, 0.0]])                 # far from mu, right at z
+    centres = torch.cat([near_mu, lone, 6.0 + torch.randn(300, 4, generator=g)])
+    mu = torch.zeros(4)
+    z = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]])
+    order, d2 = sorted_exemplars(mu[None], centres)
+    got, _, err = pooled_exemplar_log_prior(z, mu, centres, torch.tensor(-4.0), order[0], d2[0],
+                                            pool=16)
+    assert torch.isfinite(got).all()
+    assert np.allclose(got.double().numpy(), brute_log_prior(z, centres, -4.0), rtol=0,
+                       atol=1e-3)
 
 
 @pytest.fixture(scope="module")

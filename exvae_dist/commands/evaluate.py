@@ -88,6 +88,7 @@ def log_likelihood(scorer: ExemplarVAE, x: torch.Tensor) -> dict:
     if model.prior_kind == "exemplar":
         out["neighbours"] = e.prior_neighbours
         out["certified_max_error_nats"] = max_error
+        # per image, the median of its samples' pools (each sample's pool is certified alone)
         out["pool_size_median"] = float(np.median(pools)) if pools else 0.0
         out["pool_size_max"] = int(max(pools)) if pools else 0
     return out

@@ -10,9 +10,10 @@ nearest exemplar OUTSIDE a pool of the P exemplars nearest to mu, every outside 
 at least (r - rho_s) from z_s (triangle inequality). Hence per sample
 
     exact (all N):  the outside mass is at most sum_n exp(-(r_n - rho_s)+^2 / (2 s^2)), r_n the
-                    distance of exemplar n from mu (bounded in bins of doubling length); the
-                    pool grows until that bound adds at most `tol` nats to log p(z_s), so the
-                    result is the exact-prior estimate to within `tol` (reported as max_error);
+                    distance of exemplar n from mu (bounded in bins of equal length); each
+                    sample's pool grows until that bound adds at most `tol` nats to ITS
+                    log p(z_s) (samples near mu stop early), so the result is the exact-prior
+                    estimate to within `tol` (reported as max_error);
     k nearest:      the pool's k nearest to z_s are the true k nearest whenever the k-th pool
                     distance is <= r - rho_s; the pool grows until that holds for every sample,
                     so the result is exactly "the k nearest exemplars of each sample,
@@ -39,7 +40,8 @@ from ..core.priors import DEFAULT_CHUNK, fast_logsumexp, squared_distances
 class LikelihoodResult:
     """log_px: [B] estimates in nats. max_error: the largest certified gap (nats) between an
     exact-prior value and the computed one (0 for the k-nearest mode and non-exemplar priors).
-    pools: the candidate pool size each image ended with (exemplar prior only)."""
+    pools: per image, the median over its samples of the exemplars each was computed against
+    (exemplar prior only)."""
 
     log_px: torch.Tensor
     max_error: float = 0.0
@@ -84,34 +86,116 @@ def _outside_tails(d2_sorted: torch.Tensor, size: int, slack: float, rho: torch.
     return starts_t, tails
 
 
-SKIP_BELOW = 80.0  # nats: fast_logsumexp's float32 floor
 # `tol` of the exact mode: 1e-6 nats, far below the 0.01 nats results are quoted at; a
 # tighter bound costs little (the pool grows until it holds), a looser one buys nothing
 PRIOR_TOLERANCE = 1e-6
+# exp arguments are clamped here (relative to a sample's shift): CPU exp kernels take a slow
+# path far below zero, and a clamped term adds at most exp(floor) of a sum that is >= 1
+EXP_FLOOR = {torch.float64: -700.0}
+FLOAT32_EXP_FLOOR = -80.0
+# the shift of each sample is its largest logit among this many pool exemplars (the nearest
+# to the posterior mean); exps of the rest stay below overflow unless one of them beats it by
+# ~88 nats (float32), which `_add_exp_sums` detects and redoes with the exact maximum
+SHIFT_FROM = 64
 
 
-def _pool_logits(z: torch.Tensor, pool_centres: torch.Tensor, inv_var: torch.Tensor,
-                 k: Optional[int], chunk: int) -> torch.Tensor:
-    """z: [S, d], pool_centres: [P, d] -> logsumexp over the pool [S] (k=None), or the k
-    largest logits [S, k] sorted descending, in blocks of `chunk` centres (running merge)."""
+def _augment_samples(z: torch.Tensor, inv_var: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """[S, d] -> [S, d + 2], so that one matmul with `_augment_centres` gives
+    -|z - c|^2 / (2 s^2) - shift: the bias terms ride in the GEMM instead of extra passes."""
+    half_sq = (0.5 * inv_var) * (z * z).sum(1)
+    return torch.cat([z * inv_var, z.new_ones(z.shape[0], 1), (-(shift + half_sq))[:, None]], 1)
+
+
+def _augment_centres(centres: torch.Tensor, inv_var: torch.Tensor) -> torch.Tensor:
+    """[P, d] -> [P, d + 2]: the centres, -|c|^2 / (2 s^2), 1."""
+    half_sq = (0.5 * inv_var) * (centres * centres).sum(1)
+    return torch.cat([centres, (-half_sq)[:, None], centres.new_ones(centres.shape[0], 1)], 1)
+
+
+def _max_logits(z: torch.Tensor, centres: torch.Tensor, inv_var: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+    """max_c -|z - c|^2 / (2 s^2): [S] (the safe shift when the cheap one overflowed)."""
+    best = None
+    for start in range(0, centres.shape[0], chunk):
+        part = squared_distances(z, centres[start:start + chunk]).amin(1).mul_(-0.5 * inv_var)
+        best = part if best is None else torch.maximum(best, part)
+    return best
+
+
+def _exp_sums(z: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor,
+              inv_var: torch.Tensor, chunk: int) -> torch.Tensor:
+    """sum_c exp(-|z - c|^2 / (2 s^2) - shift) over `centres`, in blocks: [S]. Four passes
+    per block (matmul, clamp, exp, sum); arguments below the floor count as exp(floor)."""
+    floor = EXP_FLOOR.get(z.dtype, FLOAT32_EXP_FLOOR)
+    za = _augment_samples(z, inv_var, shift)
+    total = z.new_zeros(z.shape[0])
+    for start in range(0, centres.shape[0], chunk):
+        block = _augment_centres(centres[start:start + chunk], inv_var)
+        total += (za @ block.t()).clamp_min_(floor).exp_().sum(1)
+    return total
+
+
+def _exact_pooled(z: torch.Tensor, mu: torch.Tensor, centres: torch.Tensor,
+                  inv_var: torch.Tensor, order: torch.Tensor, d2_sorted: torch.Tensor,
+                  pool: int, tol: float, chunk: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact mode, certified per sample: every sample starts with the `pool` exemplars nearest
+    to mu; those whose outside mass is not yet certified below `tol` get the next exemplars
+    (at least doubling), the others stop. A sample's pool is what ITS distance from mu needs:
+    on a trained MNIST model the mean per-sample pool was ~4x smaller than the largest one,
+    which a pool shared by all samples of an image has to take.
+
+    Returns (logsumexp over all N up to tol [S], per-sample pool sizes [S], errors [S])."""
+    n = centres.shape[0]
+    n_samples = z.shape[0]
+    rho = (z - mu[None, :]).norm(dim=1)
+    slack = 1e-4 * (1.0 + mu.pow(2).sum().item() + d2_sorted[-1].item())
+    head = centres[order[:min(n, SHIFT_FROM)]]
+    shift = _max_logits(z, head, inv_var, chunk)
+    sums = z.new_zeros(n_samples)
+    sizes = torch.zeros(n_samples, dtype=torch.long, device=z.device)
+    errors = z.new_zeros(n_samples)
+    active = torch.arange(n_samples, device=z.device)
+    done, size = 0, (n if pool <= 0 else min(n, pool))
+    while True:
+        part = _exp_sums(z[active], shift[active], centres[order[done:size]], inv_var, chunk)
+        sums[active] += part
+        bad = ~torch.isfinite(sums[active])
+        if bool(bad.any()):  # a sample beat its shift by more than exp can hold: redo it
+            redo = active[bad]
+            pool_so_far = centres[order[:size]]
+            shift[redo] = _max_logits(z[redo], pool_so_far, inv_var, chunk)
+            sums[redo] = _exp_sums(z[redo], shift[redo], pool_so_far, inv_var, chunk)
+        sizes[active] = size
+        if size >= n:
+            return sums.log() + shift, sizes, errors
+        lse = sums[active].log() + shift[active]
+        starts, tails = _outside_tails(d2_sorted, size, slack, rho[active], inv_var)  # [T], [A, T]
+        # the mass left out beyond each bin start, relative to the pool's sum: [A, T]
+        excess = torch.nn.functional.softplus(tails - lse[:, None])
+        passed = excess[:, 0] <= tol
+        errors[active[passed]] = excess[passed, 0]
+        if bool(passed.all()):
+            return sums.log() + shift, sizes, errors
+        # per failing sample, the first bin start whose tail passes: growing to the nearest
+        # of those can only make its pool sum larger, so it is a safe next size
+        ok = excess[~passed] <= tol
+        reach = torch.where(ok.any(1), starts[ok.float().argmax(1)], n)
+        active = active[~passed]
+        done, size = size, min(n, max(2 * size, int(reach.min().item())))
+
+
+def _nearest_pool_logits(z: torch.Tensor, pool_centres: torch.Tensor, inv_var: torch.Tensor,
+                         k: int, chunk: int) -> torch.Tensor:
+    """z: [S, d], pool_centres: [P, d] -> the k largest logits [S, k] sorted descending, in
+    blocks of `chunk` centres (running merge)."""
     best = None
     for start in range(0, pool_centres.shape[0], chunk):
         logits = squared_distances(z, pool_centres[start:start + chunk]).mul_(-0.5 * inv_var)
-        if k is None:
-            if (best is not None and logits.device.type == "cpu"  # a GPU would sync per block
-                    and bool((logits.amax(1) < best - SKIP_BELOW).all())):
-                # every term of this block is below exp(-80) of the sum so far (the pool is
-                # sorted by distance from the posterior mean, so far blocks often are): the
-                # exps would change the result by < chunk * 1.8e-35 relative, and cost most
-                # of the time
-                continue
-            part = fast_logsumexp(logits, dim=1)
-            best = part if best is None else torch.logaddexp(best, part)
-        else:
-            part = torch.topk(logits, min(k, logits.shape[1]), dim=1).values
-            best = part if best is None else torch.topk(torch.cat([best, part], 1),
-                                                        min(k, best.shape[1] + part.shape[1]),
-                                                        dim=1).values
+        part = torch.topk(logits, min(k, logits.shape[1]), dim=1).values
+        best = part if best is None else torch.topk(torch.cat([best, part], 1),
+                                                    min(k, best.shape[1] + part.shape[1]),
+                                                    dim=1).values
     return best
 
 
@@ -119,48 +203,38 @@ def pooled_exemplar_log_prior(z: torch.Tensor, mu: torch.Tensor, centres: torch.
                               log_var: torch.Tensor, order: torch.Tensor, d2_sorted: torch.Tensor,
                               neighbours: Optional[int] = None, pool: int = 1024,
                               tol: float = PRIOR_TOLERANCE, chunk: int = DEFAULT_CHUNK
-                              ) -> tuple[torch.Tensor, int, float]:
+                              ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """log p(z_s | X) of the samples of ONE image (module docstring).
 
     z: [S, d] samples; mu: [d] their posterior mean; centres: [N, d]; order, d2_sorted: [N]
     from `sorted_exemplars` for this mu; neighbours: None = exact prior over all N, k = the k
     nearest exemplars of each sample (lower bound); pool: initial pool size (0 = all N).
-    Returns (log_p [S], pool size used, certified max error in nats of the exact mode).
+    Returns (log_p [S], the pool size each sample used [S], certified max error in nats of
+    the exact mode).
     """
     n, d = centres.shape
     log_var = torch.as_tensor(log_var, dtype=z.dtype, device=z.device).reshape(())
     inv_var = torch.exp(-log_var)
     const = -math.log(n) - 0.5 * d * (LOG_2PI + log_var.item())
-    k = None if neighbours is None else min(int(neighbours), n)
+    if neighbours is None:
+        lse, sizes, errors = _exact_pooled(z, mu, centres, inv_var, order, d2_sorted, pool,
+                                           tol, chunk)
+        return lse + const, sizes, errors.max().item()
+    k = min(int(neighbours), n)
     rho = (z - mu[None, :]).norm(dim=1)  # [S]
     # round-off of |mu|^2 - 2 mu.c + |c|^2 in float32, with a wide margin
     slack = 1e-4 * (1.0 + mu.pow(2).sum().item() + d2_sorted[-1].item())
-    size = n if pool <= 0 else min(n, max(pool, k or 0))
+    size = n if pool <= 0 else min(n, max(pool, k))
     while True:
         radius = _outside_radius(d2_sorted, size, slack)
-        best = _pool_logits(z, centres[order[:size]], inv_var, k, chunk)
+        best = _nearest_pool_logits(z, centres[order[:size]], inv_var, k, chunk)
         gap = (radius - rho).clamp_min(0.0)
-        if k is None:
-            lse = best
-            if size >= n:
-                return lse + const, size, 0.0
-            starts, tails = _outside_tails(d2_sorted, size, slack, rho, inv_var)  # [T], [S, T]
-            # the mass left out beyond each bin start, relative to the pool's sum: [S, T]
-            excess = torch.nn.functional.softplus(tails - lse[:, None]).amax(0)
-            if excess[0].item() <= tol:
-                return lse + const, size, excess[0].item()
-            # the first bin start whose tail passes: growing the pool to it can only make the
-            # pool's sum larger, so it is a safe (never too small) next size
-            ok = torch.nonzero(excess <= tol)
-            reach = starts[ok[0, 0]].item() if len(ok) else n
-            size = min(n, max(2 * size, reach))
-            continue
-        else:
-            # k-th nearest pool distance vs the distance every outside exemplar keeps
-            kth = torch.sqrt((-2.0 * best[:, -1] / inv_var).clamp_min(0.0))
-            if size >= n or bool((kth <= gap).all()):
-                return torch.logsumexp(best, dim=1) + const, size, 0.0
-            needed = rho + kth  # the pool's k-th distance can only shrink as it grows
+        # k-th nearest pool distance vs the distance every outside exemplar keeps
+        kth = torch.sqrt((-2.0 * best[:, -1] / inv_var).clamp_min(0.0))
+        if size >= n or bool((kth <= gap).all()):
+            sizes = torch.full((z.shape[0],), size, dtype=torch.long, device=z.device)
+            return torch.logsumexp(best, dim=1) + const, sizes, 0.0
+        needed = rho + kth  # the pool's k-th distance can only shrink as it grows
         # jump straight to the pool that holds every exemplar within the needed radius
         # (at least doubling, so a near miss does not cost many rounds)
         reach = torch.searchsorted(d2_sorted, needed.max().pow(2) + slack).item() + 1
@@ -191,21 +265,28 @@ def estimate_log_likelihood(model: VAEWithPrior, x: torch.Tensor, n_samples: int
         raise ValueError(f"neighbours must be a positive number of exemplars, got {neighbours}")
     mu = model.net.encode_top(x)[0]
     order, d2_sorted = sorted_exemplars(mu, centres)
-    pools = [pool if pool > 0 else centres.shape[0]] * x.shape[0]
+    # the truncated mode's pool carries over from one sample chunk to the next; the exact
+    # mode sizes each sample's pool afresh
+    start = [pool] * x.shape[0]
+    sizes = [[] for _ in range(x.shape[0])]
     max_error = 0.0
 
     def pooled(z_top: torch.Tensor) -> torch.Tensor:  # [s, B, d] -> [s, B]
         nonlocal max_error
         log_p = z_top.new_empty(z_top.shape[:2])
         for b in range(x.shape[0]):
-            log_p[:, b], pools[b], err = pooled_exemplar_log_prior(
+            log_p[:, b], used, err = pooled_exemplar_log_prior(
                 z_top[:, b], mu[b], centres, model.prior.log_var, order[b], d2_sorted[b],
-                neighbours, pools[b], tol, exemplar_chunk)
+                neighbours, start[b], tol, exemplar_chunk)
+            sizes[b].append(used)
+            if neighbours is not None:
+                start[b] = int(used.max().item())
             max_error = max(max_error, err)
         return log_p
 
     log_px = importance_log_likelihood(model, x, n_samples, sample_chunk=sample_chunk,
                                        log_prior=pooled)
+    pools = [int(torch.cat(per).median().item()) for per in sizes]
     return LikelihoodResult(log_px, max_error, pools)
 
 
@@ -216,7 +297,7 @@ def describe_prior(prior_kind: str, n_exemplars: int, neighbours: Optional[int],
         return f"{prior_kind} prior (exact density)"
     if neighbours is None or neighbours >= n_exemplars:
         how = ("every sample against all exemplars" if pool <= 0 else
-               f"exemplars outside a per-image pool skipped only when their total mass is "
+               f"exemplars outside each sample's pool skipped only when their total mass is "
                f"certified below {tol:g} nats")
         return f"exact exemplar prior over all N={n_exemplars} exemplars, normalizer N ({how})"
     return (f"LOWER BOUND: nearest-neighbour-truncated exemplar prior, the k={neighbours} "
