@@ -22,9 +22,9 @@ where the target is not reached). Saves the three curves as a PNG (--plot).
            density_estimation.py epochs directly as in that README section. With a real run
            of theirs converted to this JSONL format, pass --authors-log to use it instead.
 
-    python bench/bench_quality.py                      # after the fast run has finished
+    python bench/bench_quality.py                      # the kept curves of docs/curves/
     python bench/bench_quality.py --fast runs/mnist_vae_exemplar_fast/metrics.jsonl \\
-        --target -88.87 --plot bench/out/quality.png
+        --target -88.87 --plot bench/out/quality.png   # a fresh fast run
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper", type=Path, default=REPO / "docs/curves/mnist_vae_exemplar_200.jsonl")
-    p.add_argument("--fast", type=Path, default=REPO / "runs/mnist_vae_exemplar_fast/metrics.jsonl")
+    p.add_argument("--fast", type=Path, default=REPO / "docs/curves/mnist_vae_exemplar_fast.jsonl",
+                   help="the fast run's metrics.jsonl (default: the 2026-12-06 run, kept)")
     p.add_argument("--authors-log", type=Path, default=None,
                    help="a real run of the authors' code in the same JSONL format (replaces the model)")
     p.add_argument("--authors-epoch-seconds", type=float, default=39.0)
