@@ -105,7 +105,7 @@ EXP_FLOOR = {torch.float64: -700.0}
 FLOAT32_EXP_FLOOR = -80.0
 # the shift of each sample is its largest logit among this many pool exemplars (the nearest
 # to the posterior mean); exps of the rest stay below overflow unless one of them beats it by
-# ~88 nats (float32), which `_add_exp_sums` detects and redoes with the exact maximum
+# ~88 nats (float32), which `_exact_pooled` detects and redoes with the exact maximum
 SHIFT_FROM = 64
 # after an image's first sample chunk, the next ones start from this quantile of its
 # samples' pools: fewer rounds for most samples, a little extra for the nearest tenth
