@@ -1,7 +1,5 @@
 """Refresh-to-served at N exemplars: encode a new latent version, build its index, swap it in.
 
-Written for issue 31 and not run yet (no figures in bench/README.md).
-
 Per N, one deformed-MNIST store (data/ingest's DeformedMnistSource, built in the run) and
 two consecutive weights of a trained encoder (--before / --after: checkpoints one epoch
 apart, so the latents move as much as they do between two refreshes). Version 1 is encoded
@@ -17,6 +15,12 @@ Printed per N: encode s (torch threads --threads), build s and refresh-to-served
 call -> the new version answers; the swap is one reference assignment) for both, recall@10
 of version 2's index on --queries of its own rows against exact search (FAISS knn, own row
 left out, as RAT leaves it out), and which builds kept their centroids.
+
+Step during a rebuild: bench_scale's RAT step (a worker's step minus the index query: batch
+and candidate rows read by id from the store, train_step of the paper's MLP VAE) at
+--step-threads torch threads, timed while nothing builds (quiet) and while the holder builds
+version 2 in its thread, both ways; medians, and their ratio to quiet. The build runs with
+index.service_threads FAISS threads (2 as shipped), sharing the cores with the step.
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_refresh.py --sizes 1e5,1e6 \\
         --before /tmp/fast_ckpts/epoch_a.pt --after /tmp/fast_ckpts/epoch_b.pt
@@ -70,6 +74,20 @@ def recall_at_10(index, latents: np.ndarray, queries: int, seed: int = 0) -> flo
     return float(np.mean(hits))
 
 
+def step_ms(step, first: int, count: int = 0, holder=None, version: int = 0) -> tuple[float, int]:
+    """Median ms of RAT steps: `count` of them, or (holder given) as many as fit while the
+    holder builds `version`. Returns (median ms, steps timed, next step number)."""
+    times, i = [], first
+    if holder is not None:
+        holder.refresh(version)
+    while (len(times) < count) if holder is None else (holder.status()["version"] or 0) < version:
+        t = time.perf_counter()
+        step(i)
+        times.append(1000 * (time.perf_counter() - t))
+        i += 1
+    return (float(np.median(times)) if times else float("nan")), len(times), i
+
+
 def served_seconds(holder, version: int) -> float:
     t = time.perf_counter()
     holder.refresh(version)
@@ -87,6 +105,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--step-threads", type=int, default=1,
+                    help="torch threads of the RAT step timed during a rebuild")
     args = ap.parse_args()
 
     import torch
@@ -97,6 +117,8 @@ def main() -> None:
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.refresh import encode_into_version
     from exvae_dist.train.store_images import StoreImages
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_scale import make_rat_step
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_refresh_"))
@@ -140,8 +162,23 @@ def main() -> None:
             kept.close()
             kept = IndexHolder(str(path), ivf, load_latest=False)
             served_seconds(kept, 1)
+        # the RAT step, quiet and during each kind of build (kept: back at version 1)
+        torch.set_num_threads(args.step_threads)
+        torch.set_grad_enabled(True)  # load_net turned gradients off for the encoding
+        step = make_rat_step(path)[0]
+        _, _, i = step_ms(step, 0, 3)  # warm-up
+        quiet, n_quiet, i = step_ms(step, i, 30)
+        during_kept, n_kept, i = step_ms(step, i, holder=kept, version=2)
+        scratch = IndexHolder(str(path), ivf, load_latest=False)  # no centroids: k-means
+        during_scratch, n_scratch, i = step_ms(step, i, holder=scratch, version=2)
+        quiet_after, _, i = step_ms(step, i, 30)
+        scratch.close()
+        torch.set_num_threads(args.threads)
+        torch.set_grad_enabled(False)
         kept.close()
         row = {"n": n, "encode_s": encode[2], "first_build_s": first,
+               "step_quiet_ms": (quiet + quiet_after) / 2, "step_during_kept_ms": during_kept,
+               "step_during_scratch_ms": during_scratch, "steps_timed": [n_quiet, n_kept, n_scratch],
                "scratch_s": float(np.median(built["scratch"])),
                "kept_s": float(np.median(built["kept"])),
                "scratch_rounds": built["scratch"], "kept_rounds": built["kept"],
@@ -153,16 +190,21 @@ def main() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
     print(f"\nrefresh-to-served, version 2 of a deformed-MNIST store (encode at {args.threads} "
-          f"torch threads; index builds on the service's 1 build thread; medians of "
+          f"torch threads; index builds in the service's build thread, FAISS at "
+          f"index.service_threads={cfg.service_threads}; step at {args.step_threads} thread(s); medians of "
           f"{args.rounds} alternating rounds)\n")
     print("| N | encode s | build+swap s, k-means each version | build+swap s, kept centroids | "
-          "refresh-to-served s, before / after | recall@10 before / after | after: index |")
-    print("|---|---|---|---|---|---|---|")
+          "refresh-to-served s, before / after | recall@10 before / after | after: index | "
+          "step ms quiet | step during build, before / after (x quiet) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
         print(f"| {r['n']:.0e} | {r['encode_s']:.1f} | {r['scratch_s']:.1f} | {r['kept_s']:.1f} "
               f"| {r['encode_s'] + r['scratch_s']:.1f} / {r['encode_s'] + r['kept_s']:.1f} | "
               f"{r['recall_scratch']:.3f} / {r['recall_kept']:.3f} | {r['kept_kind']}"
-              f"{' (kept)' if r['kept_centroids'] else ' (trained again)'} |")
+              f"{' (kept)' if r['kept_centroids'] else ' (trained again)'} | "
+              f"{r['step_quiet_ms']:.1f} | {r['step_during_scratch_ms']:.1f} "
+              f"({r['step_during_scratch_ms'] / r['step_quiet_ms']:.2f}) / "
+              f"{r['step_during_kept_ms']:.1f} ({r['step_during_kept_ms'] / r['step_quiet_ms']:.2f}) |")
 
 
 if __name__ == "__main__":

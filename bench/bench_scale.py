@@ -63,18 +63,20 @@ def phase_build(n: int, store: Path, source_kind: str) -> dict:
             "build_rss_mb": rss_mb()}
 
 
-def phase_steps(store_path: Path, steps: int) -> dict:
+def make_rat_step(store_path: Path):
+    """A worker's RAT step minus the index query, on the store at store_path (module
+    docstring, 2.). Returns (step(i) -> (data-path seconds, rows read), neighbours(i) -> the
+    step's [B, k'] random neighbour ids, n, m, k, B)."""
     import torch
 
     from exvae_dist import config as config_mod
     from exvae_dist.core.loop import make_optimizer
     from exvae_dist.core.objective import build_model
     from exvae_dist.core import keyed
-    from exvae_dist.core.candidates import assemble_candidates, draw_coins
+    from exvae_dist.core.candidates import assemble_candidates
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.core.step import PriorBatch, train_step
     from exvae_dist.train.store_images import StoreImages
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     store = ExemplarStore(store_path)
     images = StoreImages(store, cache_bytes=0)  # read by id: what a worker does at scale
@@ -83,31 +85,48 @@ def phase_steps(store_path: Path, steps: int) -> dict:
     # the paper's MLP VAE (gated 784-300-300, z = 40) and Adam, as a worker trains it
     model = build_model(config_mod.load(None, [], env={}), tuple(store.image_shape))
     optimizer = make_optimizer(model, config_mod.load(None, [], env={}))
-    rng = np.random.default_rng(0)
-    neighbours = [rng.integers(0, n, (b, depth)) for _ in range(steps + 3)]
-    times, data_times, rows = [], [], []
-    for step in range(steps + 3):  # 3 warm-up steps
+
+    def neighbours(i: int) -> np.ndarray:
+        return np.random.default_rng(i).integers(0, n, (b, depth))
+
+    def step(i: int) -> tuple[float, int]:
         t = time.perf_counter()
-        batch_ids = keyed.epoch_batch_ids(n, 0, 0, step * b, step * b + b)
+        batch_ids = keyed.epoch_batch_ids(n, 0, 0, i * b, i * b + b)
         cand = assemble_candidates(
-            neighbours[step], batch_ids, lambda ids: keyed.coins_for(ids, step, m, n, 0), k,
-            n, m)
+            neighbours(i), batch_ids, lambda ids: keyed.coins_for(ids, i, m, n, 0), k, n, m)
         x = torch.bernoulli(images[batch_ids])
         exemplars = images[cand.ids]
-        t_data = time.perf_counter()
+        t_data = time.perf_counter() - t
         train_step(model, optimizer, x, PriorBatch(
             exemplars=exemplars, exclude=torch.from_numpy(cand.exclude),
             log_norm=torch.from_numpy(cand.log_norm).float(), n_candidates=len(cand.ids)), 1.0)
-        if step >= 3:
-            times.append(time.perf_counter() - t)
-            data_times.append(t_data - t)
-            rows.append(len(x) + len(exemplars))
-    step_rss = rss_mb()  # before the old path's [N] coin vectors below raise the peak
-    old_coin_times = []
-    for step in range(steps):
-        batch_ids = keyed.epoch_batch_ids(n, 0, 0, step * b, step * b + b)
+        return t_data, len(x) + len(exemplars)
+
+    return step, neighbours, n, m, k, b
+
+
+def phase_steps(store_path: Path, steps: int) -> dict:
+    import torch
+
+    from exvae_dist.core import keyed
+    from exvae_dist.core.candidates import assemble_candidates, draw_coins
+    torch.set_num_threads(1)
+    step, neighbours, n, m, k, b = make_rat_step(store_path)
+    times, data_times, rows = [], [], []
+    for i in range(steps + 3):  # 3 warm-up steps
         t = time.perf_counter()
-        assemble_candidates(neighbours[step], batch_ids, draw_coins(n, m, rng), k)
+        t_data, n_rows = step(i)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+            data_times.append(t_data)
+            rows.append(n_rows)
+    step_rss = rss_mb()  # before the old path's [N] coin vectors below raise the peak
+    rng = np.random.default_rng(1)
+    old_coin_times = []
+    for i in range(steps):
+        batch_ids = keyed.epoch_batch_ids(n, 0, 0, i * b, i * b + b)
+        t = time.perf_counter()
+        assemble_candidates(neighbours(i), batch_ids, draw_coins(n, m, rng), k)
         old_coin_times.append(time.perf_counter() - t)
     return {"step_ms": 1000 * statistics.median(times),
             "data_ms": 1000 * statistics.median(data_times),

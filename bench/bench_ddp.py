@@ -1,0 +1,128 @@
+"""Where the 2-worker shortfall comes from, without Ray: the RAT training step of the paper's
+MNIST VAE in 1 process x 2 torch threads (batch 100) against 2 processes x 1 thread (batch 50
+each: the Ray trainer's split at 2 workers x 1 CPU), with DDP's gloo all-reduce and without
+it (no gradient exchange: the ideal of two independent halves). Variants alternate over
+--rounds; medians of examples/s. Known fault: twice, the second round's DDP variant hung
+with one of its two processes missing (no error printed); run one round per invocation.
+
+    EXVAE_DATA_DIR=../shared/data python bench/bench_ddp.py --steps 60 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+K, DEPTH = 10, 40  # retrieved neighbours kept per example, searched depth
+
+
+def run_steps(rank: int, world: int, threads: int, batch: int, steps: int, use_ddp: bool,
+              out: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from exvae_dist import config as config_mod
+    from exvae_dist.core import keyed
+    from exvae_dist.core.candidates import assemble_candidates
+    from exvae_dist.core.loop import make_optimizer
+    from exvae_dist.core.objective import build_model
+    from exvae_dist.core.step import PriorBatch, train_step
+    from exvae_dist.data import load_dataset
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = config_mod.load("mnist_vae_exemplar", [], env=dict(os.environ))
+    images = torch.from_numpy(load_dataset(cfg.data).train_x)
+    n = images.shape[0]
+    m = n // 2
+    model = build_model(cfg, (784,))
+    optimizer = make_optimizer(model, cfg)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("BENCH_PORT", "29533"))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    net = torch.nn.parallel.DistributedDataParallel(model) if use_ddp else model
+    times = []
+    for step in range(steps + 3):
+        if world > 1:
+            dist.barrier()
+        t = time.perf_counter()
+        lo = step * batch * world + rank * batch
+        ids = keyed.epoch_batch_ids(n, 0, 0, lo, lo + batch)
+        nbrs = np.random.default_rng(step * world + rank).integers(0, n, (batch, DEPTH))
+        cand = assemble_candidates(nbrs, ids, lambda c: keyed.coins_for(c, step, m, n, 0), K, n, m)
+        train_step(net, optimizer, torch.bernoulli(images[ids]), PriorBatch(
+            exemplars=images[cand.ids], exclude=torch.from_numpy(cand.exclude),
+            log_norm=torch.from_numpy(cand.log_norm).float(), n_candidates=len(cand.ids)), 1.0)
+        if step >= 3:
+            times.append(time.perf_counter() - t)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, statistics.median(times))
+        dist.destroy_process_group()
+        if rank == 0:
+            out["ms"] = 1000 * max(gathered)
+    else:
+        out["ms"] = 1000 * statistics.median(times)
+
+
+def _child(rank, world, threads, batch, steps, use_ddp, port, queue):
+    os.environ["BENCH_PORT"] = str(port)
+    out = {}
+    run_steps(rank, world, threads, batch, steps, use_ddp, out)
+    if rank == 0:
+        queue.put(out["ms"])
+
+
+def measure(world: int, threads: int, batch: int, steps: int, use_ddp: bool,
+            port: int) -> float:
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(r, world, threads, batch, steps, use_ddp, port,
+                                              queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    ms = queue.get(timeout=600)
+    for p in procs:  # a child can hang in its exit (seen once); its figure is already in
+        p.join(30)
+        if p.is_alive():
+            p.terminate()
+    return ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=1)
+    args = ap.parse_args()
+    variants = {"1 process x 2 threads, batch 100": (1, 2, 100, False),
+                "2 processes x 1 thread, batch 50 each, DDP (gloo)": (2, 1, 50, True),
+                "2 processes x 1 thread, batch 50 each, no gradient exchange": (2, 1, 50, False)}
+    got = {name: [] for name in variants}
+    port = 29533
+    for r in range(args.rounds):
+        for name, (world, threads, batch, ddp) in variants.items():
+            port += 1  # a fresh port each time: the last one may still be in TIME_WAIT
+            ms = measure(world, threads, batch, args.steps, ddp, port)
+            got[name].append(100 / ms * 1000)  # examples/s of the global batch of 100
+            print(f"round {r}: {name}: {ms:.1f} ms/step", file=sys.stderr, flush=True)
+    base = statistics.median(got["1 process x 2 threads, batch 100"])
+    print("\n| variant | examples/s (median) | x 1 process x 2 threads | rounds |")
+    print("|---|---|---|---|")
+    for name, vals in got.items():
+        med = statistics.median(vals)
+        print(f"| {name} | {med:.0f} | {med / base:.2f} | {', '.join(f'{v:.0f}' for v in vals)} |")
+
+
+if __name__ == "__main__":
+    main()
