@@ -2,8 +2,9 @@
 MNIST VAE in 1 process x 2 torch threads (batch 100) against 2 processes x 1 thread (batch 50
 each: the Ray trainer's split at 2 workers x 1 CPU), with DDP's gloo all-reduce and without
 it (no gradient exchange: the ideal of two independent halves). Variants alternate over
---rounds; medians of examples/s. Known fault: twice, the second round's DDP variant hung
-with one of its two processes missing (no error printed); run one round per invocation.
+--rounds; medians of examples/s. Known fault, not yet found: in 3 of 5 invocations a DDP
+variant hung with one of its two processes missing and no error printed (kill it and run
+again; one round per invocation).
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_ddp.py --steps 60 --rounds 1
 """
