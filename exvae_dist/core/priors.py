@@ -30,6 +30,12 @@ def squared_distances(z: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min_(0.0) if not d2.requires_grad else d2.clamp_min(0.0)
 
 
+def exp_floor(dtype: torch.dtype) -> float:
+    """The exp argument below which a term is negligible and CPU exp kernels get slow:
+    exp(-80) ~ 1.8e-35 for float32 and narrower types, exp(-700) for float64."""
+    return -80.0 if dtype in (torch.float32, torch.bfloat16, torch.float16) else -700.0
+
+
 def fast_logsumexp(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """torch.logsumexp over `dim`, skipping terms below exp(-80) (float32) / exp(-700) (float64)
     relative to the row's largest.
@@ -39,7 +45,7 @@ def fast_logsumexp(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     same work with such arguments clamped. Skipped terms change the result by less than
     (number of terms) * 1.8e-35 relative (float32). Rows that are all -inf stay -inf.
     """
-    floor = -80.0 if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else -700.0
+    floor = exp_floor(x.dtype)
     top = x.detach().amax(dim, keepdim=True)
     empty = torch.isinf(top) & (top < 0)
     top = top.masked_fill(empty, 0.0)

@@ -33,7 +33,7 @@ import torch
 
 from ..core.models.layers import LOG_2PI
 from ..core.objective import VAEWithPrior, importance_log_likelihood
-from ..core.priors import DEFAULT_CHUNK, fast_logsumexp, squared_distances
+from ..core.priors import DEFAULT_CHUNK, exp_floor, squared_distances
 
 
 @dataclass
@@ -99,10 +99,6 @@ def _next_size_guess(starts: torch.Tensor, log_bins: torch.Tensor, lse: torch.Te
 # `tol` of the exact mode: 1e-6 nats, far below the 0.01 nats results are quoted at; a
 # tighter bound costs little (the pool grows until it holds), a looser one buys nothing
 PRIOR_TOLERANCE = 1e-6
-# exp arguments are clamped here (relative to a sample's shift): CPU exp kernels take a slow
-# path far below zero, and a clamped term adds at most exp(floor) of a sum that is >= 1
-EXP_FLOOR = {torch.float64: -700.0}
-FLOAT32_EXP_FLOOR = -80.0
 # the shift of each sample is its largest logit among this many pool exemplars (the nearest
 # to the posterior mean); exps of the rest stay below overflow unless one of them beats it by
 # ~88 nats (float32), which `_exact_pooled` detects and redoes with the exact maximum
@@ -140,9 +136,10 @@ def _max_logits(z: torch.Tensor, ranked: torch.Tensor, inv_var: torch.Tensor,
 def _exp_sums(z: torch.Tensor, shift: torch.Tensor, ranked: torch.Tensor,
               inv_var: torch.Tensor, chunk: int) -> torch.Tensor:
     """sum_c exp(-|z - c|^2 / (2 s^2) - shift) over the rows of `ranked`, in blocks: [S].
-    Four passes per block (matmul, clamp, exp, sum); arguments below the floor count as
-    exp(floor)."""
-    floor = EXP_FLOOR.get(z.dtype, FLOAT32_EXP_FLOOR)
+    Four passes per block (matmul, clamp, exp, sum). Arguments below priors.exp_floor count
+    as exp(floor) (CPU exp is slow far below zero); that adds at most N exp(floor) relative
+    to the sum, which is >= 1 since the shift is one of its own terms."""
+    floor = exp_floor(z.dtype)
     za = _augment_samples(z, inv_var, shift)
     total = z.new_zeros(z.shape[0])
     for start in range(0, ranked.shape[0], chunk):
