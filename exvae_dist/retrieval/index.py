@@ -144,24 +144,27 @@ class IndexBuilder:
         if template is None or template.d != d \
                 or faiss.extract_index_ivf(template).nlist != auto_nlist(n):
             template = None
-        t0 = time.perf_counter()
-        if template is None:
-            template = _trained_ivfhnsw(x, self.cfg, self.seed)
-        index = faiss.clone_index(template)
-        t1 = time.perf_counter()
-        _add_assigning_cheaply(index, x)
-        t2 = time.perf_counter()
-        trained = template is not self._trained
-        nprobe, recall, bound = calibrate_nprobe(index, x, self.cfg, self.seed, self.recall_k) \
-            if calibrated else (faiss.extract_index_ivf(index).nprobe, math.nan, math.nan)
-        scan = scan_cost(index)
-        if not trained and (bound < self.cfg.auto_target_recall
-                            or scan > RETRAIN_SCAN_GROWTH * self._trained_scan):
+        while True:  # at most twice: kept centroids found stale are trained once, here
+            t0 = time.perf_counter()
+            trained = template is None
+            if trained:
+                template = _trained_ivfhnsw(x, self.cfg, self.seed)
+            index = faiss.clone_index(template)
+            t1 = time.perf_counter()
+            _add_assigning_cheaply(index, x)
+            t2 = time.perf_counter()
+            nprobe, recall, bound = calibrate_nprobe(index, x, self.cfg, self.seed,
+                                                     self.recall_k) \
+                if calibrated else (faiss.extract_index_ivf(index).nprobe, math.nan, math.nan)
+            scan = scan_cost(index)
+            stale = bound < self.cfg.auto_target_recall \
+                or scan > RETRAIN_SCAN_GROWTH * self._trained_scan
+            if trained or not stale:
+                break
             log.info("the kept centroids scan %.1f lists' worth per query for recall@%d %.3f "
                      "(after their k-means: %.1f): training them again", scan, self.recall_k,
                      recall, self._trained_scan)
-            self._trained = None
-            return self.build(x)
+            template = None
         if trained and calibrated:
             self._trained, self._trained_scan = template, scan
         self.last = {"trained": trained, "kmeans_seconds": t1 - t0, "add_seconds": t2 - t1,
