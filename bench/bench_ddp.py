@@ -1,12 +1,11 @@
 """Where the 2-worker shortfall comes from, without Ray: the RAT training step of the paper's
 MNIST VAE in 1 process x 2 torch threads (batch 100) against 2 processes x 1 thread (batch 50
-each: the Ray trainer's split at 2 workers x 1 CPU), with DDP's gloo all-reduce and without
-it (no gradient exchange: the ideal of two independent halves). Variants alternate over
---rounds; medians of examples/s. Known fault, not yet found: in 3 of 5 invocations a DDP
-variant hung with one of its two processes missing and no error printed (kill it and run
-again; one round per invocation).
+each: the Ray trainer's split at 2 workers x 1 CPU), with three gradient exchanges (DDP as
+the Ray trainer uses it; DDP with every gradient in one bucket; one flat gloo all-reduce of
+all gradients after backward, from an optimizer pre-step hook) and with none (the ideal of two
+independent halves). Variants alternate over --rounds; medians of examples/s.
 
-    EXVAE_DATA_DIR=../shared/data python bench/bench_ddp.py --steps 60 --rounds 1
+    EXVAE_DATA_DIR=../shared/data python bench/bench_ddp.py --steps 60 --rounds 2
 """
 
 from __future__ import annotations
@@ -26,7 +25,31 @@ sys.path.insert(0, str(REPO))
 K, DEPTH = 10, 40  # retrieved neighbours kept per example, searched depth
 
 
-def run_steps(rank: int, world: int, threads: int, batch: int, steps: int, use_ddp: bool,
+def exchange(model, optimizer, how: str, world: int):
+    """The model as the step sees it, with its gradients exchanged the way `how` says."""
+    import torch
+    import torch.distributed as dist
+
+    if how == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if how == "ddp one bucket":
+        return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=64,
+                                                         gradient_as_bucket_view=True)
+    if how == "flat":
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def average(*_):
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= world
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p.grad))
+
+        optimizer.register_step_pre_hook(average)
+    return model
+
+
+def run_steps(rank: int, world: int, threads: int, batch: int, steps: int, how: str,
               out: dict) -> None:
     import torch
     import torch.distributed as dist
@@ -50,7 +73,7 @@ def run_steps(rank: int, world: int, threads: int, batch: int, steps: int, use_d
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("BENCH_PORT", "29533"))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    net = torch.nn.parallel.DistributedDataParallel(model) if use_ddp else model
+    net = exchange(model, optimizer, how, world)
     times = []
     for step in range(steps + 3):
         if world > 1:
@@ -65,35 +88,36 @@ def run_steps(rank: int, world: int, threads: int, batch: int, steps: int, use_d
             log_norm=torch.from_numpy(cand.log_norm).float(), n_candidates=len(cand.ids)), 1.0)
         if step >= 3:
             times.append(time.perf_counter() - t)
+    ms = torch.tensor([1000 * statistics.median(times)])
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, statistics.median(times))
+        # A tensor all-reduce, not all_gather_object, and DDP dropped before the group: gloo's
+        # worker thread, freeing an object all-gather's Python buffers, waits for the GIL
+        # that the group's destructor holds while it joins that thread (the old hang).
+        dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+        del net
         dist.destroy_process_group()
-        if rank == 0:
-            out["ms"] = 1000 * max(gathered)
-    else:
-        out["ms"] = 1000 * statistics.median(times)
+    out["ms"] = float(ms)
 
 
-def _child(rank, world, threads, batch, steps, use_ddp, port, queue):
+def _child(rank, world, threads, batch, steps, how, port, queue):
     os.environ["BENCH_PORT"] = str(port)
     out = {}
-    run_steps(rank, world, threads, batch, steps, use_ddp, out)
+    run_steps(rank, world, threads, batch, steps, how, out)
     if rank == 0:
         queue.put(out["ms"])
 
 
-def measure(world: int, threads: int, batch: int, steps: int, use_ddp: bool,
+def measure(world: int, threads: int, batch: int, steps: int, how: str,
             port: int) -> float:
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(r, world, threads, batch, steps, use_ddp, port,
+    procs = [ctx.Process(target=_child, args=(r, world, threads, batch, steps, how, port,
                                               queue)) for r in range(world)]
     for p in procs:
         p.start()
     ms = queue.get(timeout=600)
-    for p in procs:  # a child can hang in its exit (seen once); its figure is already in
+    for p in procs:  # its figure is in; a child stuck in its exit is not waited for
         p.join(30)
         if p.is_alive():
             p.terminate()
@@ -106,15 +130,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
-    variants = {"1 process x 2 threads, batch 100": (1, 2, 100, False),
-                "2 processes x 1 thread, batch 50 each, DDP (gloo)": (2, 1, 50, True),
-                "2 processes x 1 thread, batch 50 each, no gradient exchange": (2, 1, 50, False)}
+    variants = {"1 process x 2 threads, batch 100": (1, 2, 100, ""),
+                "2 x 1 thread, batch 50 each, DDP (gloo)": (2, 1, 50, "ddp"),
+                "2 x 1 thread, DDP, one bucket": (2, 1, 50, "ddp one bucket"),
+                "2 x 1 thread, one flat all-reduce after backward": (2, 1, 50, "flat"),
+                "2 x 1 thread, no gradient exchange": (2, 1, 50, "")}
     got = {name: [] for name in variants}
     port = 29533
     for r in range(args.rounds):
-        for name, (world, threads, batch, ddp) in variants.items():
+        for name, (world, threads, batch, how) in variants.items():
             port += 1  # a fresh port each time: the last one may still be in TIME_WAIT
-            ms = measure(world, threads, batch, args.steps, ddp, port)
+            ms = measure(world, threads, batch, args.steps, how, port)
             got[name].append(100 / ms * 1000)  # examples/s of the global batch of 100
             print(f"round {r}: {name}: {ms:.1f} ms/step", file=sys.stderr, flush=True)
     base = statistics.median(got["1 process x 2 threads, batch 100"])
