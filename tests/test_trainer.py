@@ -345,7 +345,8 @@ def test_the_fast_recipe_loads_and_trains_on_its_cosine_schedule(tmp_path, data_
     fast = config_mod.load("mnist_vae_exemplar_fast", [], env={})
     paper = config_mod.load("mnist_vae_exemplar", [], env={})
     assert fast.model == paper.model and fast.prior == paper.prior
-    assert (fast.train.lr_schedule, fast.train.epochs, fast.train.warmup_epochs) == ("cosine", 60, 10)
+    assert (fast.train.lr_schedule, fast.train.epochs, fast.train.warmup_epochs) == ("cosine", 65, 10)
+    assert fast.train.lr == 2e-3
     cfg = config_mod.load("mnist_vae_exemplar_fast", [
         f"train.run_dir={tmp_path}", "train.progress=false", "data.n_train=500",
         "data.n_valid=100", "train.epochs=3", "train.warmup_epochs=2",
@@ -353,7 +354,7 @@ def test_the_fast_recipe_loads_and_trains_on_its_cosine_schedule(tmp_path, data_
         env={"EXVAE_DATA_DIR": str(data_dir)})
     summary = fit(cfg)
     epochs = [r for r in records(cfg.run_path()) if "val_elbo" in r]
-    assert [r["lr"] for r in epochs] == pytest.approx([1e-3, 7.5e-4, 2.5e-4])
+    assert [r["lr"] for r in epochs] == pytest.approx([2e-3, 1.5e-3, 5e-4])
     assert summary["epoch"] == 3 and all(r["val_elbo"] < 0 for r in epochs)
     state = load_checkpoint(find_checkpoint(cfg.run_path(), prefer_best=False))
-    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4)
