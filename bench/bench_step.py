@@ -2,7 +2,8 @@
 (the baseline), exact exemplar prior (M = 25,000) against a reference-style float32
 implementation of the same step, and RAT (k = 10), in one run; `--only vampprior`: the
 VampPrior (500 pseudo-inputs) step against the same step with the mixture density in its
-former [B, K, d] broadcast form.
+former [B, K, d] broadcast form. The RAT group also times the RAT step under CPU bf16
+autocast (measured and not adopted: bench/README.md, "bf16 autocast (not adopted)").
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_step.py [--steps 30] [--exact-steps 5]
 
@@ -82,8 +83,9 @@ class AllExemplarsSearch:
 class OurStep:
     """exvae-dist's step (PriorSampler + train_step) under config overrides."""
 
-    def __init__(self, overrides, splits, state, all_n: bool = False):
+    def __init__(self, overrides, splits, state, all_n: bool = False, bf16: bool = False):
         cfg = config_mod.load(None, overrides, env=os.environ)
+        self.bf16 = bf16  # forward and backward under CPU bf16 autocast (a lever not adopted)
         torch.manual_seed(0)
         self.train_x = torch.from_numpy(splits.train_x)
         self.model = build_model(cfg, splits.image_shape)
@@ -100,7 +102,9 @@ class OurStep:
 
     def __call__(self, ids: np.ndarray, i: int) -> None:
         x = binarize(self.train_x[ids], True, 0, i, 0)
-        m = train_step(self.model, self.opt, x, self.sampler(self.model, ids, x, i), 1.0)
+        prior = self.sampler(self.model, ids, x, i)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            m = train_step(self.model, self.opt, x, prior, 1.0)
         self.extra["candidates"].append(m["candidates"])
 
 
@@ -239,6 +243,7 @@ def main() -> None:
         ("RAT (k=10)", lambda: OurStep([], splits, state)),
         ("RAT, search over all N, k' deep (the index actors' way)",
          lambda: OurStep([], splits, state, all_n=True)),
+        ("RAT (k=10), bf16 autocast", lambda: OurStep([], splits, state, bf16=True)),
     ]
     if args.reference:
         from authors_code import AuthorsStep
