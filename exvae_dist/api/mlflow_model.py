@@ -90,9 +90,9 @@ def exemplars_inline(vae) -> bool:
 
 def write_exemplars(vae, path: Path) -> Path:
     ex = vae.exemplar_set
-    from ..evaluation.exemplar_sets import to_uint8
+    from ..common.levels import to_bytes
 
-    np.savez(path, images=to_uint8(ex.images),
+    np.savez(path, images=to_bytes(ex.images),
              latents=ex.latents if ex.latents is not None else np.empty(0, np.float32),
              labels=ex.labels if ex.labels is not None else np.empty(0, np.int64),
              version=np.asarray(ex.version), description=np.asarray(ex.description))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..common.errors import KnownError
+from ..common.levels import from_bytes
 from ..common.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class ExemplarVAE:
             raise InputShapeError(f"images of shape {shape}: this model takes {expected} "
                                   f"(uint8 levels or floats in [0, 1])")
         if x.dtype == np.uint8:
-            x = x.astype(np.float32) / np.float32(255)
+            x = from_bytes(x).numpy()
         elif x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer) \
                 or np.issubdtype(x.dtype, np.floating):
             dtype, x = x.dtype, x.astype(np.float32)
@@ -344,6 +345,6 @@ def _read_exemplars(path: Path):
     with np.load(path) as f:
         latents = f["latents"] if "latents" in f and f["latents"].size else None
         labels = f["labels"] if "labels" in f and f["labels"].size else None
-        return ExemplarSet(images=f["images"].astype(np.float32) / np.float32(255),
+        return ExemplarSet(images=from_bytes(f["images"]).numpy(),
                            latents=latents, labels=labels, version=int(f["version"]),
                            description=str(f["description"]))

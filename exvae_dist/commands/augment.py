@@ -38,6 +38,7 @@ from .cli import run_command
 from ..evaluation.exemplar_sets import choose_set
 from ..evaluation.generation import draw_images
 from ..common.jsonio import dumps, write_json
+from ..common.levels import from_bytes
 from ..core.objective import VAEWithPrior, encode_means
 from ..runs.tracking import open_run_tracker
 from ..runs.hardware import resolve_device
@@ -97,7 +98,7 @@ def grey_test_set(cfg) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(ensure_file(registry["test_images"], folder, download=cfg.data.download))
     labels = read_idx(ensure_file(registry["test_labels"], folder, download=cfg.data.download))
     n = len(images) if cfg.data.n_test is None else min(cfg.data.n_test, len(images))
-    x = images[:n].reshape(n, IMAGE_PIXELS).astype(np.float32) / np.float32(255)
+    x = from_bytes(images[:n].reshape(n, IMAGE_PIXELS)).numpy()
     return x, labels[:n].astype(np.int64)
 
 

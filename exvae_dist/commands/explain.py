@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..common.jsonio import write_json
+from ..common.levels import from_bytes
 
 from ..evaluation.attribution import (attribution_grid, attribution_weights, memorisation_check, memorisation_histogram, summarize)
 
@@ -28,7 +29,7 @@ def _images_arg(spec: str, splits) -> tuple[np.ndarray, Optional[np.ndarray], Op
             if "images" not in f:
                 raise ExemplarSetError(f"{spec} has no 'images' array")
             x = f["images"].reshape(len(f["images"]), -1)
-            x = x.astype(np.float32) / 255 if x.dtype == np.uint8 else x.astype(np.float32)
+            x = from_bytes(x).numpy() if x.dtype == np.uint8 else x.astype(np.float32)
             labels = f["labels"] if "labels" in f else None
             sources = f["exemplar_ids"] if "exemplar_ids" in f else None
         return x, labels, sources, spec

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from ..common.atomic import atomic_path
+from ..common.levels import from_bytes
 from . import sources
 from .download import Fetch, ensure_file, writable_dir
 from .splits import DataSplits, binarize_once, dynamic_binarize, take_first
@@ -167,7 +168,7 @@ def _load_idx_dataset(cfg, folder: Path, fetch: Optional[Fetch]) -> DataSplits:
             raise ValueError(f"{paths[key]} holds shape {got[key]}, expected {shape}")
 
     def grey(a: np.ndarray) -> np.ndarray:
-        return a.reshape(len(a), IMAGE_PIXELS).astype(np.float32) / np.float32(255)
+        return from_bytes(a.reshape(len(a), IMAGE_PIXELS)).numpy()
 
     n = N_TRAIN_MNIST
     return DataSplits(
@@ -323,7 +324,7 @@ def colourize_digits(digits: np.ndarray, seed: int) -> np.ndarray:
     out = np.empty((n, 3 * 32 * 32), dtype=np.uint8)
     for start in range(0, n, 5000):  # blocks: float temporaries stay ~60 MB
         sl = slice(start, start + 5000)
-        a = np.pad(digits[sl].astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))[:, None]
+        a = np.pad(from_bytes(digits[sl]).numpy(), ((0, 0), (2, 2), (2, 2)))[:, None]
         img = (1 - a) * bg[sl] + a * fg[sl]
         out[sl] = np.rint(img * 255).astype(np.uint8).reshape(len(a), -1)
     return out
@@ -340,7 +341,7 @@ def _load_colour_mnist(cfg, folder: Path, fetch: Optional[Fetch]) -> DataSplits:
     test_y = read_idx(paths["test_labels"]).astype(np.int64)
 
     def levels(a: np.ndarray) -> np.ndarray:
-        return a.astype(np.float32) / np.float32(255)
+        return from_bytes(a).numpy()
 
     n = N_TRAIN_MNIST
     return DataSplits(name=cfg.name, train_x=levels(train[:n]), train_y=train_y[:n],

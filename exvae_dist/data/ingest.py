@@ -48,6 +48,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..common.levels import to_bytes
 from ..common.progress import progress_bar
 from ..core.keyed import SPLIT, KeyedPermutation
 from ..common.errors import KnownError
@@ -84,7 +85,7 @@ def to_uint8(x: np.ndarray, where: str) -> np.ndarray:
         if lo < 0 or hi > 1:
             raise IngestError(f"{where}: float images must lie in [0, 1], got {lo}..{hi}; "
                               f"divide by 255 (or convert to uint8) first")
-        return np.rint(x * 255).astype(np.uint8)
+        return to_bytes(x)
     if np.issubdtype(x.dtype, np.integer):
         lo, hi = int(x.min(initial=0)), int(x.max(initial=0))
         if lo < 0 or hi > 255:

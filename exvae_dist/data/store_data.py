@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 
+from ..common.levels import from_bytes
 from .splits import DataSplits, binarize_once
 from ..common.errors import KnownError
 
@@ -52,7 +52,7 @@ def load_store_splits(cfg, train_in_memory: bool = True) -> DataSplits:
         return None if x is None else x.reshape(len(x), -1)
 
     def grey(x):
-        return flat(x).astype(np.float32) / np.float32(255)
+        return from_bytes(flat(x)).numpy()
 
     def held_out(x, stream):
         return (grey(x) if binary else binarize_once(grey(x), seed, stream))

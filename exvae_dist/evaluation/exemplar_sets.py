@@ -39,6 +39,7 @@ import torch
 
 from ..common.atomic import atomic_dir, sweep_temps
 from ..common.errors import KnownError
+from ..common.levels import from_bytes, to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ def list_versions(run: Path) -> list[int]:
                   if p.name.startswith("v") and p.name[1:].isdigit() and (p / "set.json").is_file())
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0, 1] floats (or uint8) -> uint8 levels, as the store keeps them."""
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images
-    return np.rint(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def read_version(run: Path, version: int) -> ExemplarSet:
     """A stored version; ExemplarSetError naming the versions there when it is missing."""
     from ..retrieval.store import ExemplarStore
@@ -105,7 +98,7 @@ def read_version(run: Path, version: int) -> ExemplarSet:
     meta = json.loads((folder / "set.json").read_text())
     store = ExemplarStore(folder / "store.zarr")
     latents = store.read_latents(1)
-    images = store.images().reshape(store.n, -1).astype(np.float32) / np.float32(255)
+    images = from_bytes(store.images().reshape(store.n, -1)).numpy()
     labels = np.load(folder / "labels.npy")
     return ExemplarSet(images=images, latents=latents, labels=labels, version=version,
                        description=meta["description"], meta=meta)
@@ -130,7 +123,7 @@ def write_version(run: Path, version: int, images: np.ndarray, latents: np.ndarr
                                "images are broken")
     with atomic_dir(final) as tmp:  # a killed writer's folder: atomic.sweep_temps
         store = ExemplarStore.create(tmp / "store.zarr",
-                                     to_uint8(images).reshape(len(images), *image_shape),
+                                     to_bytes(images).reshape(len(images), *image_shape),
                                      latents.shape[1])
         store.begin_version(1)
         for start in range(0, store.n, store.chunk_rows):  # one writer: every chunk is ours
@@ -212,7 +205,7 @@ def load_source(source: str, cfg, allow_test: bool = False) -> tuple[np.ndarray,
             images = f["images"]
             labels = f["labels"] if "labels" in f else np.full(len(images), UNKNOWN_LABEL)
         images = images.reshape(len(images), -1)
-        images = (images.astype(np.float32) / 255 if images.dtype == np.uint8
+        images = (from_bytes(images).numpy() if images.dtype == np.uint8
                   else images.astype(np.float32))
         if images.size and (images.min() < 0 or images.max() > 1):
             raise ExemplarSetError(f"{path}: float images must lie in [0, 1] "
@@ -270,9 +263,9 @@ def add_exemplars(trained, images: np.ndarray, labels: np.ndarray, source: str,
     base = read_version(trained.path, versions[-1])
     # an image already in the set, or met before in this batch (as stored: 8-bit levels),
     # would only double its mixture weight: skipped, and said so
-    seen = {row.tobytes() for row in to_uint8(base.images)}
+    seen = {row.tobytes() for row in to_bytes(base.images)}
     fresh = np.zeros(len(images), dtype=bool)
-    for i, row in enumerate(to_uint8(images)):
+    for i, row in enumerate(to_bytes(images)):
         key = row.tobytes()
         fresh[i] = key not in seen
         seen.add(key)

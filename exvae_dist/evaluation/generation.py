@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..common.atomic import atomic_path
+from ..common.levels import to_bytes
 from ..core.objective import VAEWithPrior
 from ..core.sampling import sample_top_with_sources
 
@@ -95,7 +96,7 @@ def generate(model: VAEWithPrior, exemplar_set, n: int, exemplar_ids: Optional[l
 def save_npz(path: Path, out: dict, image_shape, info: dict) -> Path:
     """The generated images (uint8 levels, [n, C, H, W]), ids and labels, written atomically."""
     path = Path(path)
-    images = np.rint(np.clip(out["images"], 0, 1) * 255).astype(np.uint8)
+    images = to_bytes(out["images"])
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, images=images.reshape(len(images), *image_shape),
                             exemplar_ids=out["exemplar_ids"], labels=out["labels"],

@@ -4,9 +4,10 @@ The driver ingests the training images into the store once (`ensure_store`); eac
 reads them back (`store_images.StoreImages`) for its training batches, the candidates it re-encodes and
 its rows of the refresh pass. Workers therefore need the store, not the dataset files.
 
-Images are stored as uint8 grey levels (x * 255). For MNIST and Fashion-MNIST (grey = byte
-/ 255) and binarized MNIST ({0, 1}) this is lossless, so both trainers see bit-identical
-images; for Omniglot's 28x28 area-averaged images it rounds to 1/255 (a warning says how much).
+Images are stored as uint8 grey levels (common/levels.py). For MNIST and Fashion-MNIST (grey
+= byte / 255) and binarized MNIST ({0, 1}) this is lossless, so both trainers see
+bit-identical images; for Omniglot's 28x28 area-averaged images it rounds to 1/255 (a warning
+says how much).
 """
 
 from __future__ import annotations
@@ -17,28 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
+from ..common.levels import from_bytes, to_bytes
 from .store import ExemplarStore
 
 log = logging.getLogger(__name__)
-
-
-def to_bytes(x: np.ndarray) -> np.ndarray:
-    """float images in [0, 1] -> uint8 (x * 255, rounded)."""
-    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def from_bytes(b: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1] (the inverse of to_bytes on k/255 grey levels).
-
-    A correctly rounded float32 division, bit-identical to the data readers' np.float32(b) /
-    np.float32(255), so a stored MNIST image reads back exactly as splits.train_x (a 256-entry
-    lookup table gives the same values but its gather took 13 ms per RAT step).
-    """
-    if isinstance(b, np.ndarray) and not b.flags.writeable:  # e.g. from the object store
-        b = b.copy()
-    return torch.as_tensor(b).float().div_(255)
 
 
 def default_chunk_rows(n: int) -> int:

@@ -27,7 +27,8 @@ from ..data import DataSplits, load_dataset
 from ..core.objective import build_model
 from ..core.cache import ACTORS, WORKER, placement
 from ..core.candidates import query_depth, subset_size
-from ..retrieval.exemplar_images import ensure_store, open_exemplar_store, to_bytes
+from ..common.levels import to_bytes
+from ..retrieval.exemplar_images import ensure_store, open_exemplar_store
 from ..runs import preflight  # hook: issue16
 from ..runs.run_lock import StoreWriterLock, exclusive_run  # hook: issue16
 

@@ -14,7 +14,7 @@ import torch
 
 from ..retrieval.store import ExemplarStore
 from ..retrieval.store_rows import open_row_reader
-from ..retrieval.exemplar_images import from_bytes
+from ..common.levels import from_bytes
 
 
 class StoreImages:

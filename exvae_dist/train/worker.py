@@ -28,7 +28,7 @@ from ..core.objective import build_model
 from ..retrieval.store import ExemplarStore
 from ..runs.recorder import make_recorder
 from ..runs.tracking import make_tracker
-from ..retrieval.exemplar_images import from_bytes
+from ..common.levels import from_bytes
 from .refresh import LatentRefresh
 from ..core.cache import ACTORS, WORKER, ExemplarCache
 from .service_client import ShardedSearch
