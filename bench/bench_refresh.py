@@ -24,6 +24,9 @@ index.service_threads FAISS threads (2 as shipped), sharing the cores with the s
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_refresh.py --sizes 1e5,1e6 \\
         --before /tmp/fast_ckpts/epoch_a.pt --after /tmp/fast_ckpts/epoch_b.pt
+    # 1e7: one round, no step timing (the store alone takes ~28 min to make here)
+    EXVAE_DATA_DIR=../shared/data python bench/bench_refresh.py --sizes 1e7 --rounds 1 \\
+        --no-step --before /tmp/fast_ckpts/epoch_a.pt --after /tmp/fast_ckpts/epoch_b.pt
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--step-threads", type=int, default=1,
                     help="torch threads of the RAT step timed during a rebuild")
+    ap.add_argument("--no-step", dest="step", action="store_false",
+                    help="skip the step timing (at 1e7 it costs two more builds)")
     args = ap.parse_args()
 
     import torch
@@ -147,35 +152,44 @@ def main() -> None:
         first = served_seconds(kept, 1)
         built = {"scratch": [], "kept": []}
         status = {}
-        for _ in range(args.rounds):
+        def log(what):
+            print(f"N={n}: {what} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+
+        log(f"encode {encode[1]:.0f} / {encode[2]:.0f} s; version 1 served after {first:.0f} s")
+        for r in range(args.rounds):
             # a fresh holder has no centroids to keep: version 2 runs the k-means
             scratch = IndexHolder(str(path), ivf, load_latest=False)
             built["scratch"].append(served_seconds(scratch, 2))
+            log(f"round {r}: k-means build+swap {built['scratch'][-1]:.0f} s")
             status["scratch"] = scratch.status()
             latents = store.read_latents(2)
             recall_scratch = recall_at_10(scratch._served.index, latents, args.queries)
             scratch.close()
             built["kept"].append(served_seconds(kept, 2))
+            log(f"round {r}: kept-centroids build+swap {built['kept'][-1]:.0f} s")
             status["kept"] = kept.status()
             recall_kept = recall_at_10(kept._served.index, latents, args.queries)
             # back to version 1's centroids for the next round: a fresh holder rebuilds 1
             kept.close()
-            kept = IndexHolder(str(path), ivf, load_latest=False)
-            served_seconds(kept, 1)
-        # the RAT step, quiet and during each kind of build (kept: back at version 1)
-        torch.set_num_threads(args.step_threads)
-        torch.set_grad_enabled(True)  # load_net turned gradients off for the encoding
-        step = make_rat_step(path)[0]
-        _, _, i = step_ms(step, 0, 3)  # warm-up
-        quiet, n_quiet, i = step_ms(step, i, 30)
-        during_kept, n_kept, i = step_ms(step, i, holder=kept, version=2)
-        scratch = IndexHolder(str(path), ivf, load_latest=False)  # no centroids: k-means
-        during_scratch, n_scratch, i = step_ms(step, i, holder=scratch, version=2)
-        quiet_after, _, i = step_ms(step, i, 30)
-        scratch.close()
-        torch.set_num_threads(args.threads)
-        torch.set_grad_enabled(False)
-        kept.close()
+            if r < args.rounds - 1 or args.step:
+                kept = IndexHolder(str(path), ivf, load_latest=False)
+                served_seconds(kept, 1)
+        quiet = quiet_after = during_kept = during_scratch = float("nan")
+        n_quiet = n_kept = n_scratch = 0
+        if args.step:  # the RAT step, quiet and during each kind of build (kept: at version 1)
+            torch.set_num_threads(args.step_threads)
+            torch.set_grad_enabled(True)  # load_net turned gradients off for the encoding
+            step = make_rat_step(path)[0]
+            _, _, i = step_ms(step, 0, 3)  # warm-up
+            quiet, n_quiet, i = step_ms(step, i, 30)
+            during_kept, n_kept, i = step_ms(step, i, holder=kept, version=2)
+            scratch = IndexHolder(str(path), ivf, load_latest=False)  # no centroids: k-means
+            during_scratch, n_scratch, i = step_ms(step, i, holder=scratch, version=2)
+            quiet_after, _, i = step_ms(step, i, 30)
+            scratch.close()
+            torch.set_num_threads(args.threads)
+            torch.set_grad_enabled(False)
+            kept.close()
         row = {"n": n, "encode_s": encode[2], "first_build_s": first,
                "step_quiet_ms": (quiet + quiet_after) / 2, "step_during_kept_ms": during_kept,
                "step_during_scratch_ms": during_scratch, "steps_timed": [n_quiet, n_kept, n_scratch],
