@@ -72,6 +72,26 @@ def test_auto_ivf_with_pq_codes_reranked_reaches_recall_090():
     assert recall > plain + 0.15, (plain, recall)
 
 
+def test_pq_codes_kept_lists_encode_against_the_moved_centroids():
+    # PQ codes are residuals from their list's centroid: a version built on kept lists with
+    # moved centroids must encode against the moved ones, or its recall falls apart
+    rng = np.random.default_rng(3)
+    first = clustered(12_300, d=40, seed=5)
+    moved = first + 0.05 * rng.standard_normal(first.shape).astype(np.float32)
+    x, q = moved[:12_000], moved[12_000:]
+    truth, _ = brute_force_knn(x, q, 10)
+    cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_codes="PQ10,RFlat",
+                      auto_target_recall=0.9)
+    builder = IndexBuilder(cfg)
+    builder.build(first[:12_000])
+    index = builder.build(x)
+    assert builder.last["way"] == "lists" and index.ntotal == 12_000
+    ids, dists = search(index, q, 10)
+    assert recall_at_k(ids, truth) >= 0.9
+    exact = ((q[:, None, :].astype(np.float64) - x[ids]) ** 2).sum(-1)
+    np.testing.assert_allclose(dists, exact, rtol=1e-3, atol=1e-3)
+
+
 def test_merged_shard_answers_equal_brute_force_over_all_rows():
     x, q = clustered(3000, d=16, seed=1), clustered(50, d=16, seed=2)
     bounds = [0, 1000, 1001, 3000]  # uneven, one shard of one row (fewer slots than k)
@@ -219,17 +239,21 @@ def test_faiss_loader_chain_is_not_logged(tmp_path):
     assert "faiss.loader" not in out.stderr and "ModuleNotFoundError" not in out.stderr
 
 
-def test_kept_centroids_answer_within_the_recall_and_are_trained_again_once_stale(monkeypatch):
-    """IndexBuilder: a version whose latents moved a little keeps the last k-means' centroids
-    and still reaches the recall target on held-out queries (brute force); latents that moved
-    far (another place and scale) make the calibration ask for many more probes, and the
-    centroids are trained again."""
+def test_index_builder_keeps_lists_then_centroids_and_trains_again_once_stale(monkeypatch):
+    """IndexBuilder, brute force as the truth: a version whose latents moved a little keeps
+    every row's list (no row searched for, no k-means), its centroids move to their lists'
+    means, and it still reaches the recall target on held-out queries; the same latents in
+    another row order make the kept lists wrong for nearly every row, the calibration says
+    so, and the rows are assigned afresh to the kept centroids (still no k-means); latents
+    that moved far (another place and scale) train the centroids again."""
     from exvae_dist.retrieval import index as index_mod
 
-    kmeans = []
-    train = index_mod._trained_ivfhnsw
+    kmeans, assigned = [], []
+    train, nearest = index_mod._trained_ivfhnsw, index_mod._nearest_lists
     monkeypatch.setattr(index_mod, "_trained_ivfhnsw",
                         lambda *a, **kw: kmeans.append(1) or train(*a, **kw))
+    monkeypatch.setattr(index_mod, "_nearest_lists",
+                        lambda *a, **kw: assigned.append(1) or nearest(*a, **kw))
     cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_target_recall=0.95)
     builder = IndexBuilder(cfg, seed=1)
     rng = np.random.default_rng(7)
@@ -241,18 +265,35 @@ def test_kept_centroids_answer_within_the_recall_and_are_trained_again_once_stal
 
     first = clustered(20_200, d=16, seed=21)
     index = builder.build(first[:20_000])
-    assert builder.last["trained"] and len(kmeans) == 1
+    assert builder.last["way"] == "kmeans" and len(kmeans) == 1 and len(assigned) == 1
     assert held_out_recall(index, first) >= 0.93
+    lists = builder._lists.copy()
 
     moved = first + 0.05 * rng.standard_normal(first.shape).astype(np.float32)
     index = builder.build(moved[:20_000])
-    assert not builder.last["trained"] and len(kmeans) == 1  # no k-means for this version
+    assert builder.last["way"] == "lists" and len(kmeans) == 1 and len(assigned) == 1
     assert index.ntotal == 20_000 and builder.last["recall"] >= 0.95
     assert held_out_recall(index, moved) >= 0.93
+    np.testing.assert_array_equal(builder._lists, lists)
+    # every row sits in its old list, and each centroid is the numpy mean of its rows
+    ivf = faiss.extract_index_ivf(index)
+    for list_no in range(ivf.nlist):
+        ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(list_no), ivf.invlists.list_size(list_no))
+        np.testing.assert_array_equal(np.sort(ids), np.flatnonzero(lists == list_no))
+    centroids = index_mod._centroids(builder._trained)
+    for list_no in np.unique(lists)[:50]:
+        np.testing.assert_allclose(centroids[list_no],
+                                   moved[:20_000][lists == list_no].astype(np.float64).mean(0),
+                                   rtol=1e-5, atol=1e-5)
     # the kept template is still empty: versions never share vectors
     assert builder._trained.ntotal == 0
 
+    shuffled = moved[np.concatenate([rng.permutation(20_000), np.arange(20_000, 20_200)])]
+    index = builder.build(shuffled[:20_000])
+    assert builder.last["way"] == "assign" and len(kmeans) == 1 and len(assigned) == 2
+    assert builder.last["recall"] >= 0.95 and held_out_recall(index, shuffled) >= 0.93
+
     elsewhere = 4.0 * clustered(20_200, d=16, seed=22) + 10.0
     index = builder.build(elsewhere[:20_000])
-    assert builder.last["trained"] and len(kmeans) == 2
+    assert builder.last["way"] == "kmeans" and len(kmeans) == 2
     assert held_out_recall(index, elsewhere) >= 0.93

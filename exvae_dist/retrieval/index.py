@@ -43,7 +43,7 @@ from exvae_dist.config import IndexConfig
 
 log = logging.getLogger(__name__)
 
-# HNSW efSearch while adding vectors to kind=auto's IVF (see _add_assigning_cheaply)
+# HNSW efSearch while assigning rows to kind=auto's lists (see _nearest_lists)
 ADD_EF_SEARCH = 16
 # the smallest HNSW efSearch of a query's walk over kind=auto's centroids (FAISS's default)
 MIN_EF_SEARCH = 16
@@ -65,8 +65,9 @@ UNCALIBRATED_NPROBE = 64
 # PQ codes over the lists (index.auto_codes=PQ...,RFlat): candidates re-ranked exactly per
 # neighbour asked for; 10 reached recall@10 ~0.98 at N = 1e6 on clustered d=40 latents
 REFINE_FACTOR = 10
-# IndexBuilder trains the coarse centroids again once a query scans more than this many
-# times the vectors it scanned right after their k-means (calibrated nprobe x list imbalance)
+# IndexBuilder gives up what it kept (lists, then centroids) once a query scans more than
+# this many times the vectors it scanned right after the last k-means (calibrated nprobe x
+# list imbalance)
 RETRAIN_SCAN_GROWTH = 1.5
 
 
@@ -96,7 +97,7 @@ def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0,
                 recall_k: int = DEFAULT_RECALL_K) -> faiss.Index:
     """An index over latents [N, d] (row n gets id n), ready to search; kind=auto's IVF is
     calibrated for the recall of the `recall_k` nearest. One version, from scratch:
-    IndexBuilder.build keeps the coarse quantizer across the versions of a training run.
+    IndexBuilder.build keeps the lists and centroids across the versions of a training run.
 
     Search parameters (nprobe, re-ranking depth) are set here and travel with the index.
     An index over one shard's rows numbers them from 0; the shard adds its first row.
@@ -108,25 +109,37 @@ def build_index(latents: np.ndarray, cfg: IndexConfig, seed: int = 0,
 class IndexBuilder:
     """Builds the successive versions of one training run's index.
 
-    kind=auto's IVF spends most of a build from scratch on the k-means of its coarse
-    centroids (1e7: 97 s of 307 s, bench/README.md), yet between two refreshes the encoder
-    moves the latents little, so the centroids of an earlier version still cut the space
-    well. A build therefore reuses the trained, empty IVF of the last version that ran the
-    k-means (its centroids and, with PQ codes, its codebooks) and only assigns the new
-    vectors to lists; the calibration that follows measures the recall it reaches anyway.
-    The k-means runs again when the calibrated recall says the centroids have gone stale:
-    the target is out of reach, or reaching it scans more than RETRAIN_SCAN_GROWTH times the
-    vectors per query that the freshly trained centroids scanned: more lists probed, or lists
-    grown uneven (the latents crowd into fewer of them), measured as the calibrated nprobe
-    times FAISS's list imbalance factor (1 for lists of equal length).
-    With calibration off (index.auto_target_recall=0) nothing can say so: every build
-    trains, as build_index does. `last` describes the newest build (for logs and status).
+    Between two refreshes the encoder moves the latents little, so most of what a kind=auto
+    IVF build from scratch computes would come out nearly the same: the k-means of its coarse
+    centroids, and which list each row falls in (at 1e7 the k-means took 869 s a version and
+    assigning the rows through the HNSW quantizer most of the remaining 369 s:
+    bench/README.md). A build therefore tries the cheapest of three ways first, calibrates
+    what it built (`calibrate_nprobe`) and only goes on to the next when the calibrated
+    recall says the cheaper one has gone stale:
+
+    1. "lists":    every row goes into the list it went into last version, and each list's
+                   centroid moves to the mean of its rows' new latents (the update step of
+                   k-means without its assignment step); the HNSW graph over the centroids
+                   is kept, with the moved centroids written into it. No row is searched
+                   for: copying the rows into their lists is the whole build.
+    2. "assign":   the rows are assigned afresh (the HNSW walk) to the centroids kept from
+                   the last version.
+    3. "kmeans":   new centroids (and, with PQ codes, codebooks) from a k-means.
+
+    Stale means: the recall target is out of reach, or reaching it scans more than
+    RETRAIN_SCAN_GROWTH times the vectors per query that the last k-means' index scanned:
+    more lists probed, or lists grown uneven (the latents crowd into fewer of them),
+    measured as the calibrated nprobe times FAISS's list imbalance factor (1 for lists of
+    equal length). A way that keeps something needs a calibration to say so: with it off
+    (index.auto_target_recall=0) every build runs the k-means, as build_index does.
+    `last` describes the newest build (for logs and status).
     """
 
     def __init__(self, cfg: IndexConfig, seed: int = 0, recall_k: int = DEFAULT_RECALL_K):
         self.cfg, self.seed, self.recall_k = cfg, seed, recall_k
-        self._trained: Optional[faiss.Index] = None  # empty, trained IVF of the last k-means
-        self._trained_scan = 0.0  # scan_cost() right after that k-means
+        self._trained: Optional[faiss.Index] = None  # empty IVF with the newest centroids
+        self._lists: Optional[np.ndarray] = None  # int64 [N]: each row's list, last version
+        self._trained_scan = 0.0  # scan_cost() of the last k-means' build
         self.last: dict = {}
 
     def build(self, latents: np.ndarray) -> faiss.Index:
@@ -137,21 +150,31 @@ class IndexBuilder:
         if resolve_kind(n, self.cfg) == "flat":
             index = _gpu_or_cpu(faiss.IndexFlatL2(d), self.cfg)
             index.add(x)
-            self.last = {"trained": None}  # no centroids: an exact index
+            self._trained = self._lists = None
+            self.last = {"way": "flat"}  # no centroids: an exact index
             return index
         calibrated = self.cfg.auto_target_recall > 0
         template = self._trained
-        if template is None or template.d != d \
+        if not calibrated or template is None or template.d != d \
                 or faiss.extract_index_ivf(template).nlist != auto_nlist(n):
             template = None
-        while True:  # at most twice: kept centroids found stale are trained once, here
+        ways, kept = ["kmeans"], template
+        if template is not None:
+            ways = (["lists"] if self._lists is not None and len(self._lists) == n else []) \
+                + ["assign", "kmeans"]
+        start = time.perf_counter()
+        for way in ways:
             t0 = time.perf_counter()
-            trained = template is None
-            if trained:
+            if way == "kmeans":
                 template = _trained_ivfhnsw(x, self.cfg, self.seed)
+            elif way == "lists":
+                template = _with_list_means(kept, x, self._lists)
+            else:  # the kept centroids, not the means of lists found stale
+                template = kept
             index = faiss.clone_index(template)
             t1 = time.perf_counter()
-            _add_assigning_cheaply(index, x)
+            lists = self._lists if way == "lists" else _nearest_lists(index, x)
+            _add_to_lists(index, x, lists)
             t2 = time.perf_counter()
             nprobe, recall, bound = calibrate_nprobe(index, x, self.cfg, self.seed,
                                                      self.recall_k) \
@@ -159,21 +182,25 @@ class IndexBuilder:
             scan = scan_cost(index)
             stale = bound < self.cfg.auto_target_recall \
                 or scan > RETRAIN_SCAN_GROWTH * self._trained_scan
-            if trained or not stale:
+            if way == "kmeans" or not stale:
                 break
-            log.info("the kept centroids scan %.1f lists' worth per query for recall@%d %.3f "
-                     "(after their k-means: %.1f): training them again", scan, self.recall_k,
-                     recall, self._trained_scan)
-            template = None
-        if trained and calibrated:
-            self._trained, self._trained_scan = template, scan
-        self.last = {"trained": trained, "kmeans_seconds": t1 - t0, "add_seconds": t2 - t1,
-                     "calibration_seconds": time.perf_counter() - t2, "nprobe": nprobe,
-                     "recall": recall, "scan": scan, "seconds": time.perf_counter() - t0}
+            log.info("%s: recall@%d %.3f needs %.1f lists' worth scanned per query (after the "
+                     "last k-means: %.1f): stale", _WAYS[way], self.recall_k, recall, scan,
+                     self._trained_scan)
+        if way == "kmeans":
+            self._trained_scan = scan
+        self._trained, self._lists = (template, lists) if calibrated else (None, None)
+        self.last = {"way": way, "centroid_seconds": t1 - t0,
+                     "add_seconds": t2 - t1, "calibration_seconds": time.perf_counter() - t2,
+                     "nprobe": nprobe, "recall": recall, "scan": scan,
+                     "seconds": time.perf_counter() - start}
         log.info("%s over %d rows: %s %.1f s, adding %.1f s, calibration %.1f s",
-                 describe(index), n, "k-means" if trained else "kept centroids, copying",
-                 t1 - t0, t2 - t1, time.perf_counter() - t2)
+                 describe(index), n, _WAYS[way], t1 - t0, t2 - t1, time.perf_counter() - t2)
         return index
+
+
+_WAYS = {"lists": "kept lists, centroids moved to their means",
+         "assign": "kept centroids, rows assigned afresh", "kmeans": "k-means"}
 
 
 def scan_cost(index: faiss.Index) -> float:
@@ -380,17 +407,53 @@ def _trained_ivfhnsw(x: np.ndarray, cfg: IndexConfig, seed: int) -> faiss.Index:
     return index
 
 
-def _add_assigning_cheaply(index: faiss.Index, x: np.ndarray) -> None:
-    """index.add(x) with a shallow HNSW walk: adding needs only each vector's nearest list
-    (1 of nlist), not the nprobe lists a query visits, and the walk with the query-time
-    efSearch was most of a large build (bench/README.md). The query-time efSearch is put
-    back afterwards."""
-    hnsw = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw
+def _nearest_lists(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """int64 [N]: the list each row of x goes into, by a shallow HNSW walk over the
+    centroids: a row needs only its nearest list (1 of nlist), not the nprobe lists a query
+    visits, and the walk with the query-time efSearch was most of a large build
+    (bench/README.md). The query-time efSearch is put back afterwards."""
+    ivf = faiss.extract_index_ivf(index)
+    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
     saved, hnsw.efSearch = hnsw.efSearch, ADD_EF_SEARCH
     try:
-        index.add(x)
+        _, lists = ivf.quantizer.search(x, 1)
     finally:
         hnsw.efSearch = saved
+    return lists[:, 0].astype(np.int64)
+
+
+def _add_to_lists(index: faiss.Index, x: np.ndarray, lists: np.ndarray) -> None:
+    """index.add(x) with each row's list given (int64 [N]): row i gets id ntotal + i."""
+    ivf = faiss.extract_index_ivf(index)
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
+    if isinstance(index, faiss.IndexRefine):  # PQ codes: the exact re-ranker holds the rows
+        index.refine_index.add(x)
+        index.ntotal = ivf.ntotal
+
+
+def _centroids(index: faiss.Index) -> np.ndarray:
+    """float32 [nlist, d], a writable view of the centroids inside the HNSW quantizer."""
+    ivf = faiss.extract_index_ivf(index)
+    storage = faiss.downcast_index(faiss.downcast_index(ivf.quantizer).storage)
+    return faiss.rev_swig_ptr(storage.get_xb(), ivf.nlist * index.d).reshape(ivf.nlist,
+                                                                             index.d)
+
+
+def _with_list_means(template: faiss.Index, x: np.ndarray, lists: np.ndarray) -> faiss.Index:
+    """A copy of the empty IVF `template` whose centroids are the means of the rows of x in
+    each list (int64 [N]); an empty list keeps its centroid. The quantizer's HNSW graph,
+    built over the old centroids, stays: they moved little, and the calibration measures
+    the walk over the moved ones (rebuilding it took ~10 s at 156,250 lists)."""
+    index = faiss.clone_index(template)
+    centroids = _centroids(index)
+    nlist, d = centroids.shape
+    counts = np.bincount(lists, minlength=nlist)
+    # one weighted bincount per dimension (float64 sums): np.add.at over [N, d] is ~10x slower
+    sums = np.stack([np.bincount(lists, weights=x[:, j], minlength=nlist) for j in range(d)], 1)
+    filled = counts > 0
+    centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    return index
 
 
 def _without_own_row(ids: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

@@ -71,7 +71,7 @@ class _Served:
     d: int
     build_seconds: float
     description: str
-    kept_centroids: bool = False  # built on the last k-means' centroids (IndexBuilder)
+    build_way: str = "kmeans"  # IndexBuilder.last["way"]: flat, lists, assign or kmeans
 
 
 class IndexHolder:
@@ -93,7 +93,7 @@ class IndexHolder:
             raise ValueError(f"shard {shard} of {shards} over {self.store.n} exemplars has no "
                              f"rows: use at most {self.store.n} shards")
         faiss.omp_set_num_threads(max(1, cfg.service_threads))
-        # used by the builder thread only: keeps kind=auto's centroids across versions
+        # used by the builder thread only: keeps kind=auto's lists and centroids across versions
         self._builder = IndexBuilder(cfg, recall_k=recall_k)
         # version -> _Served; replaced as a whole (never mutated), so a reader sees one dict
         self._held: dict[int, _Served] = {}
@@ -209,7 +209,7 @@ class IndexHolder:
 
     def status(self) -> dict[str, Any]:
         """version (newest held), ready (all held), committed, failed_version, shard, shards,
-        rows, n, d, kind, build_seconds, kept_centroids, queries_served, building, pending,
+        rows, n, d, kind, build_seconds, build_way, queries_served, building, pending,
         last_error."""
         with self._lock:
             return self._status_locked()
@@ -243,7 +243,7 @@ class IndexHolder:
                 "d": None if served is None else served.d,
                 "kind": None if served is None else served.description,
                 "build_seconds": None if served is None else served.build_seconds,
-                "kept_centroids": None if served is None else served.kept_centroids,
+                "build_way": None if served is None else served.build_way,
                 "queries_served": self._queries,
                 "building": self._building is not None,
                 "building_version": self._building,
@@ -313,7 +313,7 @@ class IndexHolder:
                  self.shard, self.shards, seconds, describe(index), *latents.shape)
         return _Served(version=version, index=index, n=latents.shape[0], d=latents.shape[1],
                        build_seconds=seconds, description=describe(index),
-                       kept_centroids=self._builder.last.get("trained") is False)
+                       build_way=self._builder.last["way"])
 
 
 # -- the Ray actor -------------------------------------------------------------------------
