@@ -3,30 +3,35 @@
 Per N, one deformed-MNIST store (data/ingest's DeformedMnistSource, built in the run) and
 two consecutive weights of a trained encoder (--before / --after: checkpoints one epoch
 apart, so the latents move as much as they do between two refreshes). Version 1 is encoded
-with --before and served; version 2 with --after. Then version 2's index is built both ways,
-alternating over --rounds, each by an IndexHolder (the index service's own code, its one
-build thread) that already serves version 1:
+with --before and built (k-means); version 2 with --after. Then version 2's index is built
+in each of IndexBuilder's ways (--ways), alternating over --rounds, each by a fresh
+IndexHolder (the index service's own code, its one build thread) whose builder holds what
+version 1's build left:
 
-- scratch: a fresh holder, whose builder has no centroids yet: version 2 runs the k-means,
-  as every version did before issue 31;
-- kept:    the holder that built version 1, reusing its centroids (IndexBuilder).
+- kmeans: nothing kept: version 2 runs the k-means, as every version did before issue 31;
+- assign: version 1's centroids kept, every row assigned afresh (the HNSW walk), as
+          IndexBuilder did from e63566e;
+- lists:  version 1's lists kept, centroids moved to their rows' means (IndexBuilder now).
 
 Printed per N: encode s (torch threads --threads), build s and refresh-to-served s (refresh
-call -> the new version answers; the swap is one reference assignment) for both, recall@10
-of version 2's index on --queries of its own rows against exact search (FAISS knn, own row
-left out, as RAT leaves it out), and which builds kept their centroids.
+call -> the new version answers; the swap is one reference assignment) per way, recall@10
+of each version-2 index on --queries of its own rows against exact search (FAISS knn, own
+row left out, as RAT leaves it out; the truth computed once per N), and which way the
+builder took (a kept way whose calibration says stale falls through to the next).
 
 Step during a rebuild: bench_scale's RAT step (a worker's step minus the index query: batch
 and candidate rows read by id from the store, train_step of the paper's MLP VAE) at
---step-threads torch threads, timed while nothing builds (quiet) and while the holder builds
-version 2 in its thread, both ways; medians, and their ratio to quiet. The build runs with
+--step-threads torch threads, timed while nothing builds (quiet) and while a holder builds
+version 2 in each way; medians, and their ratio to quiet. The build runs with
 index.service_threads FAISS threads (2 as shipped), sharing the cores with the step.
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_refresh.py --sizes 1e5,1e6 \\
         --before /tmp/fast_ckpts/epoch_a.pt --after /tmp/fast_ckpts/epoch_b.pt
-    # 1e7: one round, no step timing (the store alone takes ~28 min to make here)
+    # 1e7: one round, no step timing, no k-means of version 2 (the store alone takes ~12 min
+    # to make here, each k-means ~14 min)
     EXVAE_DATA_DIR=../shared/data python bench/bench_refresh.py --sizes 1e7 --rounds 1 \\
-        --no-step --before /tmp/fast_ckpts/epoch_a.pt --after /tmp/fast_ckpts/epoch_b.pt
+        --no-step --ways assign,lists --before /tmp/fast_ckpts/epoch_a.pt \\
+        --after /tmp/fast_ckpts/epoch_b.pt
 """
 
 from __future__ import annotations
@@ -63,18 +68,35 @@ def load_net(path: str, image_shape):
     return model.net
 
 
-def recall_at_10(index, latents: np.ndarray, queries: int, seed: int = 0) -> float:
+def exact_truth(latents: np.ndarray, queries: int, seed: int = 0):
+    """(rows, their 10 nearest other rows): exact search (FAISS knn), own row left out."""
     import faiss
 
     rows = np.sort(np.random.default_rng(seed).choice(len(latents), queries, replace=False))
-    q = latents[rows]
-    _, truth = faiss.knn(q, latents, 11)
-    _, found = index.search(q, 11)
-    hits = []
-    for r, f, t in zip(rows, found, truth):
-        f, t = [i for i in f if i != r][:10], [i for i in t if i != r][:10]
-        hits.append(len(set(f) & set(t)) / 10)
-    return float(np.mean(hits))
+    _, truth = faiss.knn(latents[rows], latents, 11)
+    return rows, [[i for i in t if i != r][:10] for r, t in zip(rows, truth)]
+
+
+def recall_at_10(index, latents: np.ndarray, truth) -> float:
+    rows, nearest = truth
+    _, found = index.search(latents[rows], 11)
+    return float(np.mean([len(set(i for i in f if i != r) & set(t)) / 10
+                          for r, f, t in zip(rows, found, nearest)]))
+
+
+def holder_after_version_1(path, cfg, kept_state, way: str):
+    """A fresh IndexHolder whose builder holds what version 1's build left: nothing (way
+    kmeans), version 1's centroids (assign) or its centroids and lists (lists). The bench
+    sets the builder's private state so that every way starts from the same version 1."""
+    from exvae_dist.retrieval.service import IndexHolder
+
+    holder = IndexHolder(str(path), cfg, load_latest=False)
+    if way != "kmeans":
+        trained, lists, scan = kept_state
+        builder = holder._builder
+        builder._trained, builder._trained_scan = trained, scan
+        builder._lists = lists if way == "lists" else None
+    return holder
 
 
 def step_ms(step, first: int, count: int = 0, holder=None, version: int = 0) -> tuple[float, int]:
@@ -104,21 +126,28 @@ def main() -> None:
     ap.add_argument("--sizes", default="1e5,1e6")
     ap.add_argument("--before", required=True, help="checkpoint of the encoder for version 1")
     ap.add_argument("--after", required=True, help="the next epoch's checkpoint (version 2)")
+    ap.add_argument("--ways", default=",".join(WAYS),
+                    help=f"IndexBuilder ways to build version 2 with, of {','.join(WAYS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the encoding")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--step-threads", type=int, default=1,
                     help="torch threads of the RAT step timed during a rebuild")
+    ap.add_argument("--service-threads", type=int, default=None,
+                    help="FAISS threads of the index builds (default: index.service_threads "
+                         "as shipped)")
     ap.add_argument("--no-step", dest="step", action="store_false",
-                    help="skip the step timing (at 1e7 it costs two more builds)")
+                    help="skip the step timing (at 1e7 it costs more builds)")
     args = ap.parse_args()
+    ways = args.ways.split(",")
+    if not set(ways) <= set(WAYS):
+        ap.error(f"--ways: {args.ways!r} is not a subset of {','.join(WAYS)}")
 
     import torch
 
     from exvae_dist.config import IndexConfig
     from exvae_dist.data import ingest as ingest_mod
-    from exvae_dist.retrieval.service import IndexHolder
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.refresh import encode_into_version
     from exvae_dist.train.store_images import StoreImages
@@ -128,14 +157,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_refresh_"))
     cfg = IndexConfig()  # kind=auto as shipped
+    if args.service_threads is not None:
+        cfg = dataclasses.replace(cfg, service_threads=args.service_threads)
+    # a kind=auto IVF at every N here (below auto_exact_below the cache is in the workers)
+    ivf = dataclasses.replace(cfg, auto_exact_below=0)
     rows_out = []
     for n in (int(float(s)) for s in args.sizes.split(",")):
+        def log(what):
+            print(f"N={n}: {what} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+
         path = work / f"deformed_{n}"
         shutil.rmtree(path, ignore_errors=True)
         t = time.perf_counter()
         source = ingest_mod.DeformedMnistSource(n, seed=0, data_root=os.environ.get("EXVAE_DATA_DIR"))
         ingest_mod.ingest(source, path, progress=False)
-        print(f"N={n}: store built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        log(f"store built in {time.perf_counter() - t:.0f} s")
         store = ExemplarStore(path)
         images = StoreImages(store, cache_bytes=0)
         encode = {}
@@ -146,80 +182,68 @@ def main() -> None:
             encode_into_version(store, version, net, images, 0, store.n)
             store.mark_complete(version)
             encode[version] = time.perf_counter() - t
-        # a kind=auto IVF at every N here (below auto_exact_below the cache is in the workers)
-        ivf = dataclasses.replace(cfg, auto_exact_below=0)
-        kept = IndexHolder(str(path), ivf, load_latest=False)
-        first = served_seconds(kept, 1)
-        built = {"scratch": [], "kept": []}
-        status = {}
-        def log(what):
-            print(f"N={n}: {what} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
-
-        log(f"encode {encode[1]:.0f} / {encode[2]:.0f} s; version 1 served after {first:.0f} s")
+        first = holder_after_version_1(path, ivf, None, "kmeans")
+        first_s = served_seconds(first, 1)
+        builder = first._builder
+        kept_state = (builder._trained, builder._lists, builder._trained_scan)
+        first.close()
+        log(f"encode {encode[1]:.0f} / {encode[2]:.0f} s; version 1 served after {first_s:.0f} s")
+        truth = exact_truth(store.read_latents(2), args.queries)
+        built = {way: [] for way in ways}
+        took, recall, kind = {}, {}, {}
         for r in range(args.rounds):
-            # a fresh holder has no centroids to keep: version 2 runs the k-means
-            scratch = IndexHolder(str(path), ivf, load_latest=False)
-            built["scratch"].append(served_seconds(scratch, 2))
-            log(f"round {r}: k-means build+swap {built['scratch'][-1]:.0f} s")
-            status["scratch"] = scratch.status()
-            latents = store.read_latents(2)
-            recall_scratch = recall_at_10(scratch._served.index, latents, args.queries)
-            scratch.close()
-            built["kept"].append(served_seconds(kept, 2))
-            log(f"round {r}: kept-centroids build+swap {built['kept'][-1]:.0f} s")
-            status["kept"] = kept.status()
-            recall_kept = recall_at_10(kept._served.index, latents, args.queries)
-            # back to version 1's centroids for the next round: a fresh holder rebuilds 1
-            kept.close()
-            if r < args.rounds - 1 or args.step:
-                kept = IndexHolder(str(path), ivf, load_latest=False)
-                served_seconds(kept, 1)
-        quiet = quiet_after = during_kept = during_scratch = float("nan")
-        n_quiet = n_kept = n_scratch = 0
-        if args.step:  # the RAT step, quiet and during each kind of build (kept: at version 1)
+            for way in ways:
+                holder = holder_after_version_1(path, ivf, kept_state, way)
+                built[way].append(served_seconds(holder, 2))
+                status = holder.status()
+                took[way], kind[way] = status["build_way"], status["kind"]
+                recall[way] = recall_at_10(holder._served.index, store.read_latents(2), truth)
+                holder.close()
+                log(f"round {r}: {way}: build+swap {built[way][-1]:.1f} s, built by "
+                    f"{took[way]}, recall@10 {recall[way]:.3f}")
+        quiet = float("nan")
+        during = {way: float("nan") for way in ways}
+        timed = {way: 0 for way in ways}
+        if args.step:  # the RAT step, quiet and during each way's build
             torch.set_num_threads(args.step_threads)
             torch.set_grad_enabled(True)  # load_net turned gradients off for the encoding
             step = make_rat_step(path)[0]
             _, _, i = step_ms(step, 0, 3)  # warm-up
-            quiet, n_quiet, i = step_ms(step, i, 30)
-            during_kept, n_kept, i = step_ms(step, i, holder=kept, version=2)
-            scratch = IndexHolder(str(path), ivf, load_latest=False)  # no centroids: k-means
-            during_scratch, n_scratch, i = step_ms(step, i, holder=scratch, version=2)
+            quiet, _, i = step_ms(step, i, 30)
+            for way in ways:
+                holder = holder_after_version_1(path, ivf, kept_state, way)
+                during[way], timed[way], i = step_ms(step, i, holder=holder, version=2)
+                holder.close()
             quiet_after, _, i = step_ms(step, i, 30)
-            scratch.close()
+            quiet = (quiet + quiet_after) / 2
             torch.set_num_threads(args.threads)
             torch.set_grad_enabled(False)
-            kept.close()
-        row = {"n": n, "encode_s": encode[2], "first_build_s": first,
-               "step_quiet_ms": (quiet + quiet_after) / 2, "step_during_kept_ms": during_kept,
-               "step_during_scratch_ms": during_scratch, "steps_timed": [n_quiet, n_kept, n_scratch],
-               "scratch_s": float(np.median(built["scratch"])),
-               "kept_s": float(np.median(built["kept"])),
-               "scratch_rounds": built["scratch"], "kept_rounds": built["kept"],
-               "recall_scratch": recall_scratch, "recall_kept": recall_kept,
-               "kept_kind": status["kept"]["kind"], "scratch_kind": status["scratch"]["kind"],
-               "kept_centroids": status["kept"]["kept_centroids"]}
+        row = {"n": n, "encode_s": encode[2], "first_build_s": first_s, "step_quiet_ms": quiet,
+               **{f"{way}_{what}": value for way in ways for what, value in (
+                   ("s", float(np.median(built[way]))), ("rounds", built[way]),
+                   ("recall", recall[way]), ("took", took[way]), ("kind", kind[way]),
+                   ("step_ms", during[way]), ("steps", timed[way]))}}
         print(row, file=sys.stderr, flush=True)
         rows_out.append(row)
         shutil.rmtree(path, ignore_errors=True)
 
     print(f"\nrefresh-to-served, version 2 of a deformed-MNIST store (encode at {args.threads} "
           f"torch threads; index builds in the service's build thread, FAISS at "
-          f"index.service_threads={cfg.service_threads}; step at {args.step_threads} thread(s); medians of "
-          f"{args.rounds} alternating rounds)\n")
-    print("| N | encode s | build+swap s, k-means each version | build+swap s, kept centroids | "
-          "refresh-to-served s, before / after | recall@10 before / after | after: index | "
-          "step ms quiet | step during build, before / after (x quiet) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"index.service_threads={cfg.service_threads}; step at {args.step_threads} "
+          f"thread(s); medians of {args.rounds} alternating rounds)\n")
+    print("| N | way (built by) | encode s | build+swap s | refresh-to-served s | recall@10 | "
+          "index | step ms during build (x quiet; steps timed) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows_out:
-        print(f"| {r['n']:.0e} | {r['encode_s']:.1f} | {r['scratch_s']:.1f} | {r['kept_s']:.1f} "
-              f"| {r['encode_s'] + r['scratch_s']:.1f} / {r['encode_s'] + r['kept_s']:.1f} | "
-              f"{r['recall_scratch']:.3f} / {r['recall_kept']:.3f} | {r['kept_kind']}"
-              f"{' (kept)' if r['kept_centroids'] else ' (trained again)'} | "
-              f"{r['step_quiet_ms']:.1f} | {r['step_during_scratch_ms']:.1f} "
-              f"({r['step_during_scratch_ms'] / r['step_quiet_ms']:.2f}) / "
-              f"{r['step_during_kept_ms']:.1f} ({r['step_during_kept_ms'] / r['step_quiet_ms']:.2f}) |")
+        for way in ways:
+            print(f"| {r['n']:.0e} | {way} ({r[way + '_took']}) | {r['encode_s']:.1f} | "
+                  f"{r[way + '_s']:.1f} | {r['encode_s'] + r[way + '_s']:.1f} | "
+                  f"{r[way + '_recall']:.3f} | {r[way + '_kind']} | {r[way + '_step_ms']:.1f} "
+                  f"({r[way + '_step_ms'] / r['step_quiet_ms']:.2f}; {r[way + '_steps']}) |")
+        print(f"| {r['n']:.0e} | quiet step | | | | | | {r['step_quiet_ms']:.1f} |")
 
+
+WAYS = ("kmeans", "assign", "lists")
 
 if __name__ == "__main__":
     main()
