@@ -72,12 +72,14 @@ def test_auto_ivf_with_pq_codes_reranked_reaches_recall_090():
     assert recall > plain + 0.15, (plain, recall)
 
 
-def test_pq_codes_kept_lists_encode_against_the_moved_centroids():
-    # PQ codes are residuals from their list's centroid: a version built on kept lists with
-    # moved centroids must encode against the moved ones, or its recall falls apart
-    rng = np.random.default_rng(3)
+def test_pq_codes_kept_lists_encode_and_search_against_the_moved_centroids():
+    # PQ codes are residuals from their list's centroid, and PQ searches take part of each
+    # distance from a table of centroid terms: latents shifted as a whole keep every row's
+    # list but move every centroid, so a version built on kept lists must encode AND search
+    # against the moved centroids. Its PQ distances (before the exact re-rank) must be as
+    # good as those of a k-means build of the same latents.
     first = clustered(12_300, d=40, seed=5)
-    moved = first + 0.05 * rng.standard_normal(first.shape).astype(np.float32)
+    moved = first + 1.0
     x, q = moved[:12_000], moved[12_000:]
     truth, _ = brute_force_knn(x, q, 10)
     cfg = IndexConfig(kind="auto", auto_exact_below=0, auto_codes="PQ10,RFlat",
@@ -90,6 +92,15 @@ def test_pq_codes_kept_lists_encode_against_the_moved_centroids():
     assert recall_at_k(ids, truth) >= 0.9
     exact = ((q[:, None, :].astype(np.float64) - x[ids]) ** 2).sum(-1)
     np.testing.assert_allclose(dists, exact, rtol=1e-3, atol=1e-3)
+
+    def pq_error(index):
+        ivf = faiss.extract_index_ivf(index)
+        set_nprobe(index, ivf.nlist)
+        d, i = ivf.search(q, 10)
+        return np.abs(d - ((q[:, None, :].astype(np.float64) - x[i]) ** 2).sum(-1)).mean()
+
+    fresh = build_index(x, cfg)
+    assert pq_error(index) <= 1.5 * pq_error(fresh)
 
 
 def test_merged_shard_answers_equal_brute_force_over_all_rows():
@@ -287,10 +298,16 @@ def test_index_builder_keeps_lists_then_centroids_and_trains_again_once_stale(mo
                                    rtol=1e-5, atol=1e-5)
     # the kept template is still empty: versions never share vectors
     assert builder._trained.ntotal == 0
+    # and the next build moves copies: the centroids this version serves stay where they are
+    served, kept = (index_mod._centroids(index).copy(),
+                    index_mod._centroids(builder._trained).copy())
+    served_index = index
 
     shuffled = moved[np.concatenate([rng.permutation(20_000), np.arange(20_000, 20_200)])]
     index = builder.build(shuffled[:20_000])
     assert builder.last["way"] == "assign" and len(kmeans) == 1 and len(assigned) == 2
+    np.testing.assert_array_equal(index_mod._centroids(served_index), served)
+    np.testing.assert_array_equal(index_mod._centroids(builder._trained), kept)
     assert builder.last["recall"] >= 0.95 and held_out_recall(index, shuffled) >= 0.93
 
     elsewhere = 4.0 * clustered(20_200, d=16, seed=22) + 10.0

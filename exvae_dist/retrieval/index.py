@@ -419,6 +419,9 @@ def _nearest_lists(index: faiss.Index, x: np.ndarray) -> np.ndarray:
         _, lists = ivf.quantizer.search(x, 1)
     finally:
         hnsw.efSearch = saved
+    if (lists < 0).any():  # add would skip such a row; a kept-lists build could not place it
+        raise RuntimeError(f"the HNSW walk over {ivf.nlist} centroids found no list for "
+                           f"{int((lists < 0).sum())} rows")
     return lists[:, 0].astype(np.int64)
 
 
@@ -453,6 +456,11 @@ def _with_list_means(template: faiss.Index, x: np.ndarray, lists: np.ndarray) ->
     sums = np.stack([np.bincount(lists, weights=x[:, j], minlength=nlist) for j in range(d)], 1)
     filled = counts > 0
     centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if isinstance(ivf, faiss.IndexIVFPQ) and ivf.by_residual:
+        # PQ searches take part of each distance from a table of centroid x codebook terms
+        # that train() filled: with the centroids moved, it must be filled again
+        ivf.precompute_table()
     return index
 
 
