@@ -22,8 +22,8 @@ builder took (a kept way whose calibration says stale falls through to the next)
 Step during a rebuild: bench_scale's RAT step (a worker's step minus the index query: batch
 and candidate rows read by id from the store, train_step of the paper's MLP VAE) at
 --step-threads torch threads, timed while nothing builds (quiet) and while a holder builds
-version 2 in each way; medians, and their ratio to quiet. The build runs with
-index.service_threads FAISS threads (2 as shipped), sharing the cores with the step.
+version 2 in each way; medians, and their ratio to quiet. The build runs in the holder's
+build thread with service.BUILD_THREADS (1) FAISS threads, beside the step's threads.
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_refresh.py --sizes 1e5,1e6 \\
         --before /tmp/fast_ckpts/epoch_a.pt --after /tmp/fast_ckpts/epoch_b.pt
@@ -134,9 +134,6 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--step-threads", type=int, default=1,
                     help="torch threads of the RAT step timed during a rebuild")
-    ap.add_argument("--service-threads", type=int, default=None,
-                    help="FAISS threads of the index builds (default: index.service_threads "
-                         "as shipped)")
     ap.add_argument("--no-step", dest="step", action="store_false",
                     help="skip the step timing (at 1e7 it costs more builds)")
     args = ap.parse_args()
@@ -148,6 +145,7 @@ def main() -> None:
 
     from exvae_dist.config import IndexConfig
     from exvae_dist.data import ingest as ingest_mod
+    from exvae_dist.retrieval.service import BUILD_THREADS
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.refresh import encode_into_version
     from exvae_dist.train.store_images import StoreImages
@@ -157,8 +155,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_refresh_"))
     cfg = IndexConfig()  # kind=auto as shipped
-    if args.service_threads is not None:
-        cfg = dataclasses.replace(cfg, service_threads=args.service_threads)
     # a kind=auto IVF at every N here (below auto_exact_below the cache is in the workers)
     ivf = dataclasses.replace(cfg, auto_exact_below=0)
     rows_out = []
@@ -229,8 +225,8 @@ def main() -> None:
 
     print(f"\nrefresh-to-served, version 2 of a deformed-MNIST store (encode at {args.threads} "
           f"torch threads; index builds in the service's build thread, FAISS at "
-          f"index.service_threads={cfg.service_threads}; step at {args.step_threads} "
-          f"thread(s); medians of {args.rounds} alternating rounds)\n")
+          f"{BUILD_THREADS} thread(s); step at {args.step_threads} thread(s); medians of "
+          f"{args.rounds} alternating rounds)\n")
     print("| N | way (built by) | encode s | build+swap s | refresh-to-served s | recall@10 | "
           "index | step ms during build (x quiet; steps timed) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,6 +1,7 @@
 """The index holder (pure threads) and the Ray IndexService actor around it."""
 
 import contextlib
+import dataclasses
 import functools
 import threading
 import time
@@ -217,3 +218,30 @@ def test_killed_service_restarts_with_newest_complete_version(ray_local, tmp_pat
     assert version == 3
     check_answer(ids, dists, 3)
     ray.kill(handle)
+
+
+def test_faiss_threads_are_set_by_the_threads_that_run_faiss(tmp_path, monkeypatch):
+    # OpenMP keeps its thread count per calling thread, and torch shares it in-process: the
+    # holder must leave its constructor's count alone (it was the RAT step's torch threads in
+    # bench_refresh), search with index.service_threads from whatever thread asks (Ray's
+    # actor threads), and build with BUILD_THREADS in its own thread
+    import faiss
+
+    from exvae_dist.retrieval import service
+
+    seen = {"search": [], "build": []}
+    real_search, real_build = service.search, service.IndexBuilder.build
+    monkeypatch.setattr(service, "search", lambda *a: seen["search"].append(
+        faiss.omp_get_max_threads()) or real_search(*a))
+    monkeypatch.setattr(service.IndexBuilder, "build", lambda self, x: seen["build"].append(
+        faiss.omp_get_max_threads()) or real_build(self, x))
+    faiss.omp_set_num_threads(1)
+    holder = IndexHolder(str(make_store(tmp_path / "s.zarr").path),
+                         dataclasses.replace(CFG, service_threads=3))
+    assert faiss.omp_get_max_threads() == 1  # the constructing thread's count is untouched
+    assert holder.wait_for_version(1, timeout=30) == 1
+    asker = threading.Thread(target=lambda: holder.search(QUERIES, K))
+    asker.start()
+    asker.join()
+    holder.close()
+    assert seen == {"search": [3], "build": [service.BUILD_THREADS]}

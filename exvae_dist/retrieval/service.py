@@ -92,7 +92,11 @@ class IndexHolder:
         if self.rows[1] <= self.rows[0]:
             raise ValueError(f"shard {shard} of {shards} over {self.store.n} exemplars has no "
                              f"rows: use at most {self.store.n} shards")
-        faiss.omp_set_num_threads(max(1, cfg.service_threads))
+        # FAISS threads of a query. OpenMP keeps its thread count per calling thread (and
+        # torch shares the count in-process), so it is set by each thread that runs FAISS:
+        # setting it here would change the constructing thread's torch threads and leave
+        # the Ray actor's query threads at the process default
+        self._query_threads = max(1, cfg.service_threads)
         # used by the builder thread only: keeps kind=auto's lists and centroids across versions
         self._builder = IndexBuilder(cfg, recall_k=recall_k)
         # version -> _Served; replaced as a whole (never mutated), so a reader sees one dict
@@ -160,6 +164,7 @@ class IndexHolder:
         if q.ndim != 2 or q.shape[1] != served.d:
             raise ValueError(f"queries must have shape [B, {served.d}] (the latent size of "
                              f"index version {served.version}), got {q.shape}")
+        faiss.omp_set_num_threads(self._query_threads)  # this thread's, see __init__
         ids, dists = search(served.index, q, k)
         if self.rows[0]:
             ids = np.where(ids >= 0, ids + self.rows[0], ids)  # local row -> global id
