@@ -184,7 +184,8 @@ def main() -> None:
         kept_state = (builder._trained, builder._lists, builder._trained_scan)
         first.close()
         log(f"encode {encode[1]:.0f} / {encode[2]:.0f} s; version 1 served after {first_s:.0f} s")
-        truth = exact_truth(store.read_latents(2), args.queries)
+        latents = store.read_latents(2)
+        truth = exact_truth(latents, args.queries)
         built = {way: [] for way in ways}
         took, recall, kind = {}, {}, {}
         for r in range(args.rounds):
@@ -193,7 +194,7 @@ def main() -> None:
                 built[way].append(served_seconds(holder, 2))
                 status = holder.status()
                 took[way], kind[way] = status["build_way"], status["kind"]
-                recall[way] = recall_at_10(holder._served.index, store.read_latents(2), truth)
+                recall[way] = recall_at_10(holder._served.index, latents, truth)
                 holder.close()
                 log(f"round {r}: {way}: build+swap {built[way][-1]:.1f} s, built by "
                     f"{took[way]}, recall@10 {recall[way]:.3f}")

@@ -304,7 +304,11 @@ def test_index_builder_keeps_lists_then_centroids_and_trains_again_once_stale(mo
     served_index = index
 
     shuffled = moved[np.concatenate([rng.permutation(20_000), np.arange(20_000, 20_200)])]
+    exact = []  # the calibration's exact search: once per build, whatever ways it tries
+    knn = index_mod.faiss.knn
+    monkeypatch.setattr(index_mod.faiss, "knn", lambda *a, **kw: exact.append(1) or knn(*a, **kw))
     index = builder.build(shuffled[:20_000])
+    assert len(exact) == 1
     assert builder.last["way"] == "assign" and len(kmeans) == 1 and len(assigned) == 2
     np.testing.assert_array_equal(index_mod._centroids(served_index), served)
     np.testing.assert_array_equal(index_mod._centroids(builder._trained), kept)

@@ -162,7 +162,7 @@ class IndexBuilder:
         if template is not None:
             ways = (["lists"] if self._lists is not None and len(self._lists) == n else []) \
                 + ["assign", "kmeans"]
-        start = time.perf_counter()
+        start, truth = time.perf_counter(), {}  # the calibration's exact truth, for every way
         for way in ways:
             t0 = time.perf_counter()
             if way == "kmeans":
@@ -177,7 +177,7 @@ class IndexBuilder:
             _add_to_lists(index, x, lists)
             t2 = time.perf_counter()
             nprobe, recall, bound = calibrate_nprobe(index, x, self.cfg, self.seed,
-                                                     self.recall_k) \
+                                                     self.recall_k, truth) \
                 if calibrated else (faiss.extract_index_ivf(index).nprobe, math.nan, math.nan)
             scan = scan_cost(index)
             stale = bound < self.cfg.auto_target_recall \
@@ -212,8 +212,8 @@ def scan_cost(index: faiss.Index) -> float:
 
 
 def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
-                     seed: int = 0, recall_k: int = DEFAULT_RECALL_K
-                     ) -> tuple[int, float, float]:
+                     seed: int = 0, recall_k: int = DEFAULT_RECALL_K,
+                     truth: Optional[dict] = None) -> tuple[int, float, float]:
     """Sets kind=auto's nprobe to the smallest value whose recall@recall_k reaches
     cfg.auto_target_recall on this index's own data (its mean over the calibration queries
     less two standard errors), and returns (nprobe, mean recall, that lower bound). It doubles nprobe from 1
@@ -237,16 +237,20 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
     k = min(recall_k, n - 1)
     if k <= 0:
         return ivf.nprobe, 1.0, 1.0
-    rows = np.sort(np.random.default_rng(seed).choice(
-        n, min(n, CALIBRATION_QUERIES), replace=False))
-    queries = x[rows]
-    _, truth = faiss.knn(queries, x, k + 1)
-    truth = _without_own_row(truth, rows, k)
+    # the exact search below is most of a calibration (1e7: ~24 s); a caller that calibrates
+    # several indexes over the same latents passes one dict and it runs once
+    truth = {} if truth is None else truth
+    if not truth:
+        rows = np.sort(np.random.default_rng(seed).choice(
+            n, min(n, CALIBRATION_QUERIES), replace=False))
+        truth.update(rows=rows, nearest=_without_own_row(faiss.knn(x[rows], x, k + 1)[1],
+                                                         rows, k))
+    rows, queries = truth["rows"], x[truth["rows"]]
 
     def measure(nprobe: int) -> tuple[float, float]:
         set_nprobe(index, nprobe)
         _, found = index.search(queries, k + 1)
-        per_query = recall_per_query(_without_own_row(found, rows, k), truth)
+        per_query = recall_per_query(_without_own_row(found, rows, k), truth["nearest"])
         # the target must hold for queries not among these: the mean less two standard
         # errors (a ~97.5% lower confidence bound) has to reach it
         mean = float(per_query.mean())
