@@ -29,3 +29,10 @@ def from_bytes(b) -> torch.Tensor:
     if isinstance(b, np.ndarray) and not b.flags.writeable:  # e.g. from the object store
         b = b.copy()
     return torch.as_tensor(b).float().div_(255)
+
+
+def exact_levels(x: np.ndarray):
+    """uint8 levels of float images in [0, 1] that are exactly 255 levels (the round trip
+    gives them back bit for bit: every dataset here), else None."""
+    b = to_bytes(x)
+    return b if np.array_equal(from_bytes(b).numpy(), x) else None

@@ -51,7 +51,9 @@ def placement(index_cfg, n: int, rat: bool) -> str:
 class ExemplarCache:
     """loop.ExemplarCache: the latents behind the exemplar prior and their neighbour search.
 
-    images:   the exemplar images [N, D] (a float tensor, or train/store_images.StoreImages)
+    images:   the exemplar images [N, D]: uint8 grey levels (a tensor, or
+              train/store_images.StoreImages), or a float tensor of images that are not
+              255 levels
     group:    the process group (every rank calls start and refresh)
     rat:      whether the sampler searches (prior.rat); else only the means are kept
     versions: placement "actors": the store's latent versions (LatentRefresh), else None
@@ -122,14 +124,21 @@ class ExemplarCache:
             self._wait_served(self._versions.publish(net, step))
             return
         start, stop = self.group.share(len(self.images))
-        mine = encode_means(net, self.images[start:stop] if self.group.world > 1
-                            else self.images)
+        mine = encode_means(net, self._levels(start, stop))
         self._latents = self.group.gather_rows(mine, len(self.images))
         version, built = self._resumed or ((self._latest or 0) + 1, step)
         self._resumed = None
         if self._search is not None:
             self._search.update(self._latents, version)  # answers name their version
         self._latest, self.built_at = version, {version: built}
+
+    def _levels(self, start: int, stop: int) -> torch.Tensor:
+        """Exemplar rows [start, stop) as uint8 grey levels, which encode_means encodes
+        with the int8 image layer (core/int8.py), from a store reader (`bytes`) or a uint8
+        tensor; a float tensor (images that are not 255 levels) is passed as it is."""
+        if hasattr(self.images, "bytes"):  # train/store_images.StoreImages
+            return torch.from_numpy(self.images.bytes(slice(start, stop)))
+        return self.images[start:stop]
 
     def search(self, queries: np.ndarray, k: int, among=None) -> tuple[np.ndarray, int]:
         """step.NeighbourSearch: the k nearest among `among` (a keyed.StepSubset)."""

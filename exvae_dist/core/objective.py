@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..common.levels import from_bytes
+from .int8 import LevelsLinear, int8_dot_products
 from .models import LatentVariableModel, build_net
 from .priors import DEFAULT_CHUNK, build_prior
 
@@ -106,10 +108,25 @@ def build_model(cfg, image_shape=(1, 28, 28)) -> VAEWithPrior:
 @torch.no_grad()
 def encode_means(net: LatentVariableModel, images: torch.Tensor, batch_size: int = 2000,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Encoder means of many images, no gradients: [N, D] -> [N, d] (the exemplar cache)."""
+    """Encoder means of many images, no gradients: [N, D] -> [N, d] (the exemplar cache).
+
+    Float images in [0, 1] are encoded in `dtype`. uint8 grey levels (the cache refresh's
+    exemplars: level p is p / 255) are encoded with the image layer in int8 arithmetic where
+    the CPU has int8 dot products and the encoder starts with a linear layer (core/int8.py:
+    ~1.5x faster, means within ~1e-4 of float32's), else as p / 255 in float32.
+    """
+    levels = images.dtype == torch.uint8
+    first = None
+    if levels and images.device.type == "cpu" and net.image_linear is not None \
+            and int8_dot_products():
+        first = LevelsLinear(net.image_linear)
     out = []
     for start in range(0, images.shape[0], batch_size):
-        out.append(net.encode_top(images[start:start + batch_size].to(dtype))[0])
+        part = images[start:start + batch_size]
+        if first is not None:
+            out.append(net.encode_top_after_image_linear(first(part))[0])
+        else:
+            out.append(net.encode_top(from_bytes(part) if levels else part.to(dtype))[0])
     return torch.cat(out) if out else torch.empty(0, net.top_dim)
 
 

@@ -21,6 +21,7 @@ from ..data import DataSplits, load_dataset
 from ..core.loop import Parts, fit as fit_parts
 from ..core.objective import build_model
 from ..core.cache import ExemplarCache
+from ..common.levels import exact_levels
 from ..runs.run_lock import exclusive_run
 from ..runs.recorder import make_recorder
 from ..runs.tracking import make_tracker, probe
@@ -76,9 +77,13 @@ def build_parts(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] =
         recorder.failed(exc)
         raise
     # exemplars are encoded from grey levels (the training images before binarization), as
-    # the reference code does (METHOD.md 4); one process: the "worker" placement
-    cache = (ExemplarCache(train_x, rat=cfg.prior.rat) if model.prior_kind == "exemplar"
-             else None)
+    # the reference code does (METHOD.md 4), held as uint8 levels as the store holds them
+    # (the refresh's image layer in int8: core/int8.py); one process: the "worker" placement
+    cache = None
+    if model.prior_kind == "exemplar":
+        levels = exact_levels(splits.train_x)
+        cache = ExemplarCache(train_x if levels is None else
+                              torch.from_numpy(levels).to(device), rat=cfg.prior.rat)
     return Parts(cfg=cfg, model=model, wrapped=model, train_images=train_x,
                  valid_x=torch.from_numpy(splits.valid_x).to(device), dynamic=splits.dynamic,
                  image_shape=tuple(splits.image_shape), cache=cache, sink=FileSink(run),

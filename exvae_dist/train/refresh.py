@@ -42,8 +42,9 @@ def encode_into_version(store: ExemplarStore, version: int, net: LatentVariableM
         b = min(stop, a + block)
         out = []
         for c in range(a, b, batch_size):  # images read a batch at a time
-            x = images[c:min(b, c + batch_size)].to(device)
-            out.append(encode_means(net, x).float().cpu())
+            # uint8 levels: encode_means runs the image layer in int8 where the CPU can
+            x = torch.from_numpy(images.bytes(slice(c, min(b, c + batch_size)))).to(device)
+            out.append(encode_means(net, x, batch_size).float().cpu())
         store.write_rows(version, a, torch.cat(out).numpy())
 
 

@@ -40,6 +40,15 @@ class LatentVariableModel(nn.Module):
         """x: [B, D] in [0, 1] -> mean, logvar of q(z_top | x), each [B, top_dim]."""
         raise NotImplementedError
 
+    # The nn.Linear that reads the image, where the encoder starts with one (else None), and
+    # the rest of encode_top from its output: core/int8.py runs that layer on grey levels
+    image_linear: nn.Linear | None = None
+
+    def encode_top_after_image_linear(self, pre: torch.Tensor
+                                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_linear(x) [B, H] -> encode_top(x)."""
+        raise NotImplementedError
+
     def terms(self, x: torch.Tensor, n_samples: int = 1,
               top: tuple[torch.Tensor, torch.Tensor] | None = None) -> LatentTerms:
         """Samples n_samples posterior draws per image; `top` reuses an encode_top(x) result."""

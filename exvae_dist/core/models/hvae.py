@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .base import LatentTerms, LatentVariableModel
 from .layers import GatedDense, GaussianHead, diag_normal_log_prob, he_init
@@ -100,6 +101,13 @@ class HVAE(TwoLevelVAE):
 
     def encode_top(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.q_z2_head(self.q_z2_net(x))
+
+    @property
+    def image_linear(self) -> nn.Linear:
+        return self.q_z2_net[0].linear
+
+    def encode_top_after_image_linear(self, pre):
+        return self.q_z2_head(self.q_z2_net[1:](F.glu(pre, dim=-1)))
 
     def posterior_z1(self, x, z2):
         # The x branch runs once per image and is shared by all S samples of z2.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .base import LatentTerms, LatentVariableModel
 from .layers import GatedDense, GaussianHead, diag_normal_log_prob, he_init
@@ -24,6 +25,13 @@ class MLPVAE(LatentVariableModel):
 
     def encode_top(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.q_z(self.encoder(x))
+
+    @property
+    def image_linear(self) -> nn.Linear:
+        return self.encoder[0].linear
+
+    def encode_top_after_image_linear(self, pre):
+        return self.q_z(self.encoder[1:](F.glu(pre, dim=-1)))
 
     def terms(self, x, n_samples=1, top=None) -> LatentTerms:
         mean, logvar = self.encode_top(x) if top is None else top
