@@ -305,8 +305,9 @@ def test_index_builder_keeps_lists_then_centroids_and_trains_again_once_stale(mo
 
     shuffled = moved[np.concatenate([rng.permutation(20_000), np.arange(20_000, 20_200)])]
     exact = []  # the calibration's exact search: once per build, whatever ways it tries
-    knn = index_mod.faiss.knn
-    monkeypatch.setattr(index_mod.faiss, "knn", lambda *a, **kw: exact.append(1) or knn(*a, **kw))
+    exact_nearest = index_mod._exact_nearest
+    monkeypatch.setattr(index_mod, "_exact_nearest",
+                        lambda *a, **kw: exact.append(1) or exact_nearest(*a, **kw))
     index = builder.build(shuffled[:20_000])
     assert len(exact) == 1
     assert builder.last["way"] == "assign" and len(kmeans) == 1 and len(assigned) == 2
@@ -318,3 +319,20 @@ def test_index_builder_keeps_lists_then_centroids_and_trains_again_once_stale(mo
     index = builder.build(elsewhere[:20_000])
     assert builder.last["way"] == "kmeans" and len(kmeans) == 2
     assert held_out_recall(index, elsewhere) >= 0.93
+
+
+def test_calibration_truth_is_brute_force_whatever_the_index_found():
+    """The calibration's exact nearest rows (bounded by the index's own answer) equal numpy
+    brute force, with an index that finds little (one list probed) and one that finds all."""
+    from exvae_dist.retrieval import index as index_mod
+
+    x = clustered(6000, d=16, seed=31)
+    rows = np.sort(np.random.default_rng(0).choice(6000, 64, replace=False))
+    want = np.argsort(((x[rows, None] - x[None]) ** 2).sum(-1), 1, kind="stable")[:, :11]
+    index = index_mod.build_index(x, dataclasses.replace(IndexConfig(), auto_exact_below=0,
+                                                         auto_target_recall=0))
+    for nprobe in (1, faiss.extract_index_ivf(index).nlist):
+        index_mod.set_nprobe(index, nprobe)
+        got = index_mod._exact_nearest(index, x, rows, 11)
+        # as sets: equal distances may come in either order
+        assert [set(g) for g in got] == [set(w) for w in want]

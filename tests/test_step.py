@@ -196,3 +196,31 @@ def test_smallest_k_equals_a_full_sort(n, k, group):
     assert torch.equal(s, torch.sort(ties, dim=1).values[:, :k])
     assert torch.equal(torch.gather(ties, 1, cols), s)
     assert all(len(set(r.tolist())) == k for r in cols)  # no column twice
+
+
+def test_exact_topk_within_a_bound_equals_brute_force():
+    """With `within` (an upper bound on each query's k-th distance, here the k-th distance
+    of k random points: loose) the blocked search keeps only the points within it and still
+    returns the exact k nearest (numpy brute force; integer latents give ties at the cut);
+    a bound below the k-th distance is an error, not a short answer."""
+    from exvae_dist.core.exact import exact_topk
+
+    rng = np.random.default_rng(5)
+    for points in (rng.normal(size=(5000, 12)).astype(np.float32),
+                   rng.integers(0, 3, size=(5000, 12)).astype(np.float32)):
+        queries = points[rng.choice(5000, 40, replace=False)] + 0.01
+        want = ((queries[:, None] - points[None]) ** 2).sum(-1)  # [40, 5000]
+        some = rng.choice(5000, (40, 11))  # 11 points per query, not the nearest
+        loose = np.sort(np.take_along_axis(want, some, 1), 1)[:, -1]
+        tight = np.sort(want, 1)[:, 10]  # the 11th distance itself: the matmul's rounding
+        for bound in (loose, tight):
+            d2, ids = exact_topk(torch.from_numpy(queries), torch.from_numpy(points), 11,
+                                 block=700, within=torch.from_numpy(bound.astype(np.float32)))
+            np.testing.assert_allclose(d2.numpy(), np.sort(want, 1)[:, :11], rtol=1e-5,
+                                       atol=1e-5)
+            np.testing.assert_allclose(np.take_along_axis(want, ids.numpy(), 1), d2.numpy(),
+                                       rtol=1e-5, atol=1e-5)
+            assert all(len(set(r)) == 11 for r in ids.tolist())
+    with pytest.raises(ValueError, match="not an upper bound"):
+        exact_topk(torch.from_numpy(queries), torch.from_numpy(points), 11,
+                   within=torch.from_numpy(np.sort(want, 1)[:, 5].astype(np.float32)))
