@@ -13,7 +13,9 @@ version 1's build left:
           IndexBuilder did from e63566e;
 - lists:  version 1's lists kept, centroids moved to their rows' means (IndexBuilder now).
 
-Printed per N: encode s (torch threads --threads), build s and refresh-to-served s (refresh
+Printed per N: encode s (torch threads --threads; version 2 is encoded --rounds times each
+way, alternating: the image layer in float32 as before core/int8.py, and in int8 as the
+refresh does now where the CPU can), build s and refresh-to-served s (refresh
 call -> the new version answers; the swap is one reference assignment) per way, recall@10
 of each version-2 index on --queries of its own rows against exact search (FAISS knn, own
 row left out, as RAT leaves it out; the truth computed once per N), and which way the
@@ -44,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -144,6 +147,8 @@ def main() -> None:
     import torch
 
     from exvae_dist.config import IndexConfig
+    from exvae_dist.core import objective
+    from exvae_dist.core.int8 import int8_dot_products
     from exvae_dist.data import ingest as ingest_mod
     from exvae_dist.retrieval.service import BUILD_THREADS
     from exvae_dist.retrieval.store import ExemplarStore
@@ -153,6 +158,7 @@ def main() -> None:
     from bench_scale import make_rat_step
 
     torch.set_num_threads(args.threads)
+    int8_available = int8_dot_products()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_refresh_"))
     cfg = IndexConfig()  # kind=auto as shipped
     # a kind=auto IVF at every N here (below auto_exact_below the cache is in the workers)
@@ -174,30 +180,49 @@ def main() -> None:
         for version, ckpt in ((1, args.before), (2, args.after)):
             net = load_net(ckpt, store.image_shape)
             store.claim_version()
-            t = time.perf_counter()
-            encode_into_version(store, version, net, images, 0, store.n)
+            # version 2: the image layer in float32 (as before core/int8.py) and in int8,
+            # alternated over --rounds, int8 last (the rows kept); medians
+            times = {"float32": [], "int8": []}
+            for _ in range(args.rounds if version == 2 else 0):
+                for precision in times:
+                    with mock.patch.object(objective, "int8_dot_products",
+                                           lambda: precision == "int8" and int8_available):
+                        t = time.perf_counter()
+                        encode_into_version(store, version, net, images, 0, store.n)
+                        times[precision].append(time.perf_counter() - t)
+            if version == 1:
+                t = time.perf_counter()
+                encode_into_version(store, version, net, images, 0, store.n)
+                times["int8"].append(time.perf_counter() - t)
             store.mark_complete(version)
-            encode[version] = time.perf_counter() - t
+            encode[version] = float(np.median(times["int8"]))
+            encode["float32"] = float(np.median(times["float32"] or [np.nan]))
         first = holder_after_version_1(path, ivf, None, "kmeans")
         first_s = served_seconds(first, 1)
         builder = first._builder
         kept_state = (builder._trained, builder._lists, builder._trained_scan)
         first.close()
-        log(f"encode {encode[1]:.0f} / {encode[2]:.0f} s; version 1 served after {first_s:.0f} s")
+        log(f"encode {encode[1]:.0f} / {encode[2]:.0f} s (float32 image layer: "
+            f"{encode['float32']:.0f} s); version 1 served after {first_s:.0f} s")
         latents = store.read_latents(2)
         truth = exact_truth(latents, args.queries)
         built = {way: [] for way in ways}
-        took, recall, kind = {}, {}, {}
+        took, recall, kind, parts = {}, {}, {}, {}
         for r in range(args.rounds):
             for way in ways:
                 holder = holder_after_version_1(path, ivf, kept_state, way)
                 built[way].append(served_seconds(holder, 2))
                 status = holder.status()
                 took[way], kind[way] = status["build_way"], status["kind"]
+                last = holder._builder.last  # where the build's seconds went
+                parts[way] = {what: last[what + "_seconds"]
+                              for what in ("centroid", "add", "calibration")}
+                parts[way]["read_and_swap"] = built[way][-1] - last["seconds"]
                 recall[way] = recall_at_10(holder._served.index, latents, truth)
                 holder.close()
                 log(f"round {r}: {way}: build+swap {built[way][-1]:.1f} s, built by "
-                    f"{took[way]}, recall@10 {recall[way]:.3f}")
+                    f"{took[way]}, recall@10 {recall[way]:.3f}; seconds: " + ", ".join(
+                        f"{what} {v:.1f}" for what, v in parts[way].items()))
         quiet = float("nan")
         during = {way: float("nan") for way in ways}
         timed = {way: 0 for way in ways}
@@ -215,10 +240,12 @@ def main() -> None:
             quiet = (quiet + quiet_after) / 2
             torch.set_num_threads(args.threads)
             torch.set_grad_enabled(False)
-        row = {"n": n, "encode_s": encode[2], "first_build_s": first_s, "step_quiet_ms": quiet,
+        row = {"n": n, "encode_s": encode[2], "encode_float32_s": encode["float32"],
+               "first_build_s": first_s, "step_quiet_ms": quiet,
                **{f"{way}_{what}": value for way in ways for what, value in (
                    ("s", float(np.median(built[way]))), ("rounds", built[way]),
                    ("recall", recall[way]), ("took", took[way]), ("kind", kind[way]),
+                   ("parts", parts[way]),
                    ("step_ms", during[way]), ("steps", timed[way]))}}
         print(row, file=sys.stderr, flush=True)
         rows_out.append(row)
@@ -238,6 +265,11 @@ def main() -> None:
                   f"{r[way + '_recall']:.3f} | {r[way + '_kind']} | {r[way + '_step_ms']:.1f} "
                   f"({r[way + '_step_ms'] / r['step_quiet_ms']:.2f}; {r[way + '_steps']}) |")
         print(f"| {r['n']:.0e} | quiet step | | | | | | {r['step_quiet_ms']:.1f} |")
+    print(f"\nencode s of version 2, image layer in float32 (before) / int8 (now; "
+          f"{'this CPU has' if int8_dot_products() else 'no'} int8 dot products):")
+    for r in rows_out:
+        print(f"  N={r['n']:.0e}: {r['encode_float32_s']:.1f} / {r['encode_s']:.1f} s "
+              f"({r['encode_float32_s'] / r['encode_s']:.2f}x)")
 
 
 WAYS = ("kmeans", "assign", "lists")

@@ -124,7 +124,7 @@ def encode_means(net: LatentVariableModel, images: torch.Tensor, batch_size: int
     for start in range(0, images.shape[0], batch_size):
         part = images[start:start + batch_size]
         if first is not None:
-            out.append(net.encode_top_after_image_linear(first(part))[0])
+            out.append(net.mean_after_image_linear(first(part)))
         else:
             out.append(net.encode_top(from_bytes(part) if levels else part.to(dtype))[0])
     return torch.cat(out) if out else torch.empty(0, net.top_dim)

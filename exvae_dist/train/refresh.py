@@ -40,12 +40,10 @@ def encode_into_version(store: ExemplarStore, version: int, net: LatentVariableM
     block = store.chunk_rows * max(1, block_rows // store.chunk_rows)
     for a in range(start, stop, block):
         b = min(stop, a + block)
-        out = []
-        for c in range(a, b, batch_size):  # images read a batch at a time
-            # uint8 levels: encode_means runs the image layer in int8 where the CPU can
-            x = torch.from_numpy(images.bytes(slice(c, min(b, c + batch_size)))).to(device)
-            out.append(encode_means(net, x, batch_size).float().cpu())
-        store.write_rows(version, a, torch.cat(out).numpy())
+        # uint8 levels (a block is ~6 MB): encode_means runs the image layer in int8 where
+        # the CPU can, its int8 weights made once per block
+        x = torch.from_numpy(images.bytes(slice(a, b))).to(device)
+        store.write_rows(version, a, encode_means(net, x, batch_size).float().cpu().numpy())
 
 
 # Complete latent versions kept in the store: the newest (the index is building it), the

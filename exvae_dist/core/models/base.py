@@ -41,12 +41,12 @@ class LatentVariableModel(nn.Module):
         raise NotImplementedError
 
     # The nn.Linear that reads the image, where the encoder starts with one (else None), and
-    # the rest of encode_top from its output: core/int8.py runs that layer on grey levels
+    # the rest of the encoder's mean from its output: core/int8.py runs that layer on grey
+    # levels for the cache refresh, which needs the means only
     image_linear: nn.Linear | None = None
 
-    def encode_top_after_image_linear(self, pre: torch.Tensor
-                                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_linear(x) [B, H] -> encode_top(x)."""
+    def mean_after_image_linear(self, pre: torch.Tensor) -> torch.Tensor:
+        """image_linear(x) [B, H] -> encode_top(x)[0]."""
         raise NotImplementedError
 
     def terms(self, x: torch.Tensor, n_samples: int = 1,

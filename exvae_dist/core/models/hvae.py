@@ -106,8 +106,8 @@ class HVAE(TwoLevelVAE):
     def image_linear(self) -> nn.Linear:
         return self.q_z2_net[0].linear
 
-    def encode_top_after_image_linear(self, pre):
-        return self.q_z2_head(self.q_z2_net[1:](F.glu(pre, dim=-1)))
+    def mean_after_image_linear(self, pre):
+        return self.q_z2_head.mean(self.q_z2_net[1:](F.glu(pre, dim=-1)))
 
     def posterior_z1(self, x, z2):
         # The x branch runs once per image and is shared by all S samples of z2.

@@ -30,8 +30,8 @@ class MLPVAE(LatentVariableModel):
     def image_linear(self) -> nn.Linear:
         return self.encoder[0].linear
 
-    def encode_top_after_image_linear(self, pre):
-        return self.q_z(self.encoder[1:](F.glu(pre, dim=-1)))
+    def mean_after_image_linear(self, pre):
+        return self.q_z.mean(self.encoder[1:](F.glu(pre, dim=-1)))
 
     def terms(self, x, n_samples=1, top=None) -> LatentTerms:
         mean, logvar = self.encode_top(x) if top is None else top
