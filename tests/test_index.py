@@ -331,8 +331,14 @@ def test_calibration_truth_is_brute_force_whatever_the_index_found():
     want = np.argsort(((x[rows, None] - x[None]) ** 2).sum(-1), 1, kind="stable")[:, :11]
     index = index_mod.build_index(x, dataclasses.replace(IndexConfig(), auto_exact_below=0,
                                                          auto_target_recall=0))
-    for nprobe in (1, faiss.extract_index_ivf(index).nlist):
+    # lists of ~6 rows: at nprobe 1 no query finds 11, and is searched again, wider
+    small_lists = faiss.index_factory(16, "IVF1000_HNSW32,Flat")
+    small_lists.train(x)
+    small_lists.add(x)
+    for index, nprobe in ((index, 1), (index, faiss.extract_index_ivf(index).nlist),
+                          (small_lists, 1)):
         index_mod.set_nprobe(index, nprobe)
         got = index_mod._exact_nearest(index, x, rows, 11)
         # as sets: equal distances may come in either order
         assert [set(g) for g in got] == [set(w) for w in want]
+        assert faiss.extract_index_ivf(index).nprobe == nprobe  # left as it was

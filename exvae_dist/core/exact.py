@@ -69,10 +69,10 @@ def exact_topk(queries: torch.Tensor, points: torch.Tensor, k: int, block: int =
         raise ValueError(f"queries must be [B, d] and points [N, d] with the same d, got "
                          f"{tuple(queries.shape)} and {tuple(points.shape)}")
     k = min(k, points.shape[0])
-    if half_sq is None:
-        half_sq = 0.5 * (points * points).sum(1)
     if within is not None:
         return _topk_within(queries, points, k, block, half_sq, within)
+    if half_sq is None:
+        half_sq = 0.5 * (points * points).sum(1)
     best_s = best_i = None
     for start in range(0, points.shape[0], block):
         part = slice(start, start + block)
@@ -93,19 +93,20 @@ def exact_topk(queries: torch.Tensor, points: torch.Tensor, k: int, block: int =
 
 
 def _topk_within(queries, points, k, block, half_sq, within):
-    """exact_topk with a bound on each query's k-th distance: see there."""
+    """exact_topk with a bound on each query's k-th distance: see there. Memory is one
+    [B, block] block and the points within the bounds, whatever N is."""
     b = queries.shape[0]
     qq = (queries * queries).sum(1)
-    # ranked by ||c||^2 / 2 - q.c, a point is within the bound when that is at most
-    # (bound - ||q||^2) / 2; the slack covers the matmul form's rounding, so no point within
-    # is dropped (one beyond it costs a distance, not a wrong answer)
-    slack = 1e-4 * (within + qq + 2 * half_sq.max() + 1)
-    limit = (0.5 * (within - qq) + slack)[:, None]
     found_q, found_c = [], []
     for start in range(0, points.shape[0], block):
-        part = slice(start, start + block)
-        scores = torch.addmm(half_sq[None, part], queries, points[part].t(), alpha=-1.0)
-        q, c = (scores <= limit).nonzero(as_tuple=True)
+        part = points[start:start + block]
+        hs = 0.5 * (part * part).sum(1) if half_sq is None else half_sq[start:start + block]
+        # ranked by ||c||^2 / 2 - q.c, a point is within the bound when that is at most
+        # (bound - ||q||^2) / 2; the slack covers the matmul form's rounding, so no point
+        # within is dropped (one beyond it costs a distance, not a wrong answer)
+        limit = 0.5 * (within - qq) + 1e-4 * (within + qq + 2 * hs.max() + 1)
+        scores = torch.addmm(hs[None], queries, part.t(), alpha=-1.0)
+        q, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
         found_q.append(q)
         found_c.append(c + start)
     q, c = torch.cat(found_q), torch.cat(found_c)
