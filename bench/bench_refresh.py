@@ -16,7 +16,8 @@ version 1's build left:
 Printed per N: encode s (torch threads --threads; version 2 is encoded --rounds times each
 way, alternating: the image layer in float32 as before core/int8.py, and in int8 as the
 refresh does now where the CPU can), build s and refresh-to-served s (refresh
-call -> the new version answers; the swap is one reference assignment) per way, recall@10
+call -> the new version answers; the swap is one reference assignment; FAISS and torch at
+service.BUILD_THREADS, as in the index actor) per way, recall@10
 of each version-2 index on --queries of its own rows against exact search (FAISS knn, own
 row left out, as RAT leaves it out; the truth computed once per N), and which way the
 builder took (a kept way whose calibration says stale falls through to the next).
@@ -116,11 +117,21 @@ def step_ms(step, first: int, count: int = 0, holder=None, version: int = 0) -> 
     return (float(np.median(times)) if times else float("nan")), len(times), i
 
 
-def served_seconds(holder, version: int) -> float:
-    t = time.perf_counter()
-    holder.refresh(version)
-    holder.wait_for_version(version, timeout=3600)
-    return time.perf_counter() - t
+def served_seconds(holder, version: int, threads: int) -> float:
+    """Refresh call -> `version` served, with torch at `threads` meanwhile: the index
+    actor's process runs torch (the calibration's exact search) on one thread (Ray sets
+    OMP_NUM_THREADS=1 in a num_cpus=0 actor), and torch's count is process-wide."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = time.perf_counter()
+        holder.refresh(version)
+        holder.wait_for_version(version, timeout=3600)
+        return time.perf_counter() - t
+    finally:
+        torch.set_num_threads(before)
 
 
 def main() -> None:
@@ -198,7 +209,7 @@ def main() -> None:
             encode[version] = float(np.median(times["int8"]))
             encode["float32"] = float(np.median(times["float32"] or [np.nan]))
         first = holder_after_version_1(path, ivf, None, "kmeans")
-        first_s = served_seconds(first, 1)
+        first_s = served_seconds(first, 1, BUILD_THREADS)
         builder = first._builder
         kept_state = (builder._trained, builder._lists, builder._trained_scan)
         first.close()
@@ -211,7 +222,7 @@ def main() -> None:
         for r in range(args.rounds):
             for way in ways:
                 holder = holder_after_version_1(path, ivf, kept_state, way)
-                built[way].append(served_seconds(holder, 2))
+                built[way].append(served_seconds(holder, 2, BUILD_THREADS))
                 status = holder.status()
                 took[way], kind[way] = status["build_way"], status["kind"]
                 last = holder._builder.last  # where the build's seconds went

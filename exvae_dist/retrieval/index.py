@@ -239,7 +239,7 @@ def calibrate_nprobe(index: faiss.Index, latents: np.ndarray, cfg: IndexConfig,
     k = min(recall_k, n - 1)
     if k <= 0:
         return ivf.nprobe, 1.0, 1.0
-    # the exact search below is most of a calibration (1e7: ~12 s); a caller that calibrates
+    # the exact search below is most of a calibration (1e7: ~8 s); a caller that calibrates
     # several indexes over the same latents passes one dict and it runs once
     truth = {} if truth is None else truth
     if not truth:
@@ -474,8 +474,9 @@ def _exact_nearest(index: faiss.Index, x: np.ndarray, rows: np.ndarray, k: int) 
     """Ids [len(rows), k] of the k nearest rows of x to each x[rows], exactly: the index's
     own answer bounds each query's k-th distance (the k-th of the k rows it found; a query
     that found fewer, in short lists, is searched again probing twice as many), and
-    core/exact.py's blocked search keeps only the rows within that bound (1e7 latents: ~2x
-    faster than faiss.knn, which heaps all)."""
+    core/exact.py's blocked search keeps only the rows within that bound (1e7 latents, one
+    thread: the whole calibration 10.4 s, where faiss.knn's exact search, which heaps every
+    row, took 23.6 s alone; bench/README.md)."""
     queries = x[rows]
     ivf = faiss.extract_index_ivf(index)
     nprobe = ivf.nprobe
