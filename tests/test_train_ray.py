@@ -584,3 +584,15 @@ def test_mid_epoch_refreshes_on_encoder_actors(tmp_path, data_dir, ray_local):
     assert summary["index_version"] == store.latest_complete() >= 3
     for v in store.complete_versions():
         assert np.isfinite(store.read_latents(v)).all()
+
+
+def test_refresh_encoders_that_cannot_start_fail_the_run_start(tmp_path, data_dir, ray_local):
+    """index.refresh_workers: the encoder actors are started (store opened, model built)
+    before the first step, so one that cannot start fails there, naming its cause, and not
+    at the first mid-epoch refresh."""
+    from exvae_dist.train.refresh_actors import start_refresh_encoders
+
+    cfg = smoke(data_dir, tmp_path)
+    with pytest.raises(Exception, match="no_store_here"):
+        start_refresh_encoders(str(tmp_path / "no_store_here.zarr"), config_mod.to_dict(cfg),
+                               (1, 28, 28), workers=1, cpus=0.5)

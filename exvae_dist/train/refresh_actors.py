@@ -46,6 +46,10 @@ class RefreshEncoder:
         # chunk-aligned rows (encoders never share a chunk), written whole chunks at a time
         self.start, self.stop = self.store.row_range(worker, workers)
 
+    def rows(self) -> tuple[int, int]:
+        """The rows [start, stop) this encoder writes."""
+        return self.start, self.stop
+
     def encode(self, weights: dict, version: int) -> int:
         """Encodes this encoder's rows into `version` with `weights` (the state dict of the
         model's net); returns the number of rows written."""
@@ -61,9 +65,15 @@ def start_refresh_encoders(store_path: str, config: dict, image_shape, workers: 
     import ray
 
     actor = ray.remote(RefreshEncoder)
-    return [actor.options(num_cpus=cpus).remote(store_path, config, list(image_shape), i,
-                                                workers, max(1, int(cpus)))
-            for i in range(workers)]
+    encoders = [actor.options(num_cpus=cpus).remote(store_path, config, list(image_shape), i,
+                                                    workers, max(1, int(cpus)))
+                for i in range(workers)]
+    # started before the first step: an encoder that cannot start (its store, its model)
+    # fails the run's start, and the first mid-epoch refresh does not wait for a process
+    # to import torch (a short epoch could end before it was served)
+    ranges = ray.get([e.rows.remote() for e in encoders])
+    log.info("%d refresh encoders started over rows %s", workers, ranges)
+    return encoders
 
 
 class BackgroundRefresh:
