@@ -116,13 +116,3 @@ OMNIGLOT_CHARDATA_URL = "https://raw.githubusercontent.com/yburda/iwae/master/da
 # Text `.amat` form of static binarized MNIST (Larochelle's original release), read when the
 # `.mat` files are absent.
 BINARIZED_MNIST_AMAT = {split: f"binarized_mnist_{split}.amat" for split in ("train", "valid", "test")}
-
-
-def all_files() -> dict[str, list[RemoteFile]]:
-    """Dataset folder -> the registered files in it (for `verify` over a whole data root)."""
-    return {
-        "mnist": list(MNIST.values()),
-        "fashion_mnist": list(FASHION_MNIST.values()),
-        "binarized_mnist": list(BINARIZED_MNIST.values()),
-        "omniglot": list(OMNIGLOT_NPZ.values()),
-    }

@@ -349,10 +349,6 @@ class IndexService:
 
         return {**self._holder.status(), "node_id": ray.get_runtime_context().get_node_id()}
 
-    def ping(self) -> None:
-        """A no-op call: the baseline of round-trip latency."""
-        return None
-
 
 def start_index_service(store_path: str, cfg: IndexConfig, name: Optional[str] = None,
                         max_concurrency: int = 4, max_restarts: int = -1,

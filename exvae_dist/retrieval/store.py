@@ -192,6 +192,30 @@ class ExemplarStore:
 
     # -- images ----------------------------------------------------------------------------
 
+    @property
+    def attrs(self) -> dict:
+        """The store's attributes (format, shapes; an ingested store's fingerprint and source)."""
+        return dict(self._root.attrs)
+
+    @property
+    def images_array(self) -> zarr.Array:
+        """The Zarr array of the images, for readers that go below Zarr (store_rows.py reads
+        its chunk layout); everyone else reads rows with `images`."""
+        return self._root["images"]
+
+    def held_out(self, split: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(uint8 images, labels or None) of an ingested store's held-out split ("valid",
+        "test"); the training rows are `images` and `labels`."""
+        if split not in self._root:
+            raise StoreError(f"{self.path} has no held-out split {split!r}: it was not made by "
+                             f"`python -m exvae_dist.ingest`")
+        group = self._root[split]
+        return group["images"][...], group["labels"][...] if "labels" in group else None
+
+    def labels(self) -> Optional[np.ndarray]:
+        """The training rows' labels, or None when the store has none."""
+        return self._root["labels"][...] if "labels" in self._root else None
+
     def images(self, rows: Optional[np.ndarray | slice] = None) -> np.ndarray:
         """uint8 [len(rows), ...] exemplar images (all N when rows is None)."""
         arr = self._root["images"]
@@ -370,21 +394,6 @@ class ExemplarStore:
             raise StoreError(f"latent version {version} of {self.path} is corrupt: rows "
                              f"[{start}, {stop}) hold NaN/inf")
         return block
-
-    def read_newest(self) -> Optional[tuple[int, np.ndarray]]:
-        """(version, latents [N, d]) of the newest version that reads back whole, or None.
-
-        A version that is marked complete but fails to read is skipped with a warning and
-        the next older one is tried.
-        """
-        for v in reversed(self.versions()):
-            if not self._usable(v):
-                continue
-            try:
-                return v, self.read_latents(v)
-            except StoreError as err:
-                log.warning("skipping %s", err)
-        return None
 
     def prune(self, keep: int) -> list[int]:
         """Deletes all but the newest `keep` complete versions; returns the deleted ones.

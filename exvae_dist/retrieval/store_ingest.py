@@ -150,7 +150,7 @@ class StoreBuilder:
 
 
 def _ingested_attrs(store: ExemplarStore) -> dict:
-    attrs = dict(store._root.attrs)
+    attrs = store.attrs
     if "fingerprint" not in attrs:
         raise StoreError(f"{store.path} is an exemplar store but was not made by "
                          f"`python -m exvae_dist.ingest` (no fingerprint / held-out splits)")
@@ -168,17 +168,9 @@ def read_ingested(path: str | Path, train: bool = True) -> dict:
     "valid": (...), "test": (...), "attrs": dict}. train=False leaves the N training images
     on disk (read them with train/store_images.StoreImages)."""
     store = ExemplarStore(path)  # refuses a half-written store
-    root = store._root
-    attrs = _ingested_attrs(store)
-
-    def split(name):
-        group = root[name]
-        labels = group["labels"][...] if "labels" in group else None
-        return group["images"][...], labels
-
-    out = {"valid": split("valid"), "test": split("test"), "attrs": attrs}
-    train_labels = root["labels"][...] if "labels" in root else None
-    out["train"] = (store.images() if train else None, train_labels)
+    attrs = _ingested_attrs(store)  # refuses a store that ingest did not make
+    out = {"attrs": attrs, **{split: store.held_out(split) for split in ("valid", "test")}}
+    out["train"] = (store.images() if train else None, store.labels())
     return out
 
 

@@ -194,7 +194,7 @@ class CachedChunkRows:
 def raw_chunk_layout(store: ExemplarStore) -> Optional[tuple[int, callable, bool]]:
     """(chunk_rows, chunk -> file path, whether chunks end in a CRC32C) when the images array
     is raw and unsharded, else None."""
-    meta = store._root["images"].metadata.to_dict()
+    meta = store.images_array.metadata.to_dict()
     codecs = meta.get("codecs", [])
     key = meta.get("chunk_key_encoding", {})
     # a trailing CRC32C (the store's checksum) sits after the chunk's bytes: the row offsets
@@ -222,7 +222,7 @@ def open_row_reader(store: ExemplarStore, cache_bytes: int = 64 << 20):
     raw = raw_chunk_layout(store)
     if raw is not None:
         return RawRows(store, *raw)
-    chunk_rows = int(store._root["images"].chunks[0])
+    chunk_rows = int(store.images_array.chunks[0])
     return CachedChunkRows(store, chunk_rows, cache_bytes)
 
 

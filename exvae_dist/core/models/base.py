@@ -66,8 +66,3 @@ class LatentVariableModel(nn.Module):
         """z_top: [B, top_dim] -> pixel means [B, D] in [0, 1] (lower latents at their means);
         for the Bernoulli likelihood the pixel probabilities."""
         return self.likelihood.mean(self.decoder_params(z_top))
-
-    def sample_pixels(self, z_top: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """z_top: [B, top_dim] -> one draw x ~ p(x | z) [B, D] (binary or k/255 levels)."""
-        return self.likelihood.sample(self.decoder_params(z_top), generator)
