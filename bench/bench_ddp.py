@@ -1,11 +1,14 @@
 """Where the 2-worker shortfall comes from, without Ray: the RAT training step of the paper's
 MNIST VAE in 1 process x 2 torch threads (batch 100) against 2 processes x 1 thread (batch 50
-each: the Ray trainer's split at 2 workers x 1 CPU), with three gradient exchanges (DDP as
+each: the Ray trainer's split at 2 workers x 1 CPU), with four gradient exchanges (DDP as
 the Ray trainer uses it; DDP with every gradient in one bucket; one flat gloo all-reduce of
-all gradients after backward, from an optimizer pre-step hook) and with none (the ideal of two
+all gradients after backward, from an optimizer pre-step hook; the same flat exchange through
+shared memory: each rank writes its gradients into its slot of a /dev/shm buffer, a 1-float
+gloo all-reduce says all are in, every rank sums the slots in rank order, so both get the
+same sum bit for bit; measured, not adopted: bench/README.md) and with none (the ideal of two
 independent halves). Variants alternate over --rounds; medians of examples/s.
 
-    EXVAE_DATA_DIR=../shared/data python bench/bench_ddp.py --steps 60 --rounds 2
+    EXVAE_DATA_DIR=../shared/data python bench/bench_ddp.py --steps 80 --rounds 4
 """
 
 from __future__ import annotations
@@ -43,6 +46,35 @@ def exchange(model, optimizer, how: str, world: int):
             dist.all_reduce(flat)
             flat /= world
             for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p.grad))
+
+        optimizer.register_step_pre_hook(average)
+    if how == "shm":
+        params = [p for p in model.parameters() if p.requires_grad]
+        sizes = [p.numel() for p in params]
+        n = sum(sizes)
+        rank = dist.get_rank()
+        path = f"/dev/shm/bench_ddp_{os.environ['BENCH_PORT']}"
+        if rank == 0:
+            with open(path, "wb") as f:
+                f.truncate(2 * world * n * 4)
+        dist.barrier()
+        buf = torch.from_file(path, shared=True, size=2 * world * n,
+                              dtype=torch.float32).view(2, world, n)
+        dist.barrier()
+        if rank == 0:
+            os.unlink(path)
+        flag = torch.zeros(1)
+        state = {"step": 0}
+
+        def average(*_):
+            b = state["step"] % 2
+            state["step"] += 1
+            torch.cat([p.grad.reshape(-1) for p in params], out=buf[b, rank])
+            dist.all_reduce(flag)  # every rank's gradients are in
+            total = buf[b].sum(0)
+            total /= world
+            for p, g in zip(params, total.split(sizes)):
                 p.grad.copy_(g.view_as(p.grad))
 
         optimizer.register_step_pre_hook(average)
@@ -134,6 +166,7 @@ def main() -> None:
                 "2 x 1 thread, batch 50 each, DDP (gloo)": (2, 1, 50, "ddp"),
                 "2 x 1 thread, DDP, one bucket": (2, 1, 50, "ddp one bucket"),
                 "2 x 1 thread, one flat all-reduce after backward": (2, 1, 50, "flat"),
+                "2 x 1 thread, shared-memory exchange": (2, 1, 50, "shm"),
                 "2 x 1 thread, no gradient exchange": (2, 1, 50, "")}
     got = {name: [] for name in variants}
     port = 29533
