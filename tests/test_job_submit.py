@@ -43,7 +43,7 @@ def test_default_run_dir_in_a_job_dir_moves_to_a_persistent_folder(tmp_path, mon
     moved = run_folder.outside_job_dir(cfg, False, env)
     assert moved.run_path() == home / "exvae_runs" / "smoke"
     assert f"run folder: {home / 'exvae_runs' / 'smoke'}" in capsys.readouterr().out
-    assert run_folder.temporary_working_dir(moved.run_path(), env) is None
+    assert run_folder.temporary_working_dir(moved.run_path()) is None
     # the cluster's storage path wins where set
     storage = tmp_path / "storage"
     moved = run_folder.outside_job_dir(cfg, False, {**env, "RAY_STORAGE": str(storage)})
@@ -63,7 +63,7 @@ def test_a_run_dir_the_user_set_inside_the_job_dir_stays_refused(tmp_path, monke
     assert kept is cfg
     with pytest.raises(run_folder.RunFolderError,
                        match="lies inside the working dir Ray unpacked for this job"):
-        run_folder.prepare(kept, env)
+        run_folder.prepare(kept)
     # a --config file that sets train.run_dir counts as set
     yaml = tmp_path / "mine.yaml"
     yaml.write_text("train:\n  run_dir: runs\n")

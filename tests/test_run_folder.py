@@ -115,9 +115,14 @@ def test_a_run_dir_inside_a_jobs_temporary_working_dir_is_refused(tmp_path):
     with pytest.raises(RunFolderError, match=r"absolute train\.run_dir"):
         prepare(cfg_at(job / "runs"))
     assert not job.exists()  # refused before anything was written
-    assert temporary_working_dir(tmp_path / "ray" / "session_latest" / "x",
-                                 env={"RAY_TMPDIR": str(tmp_path / "ray")})
-    assert temporary_working_dir(tmp_path / "runs", env={"RAY_TMPDIR": str(tmp_path / "ray")}) is None
+    # a session folder, known by the session_latest link beside it, wherever Ray's temp is
+    session = tmp_path / "elsewhere" / "session_2026-12-07_12-00-00_000000_7"
+    session.mkdir(parents=True)
+    assert temporary_working_dir(session / "runs" / "x") is None  # no link: not Ray's
+    (session.parent / "session_latest").symlink_to(session)
+    assert "session folder" in temporary_working_dir(session / "runs" / "x")
+    assert "session folder" in temporary_working_dir(session.parent / "session_latest" / "x")
+    assert temporary_working_dir(tmp_path / "runs") is None
 
 
 def test_identity_keys_exist_and_exclude_schedule_and_infrastructure():

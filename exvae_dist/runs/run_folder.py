@@ -111,21 +111,23 @@ def differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str
     return out
 
 
-def temporary_working_dir(path: Path, env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+def temporary_working_dir(path: Path) -> Optional[str]:
     """Why `path` lies in a folder Ray deletes (a job's uploaded working dir), or None.
 
     Ray unpacks a job's `--working-dir` under `<ray temp>/session_*/runtime_resources/
     working_dir_files/_ray_pkg_<hash>/` and runs the entrypoint there, so a relative
-    train.run_dir lands in it and disappears with the session."""
-    env = os.environ if env is None else env
-    parts = Path(path).resolve().parts
-    if "runtime_resources" in parts or any(p.startswith("_ray_pkg_") for p in parts):
-        return "it lies inside the working dir Ray unpacked for this job"
-    ray_tmp = Path(env.get("RAY_TMPDIR") or "/tmp/ray").resolve()
+    train.run_dir lands in it and disappears with the session. A session folder is known by
+    its name and the `session_latest` link Ray keeps beside it, wherever the temp dir is
+    (RAY_TMPDIR, --temp-dir): no environment is read here."""
     resolved = Path(path).resolve()
-    if resolved.is_relative_to(ray_tmp) and any(p.startswith("session_") for p in
-                                                resolved.relative_to(ray_tmp).parts[:1]):
-        return f"it lies inside Ray's session folder under {ray_tmp}"
+    if "runtime_resources" in resolved.parts or any(p.startswith("_ray_pkg_")
+                                                    for p in resolved.parts):
+        return "it lies inside the working dir Ray unpacked for this job"
+    for folder in (resolved, *resolved.parents):
+        if folder.name == "session_latest" or (
+                folder.name.startswith("session_")
+                and (folder.parent / "session_latest").exists()):
+            return f"it lies inside Ray's session folder {folder}"
     return None
 
 
@@ -146,13 +148,13 @@ def run_dir_given(config: Optional[str | os.PathLike], overrides=()) -> bool:
 
 
 def outside_job_dir(cfg: config_mod.ExperimentConfig, given: bool,
-                    env: Optional[Mapping[str, str]] = None) -> config_mod.ExperimentConfig:
+                    env: Mapping[str, str]) -> config_mod.ExperimentConfig:
     """cfg, or when its run folder would lie in a folder Ray deletes (temporary_working_dir)
     and the user did not set train.run_dir (`given`): cfg with train.run_dir the persistent
     default ($RAY_STORAGE, else PERSISTENT_RUN_DIR), announced on stdout (a job's output).
-    A run_dir the user set is left as it is, for prepare() to refuse."""
-    env = os.environ if env is None else env
-    if given or temporary_working_dir(cfg.run_path(), env) is None:
+    A run_dir the user set is left as it is, for prepare() to refuse. `env`: the entry
+    point's environment (its RAY_STORAGE)."""
+    if given or temporary_working_dir(cfg.run_path()) is None:
         return cfg
     storage = env.get("RAY_STORAGE") or ""
     root = storage if storage and "://" not in storage else PERSISTENT_RUN_DIR
@@ -165,8 +167,7 @@ def outside_job_dir(cfg: config_mod.ExperimentConfig, given: bool,
     return cfg
 
 
-def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] = None,
-            now: Optional[float] = None) -> RunFolder:
+def prepare(cfg: config_mod.ExperimentConfig, now: Optional[float] = None) -> RunFolder:
     """Checks and claims cfg.run_path() before any expensive work; returns the RunFolder.
 
     Fresh folder: writes fingerprint.json. Existing run with the same fingerprint: resumes.
@@ -175,7 +176,7 @@ def prepare(cfg: config_mod.ExperimentConfig, env: Optional[Mapping[str, str]] =
     Writes config.yaml (the settings of this attempt) in every case that goes on.
     """
     path = cfg.run_path()
-    why = temporary_working_dir(path, env)
+    why = temporary_working_dir(path)
     if why:
         raise RunFolderError(
             f"train.run_dir={cfg.train.run_dir} puts the run at {path}, but {why}, which Ray "
