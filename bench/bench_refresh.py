@@ -25,7 +25,8 @@ builder took (a kept way whose calibration says stale falls through to the next)
 Step during a rebuild: bench_scale's RAT step (a worker's step minus the index query: batch
 and candidate rows read by id from the store, train_step of the paper's MLP VAE) at
 --step-threads torch threads, timed while nothing builds (quiet) and while a holder builds
-version 2 in each way; medians, and their ratio to quiet. The build runs in the holder's
+version 2 in each way (again and again, fresh holders, until --min-steps are timed); medians,
+and their ratio to quiet. The build runs in the holder's
 build thread with service.BUILD_THREADS (1) FAISS threads, beside the step's threads.
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_refresh.py --sizes 1e5,1e6 \\
@@ -103,17 +104,25 @@ def holder_after_version_1(path, cfg, kept_state, way: str):
     return holder
 
 
-def step_ms(step, first: int, count: int = 0, holder=None, version: int = 0) -> tuple[float, int]:
-    """Median ms of RAT steps: `count` of them, or (holder given) as many as fit while the
-    holder builds `version`. Returns (median ms, steps timed, next step number)."""
+def step_ms(step, first: int, count: int = 0, holders=None, version: int = 0,
+            min_steps: int = 0) -> tuple[float, int, int]:
+    """Median ms of RAT steps: `count` of them, or (`holders` given: a function making a
+    fresh holder) as many as fit while holders build `version`, one build after another
+    until at least `min_steps` are timed (a 1e5 build spans a handful of steps). Returns
+    (median ms, steps timed, next step number)."""
     times, i = [], first
-    if holder is not None:
-        holder.refresh(version)
-    while (len(times) < count) if holder is None else (holder.status()["version"] or 0) < version:
-        t = time.perf_counter()
-        step(i)
-        times.append(1000 * (time.perf_counter() - t))
-        i += 1
+    while len(times) < (count if holders is None else max(1, min_steps)):
+        holder = holders() if holders is not None else None
+        if holder is not None:
+            holder.refresh(version)
+        while (len(times) < count) if holder is None else \
+                (holder.status()["version"] or 0) < version:
+            t = time.perf_counter()
+            step(i)
+            times.append(1000 * (time.perf_counter() - t))
+            i += 1
+        if holder is not None:
+            holder.close()
     return (float(np.median(times)) if times else float("nan")), len(times), i
 
 
@@ -148,6 +157,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--step-threads", type=int, default=1,
                     help="torch threads of the RAT step timed during a rebuild")
+    ap.add_argument("--min-steps", type=int, default=60,
+                    help="steps to time during each way's builds (version 2 is built again "
+                         "until there are this many)")
     ap.add_argument("--no-step", dest="step", action="store_false",
                     help="skip the step timing (at 1e7 it costs more builds)")
     args = ap.parse_args()
@@ -244,9 +256,9 @@ def main() -> None:
             _, _, i = step_ms(step, 0, 3)  # warm-up
             quiet, _, i = step_ms(step, i, 30)
             for way in ways:
-                holder = holder_after_version_1(path, ivf, kept_state, way)
-                during[way], timed[way], i = step_ms(step, i, holder=holder, version=2)
-                holder.close()
+                during[way], timed[way], i = step_ms(
+                    step, i, holders=lambda: holder_after_version_1(path, ivf, kept_state, way),
+                    version=2, min_steps=args.min_steps)
             quiet_after, _, i = step_ms(step, i, 30)
             quiet = (quiet + quiet_after) / 2
             torch.set_num_threads(args.threads)
