@@ -29,8 +29,8 @@ from ..core.cache import ACTORS, WORKER, placement
 from ..core.candidates import query_depth, subset_size
 from ..common.levels import to_bytes
 from ..retrieval.exemplar_images import ensure_store, open_exemplar_store
-from ..runs import preflight  # hook: issue16
-from ..runs.run_lock import StoreWriterLock, exclusive_run  # hook: issue16
+from ..runs import preflight
+from ..runs.run_lock import StoreWriterLock, exclusive_run
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
                            ScalingConfig)
     from ray.train.torch import TorchTrainer
 
-    from ..retrieval.service import placement_strategy  # hook: issue12
+    from ..retrieval.service import placement_strategy
     from .failures import StopOnKnownError
     from .worker import train_loop_per_worker
 
@@ -189,7 +189,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources,
-                                     placement_strategy=placement_strategy()),  # hook: issue12
+                                     placement_strategy=placement_strategy()),
         run_config=RunConfig(
             name=cfg.run_name(),
             storage_path=str(run.parent),  # absolute; the same name resumes its checkpoints
@@ -206,7 +206,7 @@ def make_trainer(cfg: config_mod.ExperimentConfig, splits: DataSplits, service=N
     )
 
 
-@exclusive_run  # hook: issue16 (preflight, run lock, orphan sweep)
+@exclusive_run  # preflight, run lock, orphan sweep
 def run(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits] = None) -> dict:
     """Trains (or resumes) the run cfg.run_path() with Ray Train; returns the final summary.
 
@@ -259,14 +259,14 @@ def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits])
         store = open_exemplar_store(store_path(cfg), latent_dim)
     else:
         store = ensure_store(store_path(cfg), splits.train_x, splits.image_shape, latent_dim)
-    preflight.check_cluster(cfg)  # hook: issue16
+    preflight.check_cluster(cfg)
 
     where = placement(cfg.index, store.n, cfg.prior.rat)
     log.info("exemplar cache: %s (%d exemplars)", "searched in each worker" if where == WORKER
              else f"served by {cfg.index.shards} index actor(s)", store.n)
     service = None
     if cfg.prior.kind == "exemplar" and cfg.prior.rat and where == ACTORS:
-        from ..retrieval.service import start_index_shards  # hook: issue12
+        from ..retrieval.service import start_index_shards
 
         service = start_index_shards(str(store_path(cfg)), cfg.index,
                                      name=index_actor_name(cfg),  # a list of cfg.index.shards
@@ -292,7 +292,7 @@ def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits])
                 raise
             raise clear from None
     finally:
-        for handle in [*(service or []), *(encoders or [])]:  # hook: issue12
+        for handle in [*(service or []), *(encoders or [])]:
             ray.kill(handle)
         if started:
             ray.shutdown()

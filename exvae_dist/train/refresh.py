@@ -142,8 +142,8 @@ class LatentRefresh:
             self._completed(self.background.poll(wait=True))
         version = self._next
         if self.group.rank == 0:
-            version = self.store.claim_version(version)  # hook: issue16 (atomic claim)
-        version = self.group.broadcast_int(version)  # hook: issue16 (rank 0's claimed number)
+            version = self.store.claim_version(version)  # atomic claim
+        version = self.group.broadcast_int(version)  # rank 0's claimed number
         self._next = version + 1
         self.group.barrier()
         encode_into_version(self.store, version, net, self.images, *self.rows,
