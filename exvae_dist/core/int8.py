@@ -6,9 +6,8 @@ the first layer, the one that reads the image. Exemplar images are kept as uint8
 255) + b = (W p) / 255 + b. Its weights are split into two int8 terms per output row,
 W = s1 Q1 + s2 Q2 + R (Q2 quantizes what Q1 left over, so |R| <= max|W_row| / 64,516), and
 Q p is an int32 matrix product (torch._int_mm, exact in any summation order). On a CPU
-with int8 dot-product instructions (x86 VNNI) that product runs ~4x faster than float32's
-and the whole encode 1.45x (1e7 exemplars on 2 cores: 96 -> 66 s; bench/README.md
-"Refresh to served"). The means differ from
+with int8 dot-product instructions (x86 VNNI) that product runs several times faster than
+float32's (the encode's figures: bench/README.md, "Refresh to served"). The means differ from
 float32's by ~1e-4 (the nearest other exemplar is ~1.4 away on MNIST): below what a
 refresh one step later would move them, and the same in every placement and world size,
 since integer sums do not depend on how the rows are split.

@@ -474,9 +474,8 @@ def _exact_nearest(index: faiss.Index, x: np.ndarray, rows: np.ndarray, k: int) 
     """Ids [len(rows), k] of the k nearest rows of x to each x[rows], exactly: the index's
     own answer bounds each query's k-th distance (the k-th of the k rows it found; a query
     that found fewer, in short lists, is searched again probing twice as many), and
-    core/exact.py's blocked search keeps only the rows within that bound (1e7 latents, one
-    thread: the whole calibration 10.4 s, where faiss.knn's exact search, which heaps every
-    row, took 23.6 s alone; bench/README.md)."""
+    core/exact.py's blocked search keeps only the rows within that bound, where faiss.knn's
+    exact search heaps every row (several times slower at 1e7: bench/README.md)."""
     queries = x[rows]
     ivf = faiss.extract_index_ivf(index)
     nprobe = ivf.nprobe
