@@ -122,6 +122,13 @@ def test_a_run_dir_inside_a_jobs_temporary_working_dir_is_refused(tmp_path):
     (session.parent / "session_latest").symlink_to(session)
     assert "session folder" in temporary_working_dir(session / "runs" / "x")
     assert "session folder" in temporary_working_dir(session.parent / "session_latest" / "x")
+    older = session.parent / "session_2026-12-06_09-00-00_000000_3"  # a past session's folder
+    older.mkdir()
+    assert "session folder" in temporary_working_dir(older / "runs")
+    (session.parent / "session_latest").unlink()
+    (session.parent / "session_latest").symlink_to(session.parent / "gone")  # left dangling
+    assert "session folder" in temporary_working_dir(older / "runs")
+    assert temporary_working_dir(tmp_path / "session_latest" / "runs") is None  # a user's own
     assert temporary_working_dir(tmp_path / "runs") is None
 
 

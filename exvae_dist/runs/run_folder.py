@@ -117,16 +117,16 @@ def temporary_working_dir(path: Path) -> Optional[str]:
     Ray unpacks a job's `--working-dir` under `<ray temp>/session_*/runtime_resources/
     working_dir_files/_ray_pkg_<hash>/` and runs the entrypoint there, so a relative
     train.run_dir lands in it and disappears with the session. A session folder is known by
-    its name and the `session_latest` link Ray keeps beside it, wherever the temp dir is
-    (RAY_TMPDIR, --temp-dir): no environment is read here."""
+    its name and the `session_latest` link Ray keeps beside it (even one left dangling),
+    wherever the temp dir is (RAY_TMPDIR, --temp-dir): no environment is read here. Where Ray
+    could not make that link, only the job's working dir itself is recognised."""
     resolved = Path(path).resolve()
     if "runtime_resources" in resolved.parts or any(p.startswith("_ray_pkg_")
                                                     for p in resolved.parts):
         return "it lies inside the working dir Ray unpacked for this job"
-    for folder in (resolved, *resolved.parents):
-        if folder.name == "session_latest" or (
-                folder.name.startswith("session_")
-                and (folder.parent / "session_latest").exists()):
+    for folder in (resolved, *resolved.parents):  # resolve() followed session_latest itself
+        if folder.name.startswith("session_") and os.path.lexists(folder.parent /
+                                                                   "session_latest"):
             return f"it lies inside Ray's session folder {folder}"
     return None
 
