@@ -6,7 +6,11 @@ all gradients after backward, from an optimizer pre-step hook; the same flat exc
 shared memory: each rank writes its gradients into its slot of a /dev/shm buffer, a 1-float
 gloo all-reduce says all are in, every rank sums the slots in rank order, so both get the
 same sum bit for bit; measured, not adopted: bench/README.md) and with none (the ideal of two
-independent halves). Variants alternate over --rounds; medians of examples/s.
+independent halves). Variants alternate over --rounds; medians of examples/s. The two flat
+variants exchange from an optimizer pre-step hook, after train_step has normalised each
+rank's gradients (core/step.py), where DDP averages before: the same work per step, so the
+timings compare, but not the same update; an adopted exchange would run before the
+normalisation.
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_ddp.py --steps 80 --rounds 4
 """

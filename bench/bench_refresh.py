@@ -111,18 +111,26 @@ def step_ms(step, first: int, count: int = 0, holders=None, version: int = 0,
     until at least `min_steps` are timed (a 1e5 build spans a handful of steps). Returns
     (median ms, steps timed, next step number)."""
     times, i = [], first
+
+    def building(holder) -> bool:
+        status = holder.status()
+        if status["failed_version"] == version:  # a failed build would be waited on forever
+            raise RuntimeError(f"version {version}'s build failed: {status['last_error']}")
+        return (status["version"] or 0) < version
+
     while len(times) < (count if holders is None else max(1, min_steps)):
         holder = holders() if holders is not None else None
-        if holder is not None:
-            holder.refresh(version)
-        while (len(times) < count) if holder is None else \
-                (holder.status()["version"] or 0) < version:
-            t = time.perf_counter()
-            step(i)
-            times.append(1000 * (time.perf_counter() - t))
-            i += 1
-        if holder is not None:
-            holder.close()
+        try:
+            if holder is not None:
+                holder.refresh(version)
+            while (len(times) < count) if holder is None else building(holder):
+                t = time.perf_counter()
+                step(i)
+                times.append(1000 * (time.perf_counter() - t))
+                i += 1
+        finally:
+            if holder is not None:
+                holder.close()
     return (float(np.median(times)) if times else float("nan")), len(times), i
 
 
@@ -257,7 +265,7 @@ def main() -> None:
             quiet, _, i = step_ms(step, i, 30)
             for way in ways:
                 during[way], timed[way], i = step_ms(
-                    step, i, holders=lambda: holder_after_version_1(path, ivf, kept_state, way),
+                    step, i, holders=lambda way=way: holder_after_version_1(path, ivf, kept_state, way),
                     version=2, min_steps=args.min_steps)
             quiet_after, _, i = step_ms(step, i, 30)
             quiet = (quiet + quiet_after) / 2
