@@ -92,11 +92,12 @@ def run_steps(rank: int, world: int, threads: int, batch: int, steps: int, how: 
 
     from exvae_dist import config as config_mod
     from exvae_dist.core import keyed
-    from exvae_dist.core.candidates import assemble_candidates
     from exvae_dist.core.loop import make_optimizer
     from exvae_dist.core.objective import build_model
-    from exvae_dist.core.step import PriorBatch, train_step
+    from exvae_dist.core.step import train_step
     from exvae_dist.data import load_dataset
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_scale import rat_batch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -118,10 +119,7 @@ def run_steps(rank: int, world: int, threads: int, batch: int, steps: int, how: 
         lo = step * batch * world + rank * batch
         ids = keyed.epoch_batch_ids(n, 0, 0, lo, lo + batch)
         nbrs = np.random.default_rng(step * world + rank).integers(0, n, (batch, DEPTH))
-        cand = assemble_candidates(nbrs, ids, lambda c: keyed.coins_for(c, step, m, n, 0), K, n, m)
-        train_step(net, optimizer, torch.bernoulli(images[ids]), PriorBatch(
-            exemplars=images[cand.ids], exclude=torch.from_numpy(cand.exclude),
-            log_norm=torch.from_numpy(cand.log_norm).float(), n_candidates=len(cand.ids)), 1.0)
+        train_step(net, optimizer, *rat_batch(images, ids, nbrs, step, n, m, K), 1.0)
         if step >= 3:
             times.append(time.perf_counter() - t)
     ms = torch.tensor([1000 * statistics.median(times)])

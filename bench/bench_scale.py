@@ -63,6 +63,24 @@ def phase_build(n: int, store: Path, source_kind: str) -> dict:
             "build_rss_mb": rss_mb()}
 
 
+def rat_batch(images, batch_ids: np.ndarray, neighbours: np.ndarray, step: int, n: int, m: int,
+              k: int):
+    """A RAT step's inputs as a worker assembles them from the step's retrieved `neighbours`
+    [B, k'] (the subset's coins, leave-one-out, the k kept per example): (binarized batch x,
+    its PriorBatch). `images[ids]` -> float32 rows (a tensor, or StoreImages read by id).
+    bench_ddp's step uses it too."""
+    import torch
+
+    from exvae_dist.core import keyed
+    from exvae_dist.core.candidates import assemble_candidates
+    from exvae_dist.core.step import PriorBatch
+    cand = assemble_candidates(
+        neighbours, batch_ids, lambda ids: keyed.coins_for(ids, step, m, n, 0), k, n, m)
+    return torch.bernoulli(images[batch_ids]), PriorBatch(
+        exemplars=images[cand.ids], exclude=torch.from_numpy(cand.exclude),
+        log_norm=torch.from_numpy(cand.log_norm).float(), n_candidates=len(cand.ids))
+
+
 def make_rat_step(store_path: Path):
     """A worker's RAT step minus the index query, on the store at store_path (module
     docstring, 2.). Returns (step(i) -> (data-path seconds, rows read), neighbours(i) -> the
@@ -73,9 +91,8 @@ def make_rat_step(store_path: Path):
     from exvae_dist.core.loop import make_optimizer
     from exvae_dist.core.objective import build_model
     from exvae_dist.core import keyed
-    from exvae_dist.core.candidates import assemble_candidates
     from exvae_dist.retrieval.store import ExemplarStore
-    from exvae_dist.core.step import PriorBatch, train_step
+    from exvae_dist.core.step import train_step
     from exvae_dist.train.store_images import StoreImages
     torch.manual_seed(0)
     store = ExemplarStore(store_path)
@@ -91,16 +108,11 @@ def make_rat_step(store_path: Path):
 
     def step(i: int) -> tuple[float, int]:
         t = time.perf_counter()
-        batch_ids = keyed.epoch_batch_ids(n, 0, 0, i * b, i * b + b)
-        cand = assemble_candidates(
-            neighbours(i), batch_ids, lambda ids: keyed.coins_for(ids, i, m, n, 0), k, n, m)
-        x = torch.bernoulli(images[batch_ids])
-        exemplars = images[cand.ids]
+        x, prior = rat_batch(images, keyed.epoch_batch_ids(n, 0, 0, i * b, i * b + b),
+                             neighbours(i), i, n, m, k)
         t_data = time.perf_counter() - t
-        train_step(model, optimizer, x, PriorBatch(
-            exemplars=exemplars, exclude=torch.from_numpy(cand.exclude),
-            log_norm=torch.from_numpy(cand.log_norm).float(), n_candidates=len(cand.ids)), 1.0)
-        return t_data, len(x) + len(exemplars)
+        train_step(model, optimizer, x, prior, 1.0)
+        return t_data, len(x) + len(prior.exemplars)
 
     return step, neighbours, n, m, k, b
 
