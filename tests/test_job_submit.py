@@ -6,14 +6,13 @@ refused with its message."""
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+from own_ray import head_ports, stop_own_ray, wait_for_agent
 
 from exvae_dist import config as config_mod
 from exvae_dist.runs import run_folder
@@ -94,12 +93,6 @@ def test_fit_in_a_job_dir_puts_the_run_and_the_array_store_outside_it(tmp_path, 
     assert list(inside.iterdir()) == []  # nothing written into the job's folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit_as_typed_runs_outside_the_job_dir(tmp_path, data_dir):
     """The README's job block in its short form: bare `python` (the venv's, first on PATH),
@@ -108,7 +101,7 @@ def test_ray_job_submit_as_typed_runs_outside_the_job_dir(tmp_path, data_dir):
     home.mkdir()
     ray_tmp = Path(tempfile.mkdtemp(prefix="rjs", dir="/tmp"))  # short: Ray's socket paths
     bin_dir = Path(sys.executable).parent
-    ports = {k: _free_port() for k in ("gcs", "dashboard", "agent", "client")}
+    ports = head_ports()
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "PYTHONPATH", "RAY_STORAGE", "PYTEST_CURRENT_TEST")}
     env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
@@ -123,7 +116,7 @@ def test_ray_job_submit_as_typed_runs_outside_the_job_dir(tmp_path, data_dir):
                         "--ray-client-server-port", str(ports["client"]),
                         f"--temp-dir={ray_tmp}"],
                        env=env, check=True, capture_output=True, timeout=120)
-        _wait_for_agent(ports["agent"])
+        wait_for_agent(ports["agent"])
         runtime = '{"env_vars": {"EXVAE_DATA_DIR": "%s"}}' % data_dir
         done = subprocess.run(
             [ray, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}",
@@ -131,7 +124,7 @@ def test_ray_job_submit_as_typed_runs_outside_the_job_dir(tmp_path, data_dir):
              "python", "-m", "exvae_dist.train", "--config", "smoke", *SHORT],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        _stop_own_ray(ray_tmp)  # not `ray stop`: it stops every Ray on the machine
+        stop_own_ray(ray_tmp)  # not `ray stop`: it stops every Ray on the machine
         shutil.rmtree(ray_tmp, ignore_errors=True)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
@@ -139,27 +132,3 @@ def test_ray_job_submit_as_typed_runs_outside_the_job_dir(tmp_path, data_dir):
     run = home / "exvae_runs" / "smoke"
     assert f"run folder: {run}" in out
     assert (run / "summary.json").is_file()
-
-
-def _wait_for_agent(port: int, timeout: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/healthz", timeout=2)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
-def _stop_own_ray(ray_tmp: Path) -> None:
-    """test_readme.stop_own_ray: only the processes of the Ray whose files are in ray_tmp."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_test", REPO / "tests" / "test_readme.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.stop_own_ray(ray_tmp)

@@ -12,7 +12,6 @@ machine) becomes a stop of this test's own Ray processes. Prints each block's wa
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from own_ray import ray_log_tails, stop_own_ray
 
 REPO = Path(__file__).resolve().parent.parent
 PYTEST_LINE = ".venv/bin/python -m pytest -q"
@@ -38,13 +38,7 @@ def bash_blocks(readme: str) -> list[str]:
     return re.findall(r"^```bash\n(.*?)^```", readme, flags=re.S | re.M)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def shorten(block: str, ports: dict[str, int]) -> str:
+def shorten(block: str) -> str:
     """The block as the test runs it (see the module docstring)."""
     lines = []
     for line in block.replace("\\\n", " ").splitlines():
@@ -63,38 +57,17 @@ def shorten(block: str, ports: dict[str, int]) -> str:
                 short = tuple(o for o in short if not o.startswith("data.n_"))
             line = re.sub(r"\s+#\s.*$", "", line) + " " + " ".join(short)
         if "ray start --head" in line:
-            line += (f" --port {ports['gcs']} --dashboard-port {ports['dashboard']}"
-                     f" --dashboard-agent-listen-port {ports['agent']}"
-                     f" --ray-client-server-port {ports['client']}")
-        line = line.replace("127.0.0.1:8265", f"127.0.0.1:{ports['dashboard']}")
-        line = line.replace("127.0.0.1:52365", f"127.0.0.1:{ports['agent']}")
+            # ports picked when the block runs (own_ray explains the range)
+            lines.append(f"eval \"$({sys.executable} -c 'from tests.own_ray import "
+                         "port_exports; print(port_exports())')\"")
+            line += (" --port $RDM_GCS --dashboard-port $RDM_DASHBOARD"
+                     " --dashboard-agent-listen-port $RDM_AGENT --ray-client-server-port $RDM_CLIENT")
+        line = line.replace("127.0.0.1:8265", "127.0.0.1:$RDM_DASHBOARD")
+        line = line.replace("127.0.0.1:52365", "127.0.0.1:$RDM_AGENT")
         if re.fullmatch(r"(\S*/)?ray stop", stripped):
             line = "stop_own_ray"
         lines.append(line)
     return "\n".join(lines)
-
-
-def stop_own_ray(ray_tmp: Path) -> None:
-    """Terminates the processes of the Ray clusters whose files live under `ray_tmp` only."""
-    import psutil
-
-    me = psutil.Process()
-    spared = {me.pid, *(p.pid for p in me.parents())}  # the shell that runs the blocks
-    mine = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.pid not in spared and str(ray_tmp) in " ".join(proc.info["cmdline"] or ()):
-                mine.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    for proc in mine:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=15)
-    for proc in alive:
-        proc.kill()
 
 
 def test_readme_blocks_are_what_this_test_and_ci_cover():
@@ -142,10 +115,9 @@ def test_readme_commands_run(data_dir, tmp_path, capsys):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(data_dir.resolve())
     ray_tmp = Path(tempfile.mkdtemp(prefix="rdm", dir="/tmp"))  # short: Ray's socket paths
-    ports = {k: free_port() for k in ("gcs", "dashboard", "agent", "client")}
-    blocks = [shorten(b, ports) for b in bash_blocks((repo / "README.md").read_text())]
+    blocks = [shorten(b) for b in bash_blocks((repo / "README.md").read_text())]
     script = ["set -euo pipefail", f"stop_own_ray() {{ {sys.executable} -c "
-              f"'from tests.test_readme import stop_own_ray; from pathlib import Path; "
+              f"'from tests.own_ray import stop_own_ray; from pathlib import Path; "
               f"stop_own_ray(Path(\"{ray_tmp}\"))'; }}"]
     for i, block in enumerate(blocks):
         script += [f'echo "@@ {i} start $(date +%s.%N)"', block, f'echo "@@ {i} end $(date +%s.%N)"']
@@ -165,6 +137,7 @@ def test_readme_commands_run(data_dir, tmp_path, capsys):
                       for x in (err.stdout, err.stderr))
     finally:
         stop_own_ray(ray_tmp)
+        ray_logs = ray_log_tails(ray_tmp)  # why a head node or its agent did not come up
         shutil.rmtree(ray_tmp, ignore_errors=True)
     marks = {(int(i), what): float(t) for i, what, t in re.findall(r"@@ (\d+) (start|end) (\S+)", out)}
     with capsys.disabled():
@@ -174,7 +147,7 @@ def test_readme_commands_run(data_dir, tmp_path, capsys):
             took = (f"{marks[i, 'end'] - marks[i, 'start']:.1f} s" if (i, "end") in marks
                     else "FAILED" if (i, "start") in marks else "not run")
             print(f"  block {i}: {took:>8}  {first[:90]}")
-    assert rc == 0, out[-6000:]
+    assert rc == 0, out[-6000:] + ray_logs
     runs = repo / "runs"
     for name in ("mnist_vae_exemplar_rat", "quick_look", "smoke", "smoke_job",
                  "results_gaussian", "results_exemplar"):
