@@ -422,6 +422,7 @@ def test_one_worker_resumed_run_equals_an_uninterrupted_one(tmp_path, data_dir, 
         for name, value in slot.items():
             assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
     drop = ("train_seconds", "epoch_seconds", "refresh_seconds", "refresh_share",
+            "train_thread_cpu_share",
             "examples_per_second",
             "step_ms_steady", "step_ms_during_rebuild", "steps_during_rebuild")
     ra = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "whole")]

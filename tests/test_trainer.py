@@ -194,6 +194,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, smoke_cfg):
     _same_state(load_checkpoint(whole.run_path() / "checkpoint.pt"),
                 load_checkpoint(parts.run_path() / "checkpoint.pt"))
     drop = ("train_seconds", "epoch_seconds", "refresh_seconds", "refresh_share",
+            "train_thread_cpu_share",
             "examples_per_second",
             "step_ms_steady", "step_ms_during_rebuild")
     a = [{k: v for k, v in r.items() if k not in drop} for r in records(whole.run_path())]
@@ -306,6 +307,7 @@ def test_a_mid_epoch_resume_equals_an_uninterrupted_run_and_mlflow_equals_metric
     _same_state(load_checkpoint(whole.run_path() / "checkpoint.pt"),
                 load_checkpoint(parts.run_path() / "checkpoint.pt"))
     drop = ("train_seconds", "epoch_seconds", "refresh_seconds", "refresh_share",
+            "train_thread_cpu_share",
             "examples_per_second", "step_ms_steady", "step_ms_during_rebuild")
     a = [{k: v for k, v in r.items() if k not in drop} for r in records(whole.run_path())]
     b = [{k: v for k, v in r.items() if k not in drop} for r in records(parts.run_path())]
@@ -358,3 +360,27 @@ def test_the_fast_recipe_loads_and_trains_on_its_cosine_schedule(tmp_path, data_
     assert summary["epoch"] == 3 and all(r["val_elbo"] < 0 for r in epochs)
     state = load_checkpoint(find_checkpoint(cfg.run_path(), prefer_best=False))
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4)
+
+
+def test_thread_cpu_share_drops_when_the_training_thread_waits(tmp_path, smoke_cfg, monkeypatch):
+    """train_thread_cpu_share tells a waiting worker from a busy one: a step that sleeps
+    50 ms (off the CPU) pulls it well below a plain run's."""
+    import time
+
+    from exvae_dist.core import loop
+
+    def share(cfg):
+        fit(cfg)
+        return [r for r in records(cfg.run_path()) if "val_elbo" in r][-1]["train_thread_cpu_share"]
+
+    args = ("train.epochs=1", "tracking.enabled=false", "train.threads=1")
+    plain = share(smoke_cfg(tmp_path / "plain", *args))
+    real_step = loop.train_step
+
+    def waiting_step(*a, **kw):
+        time.sleep(0.05)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(loop, "train_step", waiting_step)
+    waited = share(smoke_cfg(tmp_path / "waited", *args))
+    assert 0 < waited < 0.6 * plain and plain <= 1.001, (plain, waited)

@@ -329,7 +329,8 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
     cfg, group, cache = p.cfg, p.group, p.cache
     uses_index = cache is not None and cfg.prior.rat
     seed, epoch = cfg.train.seed, state.epoch
-    t0 = time.perf_counter()
+    t0 = wall0 = time.perf_counter()
+    cpu0 = time.thread_time()
     beta = kl_beta(epoch, cfg.train.warmup_epochs)
     lr = learning_rate(epoch, cfg.train.lr, cfg.train.lr_schedule, cfg.train.epochs)
     for group_ in state.optimizer.param_groups:
@@ -404,6 +405,10 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
                                   **({"index": m["index_version"]} if uses_index else {}))
     # both trainers time the same span: the steps and their mid-epoch refreshes
     train_seconds = time.perf_counter() - t0
+    # the share of that span (since this process began the epoch) the training thread was
+    # on a CPU: below ~0.95 it waited, for a busy core, another rank or I/O (torch's own
+    # intra-op threads are not counted)
+    thread_cpu_share = (time.thread_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
 
     tr = time.perf_counter()
     if cache is not None:  # the next epoch's cache and this epoch's validation centres
@@ -420,6 +425,7 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
                **{f"train_{k}": v / (n_steps * group.world) for k, v in zip(keys, totals)},
                **{f"val_{k}": v for k, v in val.items()},
                "log_var": log_var_value(p.model), "train_seconds": train_seconds,
+               "train_thread_cpu_share": thread_cpu_share,
                "refresh_seconds": refresh_seconds + mid_refresh_seconds,
                "epoch_seconds": time.perf_counter() - t0,
                "examples_per_second": len(batches) * cfg.train.batch_size / train_seconds,
