@@ -46,7 +46,8 @@ def last_epoch(run: Path) -> dict:
     best = dict(epochs[-1])
     best["all_epochs"] = [{k: r.get(k) for k in ("epoch", "examples_per_second", "train_seconds",
                                                  "epoch_seconds", "step_ms_during_rebuild",
-                                                 "steps_during_rebuild", "step_ms_steady")}
+                                                 "steps_during_rebuild", "step_ms_steady",
+                                                 "train_thread_cpu_share")}
                           for r in epochs]
     return best
 
@@ -127,25 +128,25 @@ def main() -> int:
     print(f"\nMNIST RAT, {args.epochs} epochs per variant, last epoch reported, median of "
           f"{args.rounds} alternating round(s) (total bench time "
           f"{time.perf_counter() - t_all:.0f} s)\n")
+    # thread CPU share: the share of the train span the (rank 0) training thread was on a
+    # CPU; below ~0.95 it waited (a busy core, the other rank), which the wall time alone hides
     print("| variant | epoch | examples/s (train) | train s/epoch | epoch s (train+refresh+"
-          "validation) | val ELBO | every round: examples/s |")
-    print("|---|---|---|---|---|---|---|")
+          "validation) | val ELBO | every round: examples/s | thread CPU share |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         every = ", ".join(f"{e:.0f}" for e in r["rounds_examples_per_second"])
         print(f"| {name} | {r['epoch']} | {r['examples_per_second']:.0f} | "
               f"{r['train_seconds']:.1f} | {r['epoch_seconds']:.1f} | {r['val_elbo']:.2f} | "
-              f"{every} |")
+              f"{every} | {r.get('train_thread_cpu_share', float('nan')):.3f} |")
     ratios = {}
-    if "one_process" in results and "ray_1w" in results:
-        ratios["ray_1w / one_process examples/s"] = (
-            results["ray_1w"]["examples_per_second"] / results["one_process"]["examples_per_second"])
-    if "ray_1w" in results and "ray_2w" in results:
-        ratios["ray_2w / ray_1w examples/s"] = (
-            results["ray_2w"]["examples_per_second"] / results["ray_1w"]["examples_per_second"])
-    if "one_process_1t" in results and "ray_1w_1t" in results:
-        ratios["ray_1w_1t / one_process_1t examples/s"] = (
-            results["ray_1w_1t"]["examples_per_second"]
-            / results["one_process_1t"]["examples_per_second"])
+    for a, b in (("ray_1w", "one_process"), ("ray_2w", "ray_1w"),
+                 ("ray_1w_1t", "one_process_1t")):
+        if a in results and b in results:
+            ratios[f"{a} / {b} examples/s"] = (results[a]["examples_per_second"]
+                                               / results[b]["examples_per_second"])
+            each = [x / y for x, y in zip(results[a]["rounds_examples_per_second"],
+                                          results[b]["rounds_examples_per_second"])]
+            print(f"{a} / {b}, round by round: " + ", ".join(f"{e:.2f}" for e in each))
     for name in ("rebuild", "rebuild_1t"):
         if name not in results:
             continue
