@@ -1,7 +1,8 @@
 """Where the 2-worker shortfall comes from, without Ray: the RAT training step of the paper's
 MNIST VAE in 1 process x 2 torch threads (batch 100) against 2 processes x 1 thread (batch 50
-each: the Ray trainer's split at 2 workers x 1 CPU), with four gradient exchanges (DDP as
-the Ray trainer uses it; DDP with every gradient in one bucket; one flat gloo all-reduce of
+each: the Ray trainer's split at 2 workers x 1 CPU), with five gradient exchanges (DDP as
+the Ray trainer uses it; DDP with every gradient in one bucket; DDP sending float16
+gradients (its fp16 comm hook); one flat gloo all-reduce of
 all gradients after backward, from an optimizer pre-step hook; the same flat exchange through
 shared memory: each rank writes its gradients into its slot of a /dev/shm buffer, a 1-float
 gloo all-reduce says all are in, every rank sums the slots in rank order, so both get the
@@ -39,6 +40,12 @@ def exchange(model, optimizer, how: str, world: int):
 
     if how == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
+    if how == "ddp fp16":  # gradients sent as float16 (halves the bytes; rounds them)
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp.register_comm_hook(dist.group.WORLD, default_hooks.fp16_compress_hook)
+        return ddp
     if how == "ddp one bucket":
         return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=64,
                                                          gradient_as_bucket_view=True)
@@ -167,6 +174,7 @@ def main() -> None:
     variants = {"1 process x 2 threads, batch 100": (1, 2, 100, ""),
                 "2 x 1 thread, batch 50 each, DDP (gloo)": (2, 1, 50, "ddp"),
                 "2 x 1 thread, DDP, one bucket": (2, 1, 50, "ddp one bucket"),
+                "2 x 1 thread, DDP, float16 gradients": (2, 1, 50, "ddp fp16"),
                 "2 x 1 thread, one flat all-reduce after backward": (2, 1, 50, "flat"),
                 "2 x 1 thread, shared-memory exchange": (2, 1, 50, "shm"),
                 "2 x 1 thread, no gradient exchange": (2, 1, 50, "")}
