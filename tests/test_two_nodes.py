@@ -7,9 +7,11 @@ child process, so that this test never touches the session's local Ray.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -73,11 +75,24 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture
+def own_ray_tmp():
+    """A temp root of the test's own for its Cluster: a Cluster writes its address where
+    ray.init(address=None) looks for a running Ray (<RAY_TMPDIR>/ray/ray_current_cluster), so
+    in /tmp/ray a local-mode run of another test started meanwhile would join this cluster
+    (Ray's rule, not seen failing here), and a Ray Train run's PlacementGroupCleaner there
+    would ask it about its controller (test_local_ray.py)."""
+    path = Path(tempfile.mkdtemp(prefix="rtn", dir="/tmp"))  # short: Ray's socket paths
+    yield str(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_two_nodes_train_smoke_and_finish_after_losing_one(tmp_path, data_dir):
+def test_two_nodes_train_smoke_and_finish_after_losing_one(tmp_path, data_dir, own_ray_tmp):
     script = tmp_path / "two_nodes.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_TMPDIR": own_ray_tmp,
            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            # notice the dead node within ~2 s instead of Ray's default ~30 s
            "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
@@ -155,7 +170,8 @@ LOST_NODE = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_a_lost_node_without_spare_capacity_fails_clearly_in_bounded_time(tmp_path, data_dir):
+def test_a_lost_node_without_spare_capacity_fails_clearly_in_bounded_time(tmp_path, data_dir,
+                                                                        own_ray_tmp):
     """Two 1-CPU nodes, 2 workers, the second node killed mid-run: the run fails with a
     message naming the capacity and where a rerun resumes after a finite number of tries
     (Ray's default retried every 60 s forever); and the preflight checks a cluster given by
@@ -163,6 +179,7 @@ def test_a_lost_node_without_spare_capacity_fails_clearly_in_bounded_time(tmp_pa
     script = tmp_path / "lost_node.py"
     script.write_text(LOST_NODE)
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_TMPDIR": own_ray_tmp,
            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
            "RAY_health_check_timeout_ms": "500",
