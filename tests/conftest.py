@@ -32,8 +32,17 @@ def ray_local():
     """One local Ray for the whole session, bound to 127.0.0.1, 2 CPUs."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+        # No dashboard here, so no state API: its processes (inheriting this while ray.init
+        # starts them) get one nobody serves. Unpointed, Ray Train's PlacementGroupCleaner
+        # resolves a state API through other Rays on the machine (ray_current_cluster, or a
+        # dashboard on 8265) and removes a run's placement group when their answer lacks the
+        # run's controller (test_local_ray.py); unanswered, it only retries.
+        os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+        finally:
+            del os.environ["RAY_API_SERVER_ADDRESS"]  # `ray job submit --address` obeys it too
     yield ray
     ray.shutdown()
 
