@@ -103,6 +103,11 @@ def querying(search, threads: int):
     workers = [threading.Thread(target=loop) for _ in range(threads)]
     for t in workers:
         t.start()
+    # the block starts once answers flow: on a busy CI box the first answer of a shard
+    # hammer came back only after its block had moved both shards past version 1
+    deadline = time.monotonic() + 60
+    while not answers and not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         yield answers, errors
     finally:
