@@ -1,36 +1,23 @@
 """A Ray head node of a test's own, beside the other tests' Rays on the same machine.
 
 `ray stop` stops every Ray on the machine, so a test stops only the processes whose command
-lines name its own temp dir. Ports are picked outside the kernel's ephemeral range (and
-Ray's worker ports, 10002-19999): a port picked there with bind(0) is free at that moment,
-but any outgoing connection of another test's Ray may take it before `ray start` binds it
-(a README run in CI waited 120 s for a job agent that never came up).
+lines name its own temp dir. Ports come from exvae_dist.common.ports, outside the kernel's
+ephemeral range: one picked with bind(0) was free when picked, but another test's Ray
+connections took it before `ray start` bound it (a README run in CI waited 120 s for a job
+agent that never came up).
 """
 
-import random
-import socket
 import time
 from pathlib import Path
 
-PORT_RANGE = (20000, 32000)  # below 32768 (ip_local_port_range), above Ray's worker ports
-
-
-def free_port() -> int:
-    while True:
-        port = random.randrange(*PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+from exvae_dist.common.ports import free_loopback_port
 
 
 def head_ports() -> dict[str, int]:
     """Four distinct free ports: the GCS, the dashboard, the job agent and the client server."""
     ports: set[int] = set()
     while len(ports) < 4:
-        ports.add(free_port())
+        ports.add(free_loopback_port())
     return dict(zip(("gcs", "dashboard", "agent", "client"), sorted(ports)))
 
 
@@ -81,7 +68,9 @@ def ray_log_tails(ray_tmp: Path, lines: int = 15) -> str:
     """The last lines of the dashboard's and the job agent's logs under `ray_tmp`: why a head
     node or its agent did not come up."""
     tails = []
-    for log in sorted(ray_tmp.glob("session_*/logs/dashboard*.log")):
+    logs = [*ray_tmp.glob("session_*/logs/dashboard*.log"),  # --temp-dir=ray_tmp
+            *ray_tmp.glob("ray/session_*/logs/dashboard*.log")]  # RAY_TMPDIR=ray_tmp
+    for log in sorted(logs):
         if not log.parent.parent.is_symlink():  # session_latest links to one of them
             text = log.read_text(errors="replace").splitlines()[-lines:]
             tails.append(f"\n--- {log.relative_to(ray_tmp)}\n" + "\n".join(text))

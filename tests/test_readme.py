@@ -11,6 +11,7 @@ machine) becomes a stop of this test's own Ray processes. Prints each block's wa
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,8 +59,10 @@ def shorten(block: str) -> str:
             line = re.sub(r"\s+#\s.*$", "", line) + " " + " ".join(short)
         if "ray start --head" in line:
             # ports picked when the block runs (own_ray explains the range)
-            lines.append(f"eval \"$({sys.executable} -c 'from tests.own_ray import "
-                         "port_exports; print(port_exports())')\"")
+            # (an assignment first: `eval "$(cmd)"` would hide a failing cmd from set -e)
+            lines.append(f"ports=$({shlex.quote(sys.executable)} -c 'from tests.own_ray import "
+                         "port_exports; print(port_exports())')")
+            lines.append('eval "$ports"')
             line += (" --port $RDM_GCS --dashboard-port $RDM_DASHBOARD"
                      " --dashboard-agent-listen-port $RDM_AGENT --ray-client-server-port $RDM_CLIENT")
         line = line.replace("127.0.0.1:8265", "127.0.0.1:$RDM_DASHBOARD")

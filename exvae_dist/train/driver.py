@@ -13,15 +13,15 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 
 from .. import config as config_mod
 from ..runs import run_folder
 from ..common.errors import find_known
+from ..common.ports import free_loopback_port
 from ..runs.checkpoint import describe_resume, resume_point
 from ..runs.tracking import MlflowTracker, end_run_of, probe
 from ..data import DataSplits, load_dataset
@@ -52,66 +52,48 @@ class WorkersUnplaceable(preflight.PreflightError):
     the cluster busy); the message names the capacity and where a rerun resumes."""
 
 
-def connect(cfg: config_mod.ExperimentConfig) -> Optional[Callable[[], None]]:
+def connect(cfg: config_mod.ExperimentConfig) -> bool:
     """Connects to cfg.ray.address, or starts a local Ray on 127.0.0.1 when there is none.
 
-    Returns the call that shuts down what this call started (None when it started nothing:
-    an already initialised Ray, a test's or a notebook's, is used as it is).
+    Returns True when this call started Ray (the caller may shut it down). An already
+    initialised Ray (a test, a notebook) is used as it is.
     """
     import ray
 
     if ray.is_initialized():
-        return None
+        return False
     if cfg.ray.address:
         log.info("connecting to the Ray cluster at %s", cfg.ray.address)
         ray.init(address=cfg.ray.address)
-        return ray.shutdown
+        return True
     log.info("no Ray address given: starting a local Ray on 127.0.0.1")
     # Ray Train's preemption watcher (an actor with max_restarts=-1, announced by a red
     # core_worker line) watches for draining spot nodes; a local Ray has none
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Train's PlacementGroupCleaner asks the state API whether the run's controller is
-    # alive, and finds that API through the cluster last started with `ray start` on this
-    # machine when nothing says otherwise: a `ray start` during a local run pointed it at
-    # another cluster, which has no such controller, and it removed the run's placement
-    # group (tests/test_train_ray.py reproduces it). This Ray's processes inherit the
-    # driver's environment when ray.init starts them: they get this Ray's own dashboard.
+    # Ray Train's PlacementGroupCleaner asks the state API every second whether the run's
+    # controller is alive, and finds that API through the cluster the last `ray start` on
+    # this machine made when nothing says otherwise: a `ray start` during a local run
+    # pointed it at a cluster without that controller, and it removed the run's placement
+    # group (tests/test_local_ray.py). The processes ray.init starts inherit this variable:
+    # they ask this Ray's own dashboard. This process does not keep it (`ray job submit
+    # --address` would obey it too).
     port = free_loopback_port()
     before = os.environ.get(API_SERVER_ENV)
-
-    def restore() -> None:
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=True,
+                           dashboard_host="127.0.0.1", dashboard_port=port)
+    finally:
         if before is None:
             os.environ.pop(API_SERVER_ENV, None)
         else:
             os.environ[API_SERVER_ENV] = before
-
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=True,
-                       dashboard_host="127.0.0.1", dashboard_port=port)
-    if not str(context.dashboard_url or "").endswith(f":{port}"):
-        # ray.init joined a Ray already running here (one `ray start` made), whose processes
-        # did not inherit this environment; or Ray moved the dashboard: nothing to point
-        restore()
-        log.info("Ray's dashboard is at %s", context.dashboard_url)
-        return ray.shutdown
-
-    def shutdown() -> None:
-        ray.shutdown()
-        restore()
-
-    return shutdown
-
-
-def free_loopback_port(preferred: int = 8265) -> int:
-    """`preferred` (Ray's usual dashboard port) where it is free, else any free port."""
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise OSError("no free loopback port")  # bind to port 0 does not fail short of that
+    if context.dashboard_url != f"127.0.0.1:{port}":
+        # ray.init joined a Ray that was already running here (`ray start` made one), whose
+        # processes did not get the variable
+        log.info("joined the Ray already running on this machine (dashboard %s)",
+                 context.dashboard_url)
+    return True
 
 
 def index_actor_name(cfg: config_mod.ExperimentConfig) -> str:
@@ -291,7 +273,7 @@ def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits])
     service and the TorchTrainer."""
     import ray
 
-    stop_ray = connect(cfg)
+    started = connect(cfg)
     cfg = absolute(cfg)
     run_path = cfg.run_path()
 
@@ -337,8 +319,8 @@ def train_on_ray(cfg: config_mod.ExperimentConfig, splits: Optional[DataSplits])
     finally:
         for handle in [*(service or []), *(encoders or [])]:
             ray.kill(handle)
-        if stop_ray is not None:
-            stop_ray()
+        if started:
+            ray.shutdown()
     summary_file = run_path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return summary or dict(result.metrics or {})
