@@ -405,9 +405,9 @@ def run_epoch(p: Parts, state: TrainState, sampler: PriorSampler) -> dict:
                                   **({"index": m["index_version"]} if uses_index else {}))
     # both trainers time the same span: the steps and their mid-epoch refreshes
     train_seconds = time.perf_counter() - t0
-    # the share of that span (since this process began the epoch) the training thread was
-    # on a CPU: below ~0.95 it waited, for a busy core, another rank or I/O (torch's own
-    # intra-op threads are not counted)
+    # the share of the part of that span this process ran (all of it unless it resumed
+    # mid-epoch) that the training thread was on a CPU: below ~0.95 it waited, for a busy
+    # core, another rank or I/O (torch's own intra-op threads are not counted)
     thread_cpu_share = (time.thread_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
 
     tr = time.perf_counter()
