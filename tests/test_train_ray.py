@@ -572,9 +572,11 @@ def test_mid_epoch_refreshes_on_encoder_actors(tmp_path, data_dir, ray_local):
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.driver import run, store_path
 
+    # 100 small steps, the first refresh at step 10: the window an actor's version has to
+    # land in (10 steps of 100, refreshes from step 3, ended before it did on a busy CI box)
     cfg = smoke(data_dir, tmp_path, "data.n_train=1000", "data.n_valid=100", "train.epochs=1",
-                "train.max_steps_per_epoch=10", "train.log_every=1", "index.kind=flat",
-                "prior.refresh_every=3", "index.refresh_workers=1", "tracking.enabled=false",
+                "train.batch_size=10", "train.log_every=1", "index.kind=flat",
+                "prior.refresh_every=10", "index.refresh_workers=1", "tracking.enabled=false",
                 "tracking.sample_grid=false")
     summary = run(cfg)
     recs = [r for r in records(cfg.run_path()) if "loss" in r and "step" in r]
