@@ -37,15 +37,11 @@ def ray_local():
         # resolves a state API through other Rays on the machine (ray_current_cluster, or a
         # dashboard on 8265) and removes a run's placement group when their answer lacks the
         # run's controller (test_local_ray.py); unanswered, it only retries.
-        before = os.environ.get("RAY_API_SERVER_ADDRESS")
-        os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
-        try:
+        from exvae_dist.train.driver import state_api_of_started_processes
+
+        with state_api_of_started_processes("http://127.0.0.1:1"):
             ray.init(address="local", num_cpus=2, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-        finally:  # not kept here: `ray job submit --address` obeys it too
-            os.environ.pop("RAY_API_SERVER_ADDRESS")
-            if before is not None:
-                os.environ["RAY_API_SERVER_ADDRESS"] = before
     yield ray
     ray.shutdown()
 

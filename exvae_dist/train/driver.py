@@ -78,22 +78,31 @@ def connect(cfg: config_mod.ExperimentConfig) -> bool:
     # they ask this Ray's own dashboard. This process does not keep it (`ray job submit
     # --address` would obey it too).
     port = free_loopback_port()
-    before = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    try:
+    with state_api_of_started_processes(f"http://127.0.0.1:{port}"):
         context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=True,
                            dashboard_host="127.0.0.1", dashboard_port=port)
-    finally:
-        if before is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = before
     if context.dashboard_url != f"127.0.0.1:{port}":
         # ray.init joined a Ray that was already running here (`ray start` made one), whose
         # processes did not get the variable
         log.info("joined the Ray already running on this machine (dashboard %s)",
                  context.dashboard_url)
     return True
+
+
+@contextlib.contextmanager
+def state_api_of_started_processes(url: str):
+    """RAY_API_SERVER_ADDRESS=url while the block starts Ray: the processes ray.init starts
+    inherit it (Ray Train's PlacementGroupCleaner among them), this one does not keep it
+    (`ray job submit --address` would obey it too). See connect()."""
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
 
 
 def index_actor_name(cfg: config_mod.ExperimentConfig) -> str:
