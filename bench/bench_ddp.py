@@ -1,17 +1,13 @@
 """Where the 2-worker shortfall comes from, without Ray: the RAT training step of the paper's
 MNIST VAE in 1 process x 2 torch threads (batch 100) against 2 processes x 1 thread (batch 50
-each: the Ray trainer's split at 2 workers x 1 CPU), with five gradient exchanges (DDP as
-the Ray trainer uses it; DDP with every gradient in one bucket; DDP sending float16
-gradients (its fp16 comm hook); one flat gloo all-reduce of
-all gradients after backward, from an optimizer pre-step hook; the same flat exchange through
-shared memory: each rank writes its gradients into its slot of a /dev/shm buffer, a 1-float
-gloo all-reduce says all are in, every rank sums the slots in rank order, so both get the
-same sum bit for bit; measured, not adopted: bench/README.md) and with none (the ideal of two
-independent halves). Variants alternate over --rounds; medians of examples/s. The two flat
-variants exchange from an optimizer pre-step hook, after train_step has normalised each
-rank's gradients (core/step.py), where DDP averages before: the same work per step, so the
-timings compare, but not the same update; an adopted exchange would run before the
-normalisation.
+each: the Ray trainer's split at 2 workers x 1 CPU), with five gradient exchanges: DDP over
+gloo's all-reduce; DDP averaging through shared memory, as the Ray trainer now runs it on one
+machine (core/shared_grads.py, a comm hook); DDP with every gradient in one bucket; DDP
+sending float16 gradients (its fp16 comm hook); one flat gloo all-reduce of all gradients
+after backward, from an optimizer pre-step hook (after train_step has normalised each rank's
+gradients, core/step.py, where DDP averages before: the same work per step, not the same
+update) -- and with none (the ideal of two independent halves). Variants alternate over
+--rounds; medians of examples/s. bench/README.md, "Two workers x 1 CPU".
 
     EXVAE_DATA_DIR=../shared/data python bench/bench_ddp.py --steps 80 --rounds 4
 """
@@ -60,35 +56,13 @@ def exchange(model, optimizer, how: str, world: int):
                 p.grad.copy_(g.view_as(p.grad))
 
         optimizer.register_step_pre_hook(average)
-    if how == "shm":
-        params = [p for p in model.parameters() if p.requires_grad]
-        sizes = [p.numel() for p in params]
-        n = sum(sizes)
-        rank = dist.get_rank()
-        path = f"/dev/shm/bench_ddp_{os.environ['BENCH_PORT']}"
-        if rank == 0:
-            with open(path, "wb") as f:
-                f.truncate(2 * world * n * 4)
-        dist.barrier()
-        buf = torch.from_file(path, shared=True, size=2 * world * n,
-                              dtype=torch.float32).view(2, world, n)
-        dist.barrier()
-        if rank == 0:
-            os.unlink(path)
-        flag = torch.zeros(1)
-        state = {"step": 0}
+    if how == "shm":  # adopted: what the Ray trainer runs on one machine (train/worker.wrap)
+        from exvae_dist.core.group import Group
+        from exvae_dist.train.worker import wrap
 
-        def average(*_):
-            b = state["step"] % 2
-            state["step"] += 1
-            torch.cat([p.grad.reshape(-1) for p in params], out=buf[b, rank])
-            dist.all_reduce(flag)  # every rank's gradients are in
-            total = buf[b].sum(0)
-            total /= world
-            for p, g in zip(params, total.split(sizes)):
-                p.grad.copy_(g.view_as(p.grad))
-
-        optimizer.register_step_pre_hook(average)
+        net = wrap(model, Group.current(), torch.device("cpu"))
+        assert net._comm_hooks, "the shared-memory hook was not registered"
+        return net
     return model
 
 
@@ -170,14 +144,20 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated exchanges to run beside the "
+                    "1 x 2 baseline: ddp, shm, 'ddp one bucket', 'ddp fp16', flat, none")
     args = ap.parse_args()
     variants = {"1 process x 2 threads, batch 100": (1, 2, 100, ""),
                 "2 x 1 thread, batch 50 each, DDP (gloo)": (2, 1, 50, "ddp"),
+                "2 x 1 thread, DDP averaging through shared memory (the Ray trainer)":
+                    (2, 1, 50, "shm"),
                 "2 x 1 thread, DDP, one bucket": (2, 1, 50, "ddp one bucket"),
                 "2 x 1 thread, DDP, float16 gradients": (2, 1, 50, "ddp fp16"),
                 "2 x 1 thread, one flat all-reduce after backward": (2, 1, 50, "flat"),
-                "2 x 1 thread, shared-memory exchange": (2, 1, 50, "shm"),
-                "2 x 1 thread, no gradient exchange": (2, 1, 50, "")}
+                "2 x 1 thread, no gradient exchange": (2, 1, 50, "none")}
+    if args.only:
+        keep = set(args.only.split(","))
+        variants = {name: v for name, v in variants.items() if v[3] in keep or v[0] == 1}
     got = {name: [] for name in variants}
     port = 29533
     for r in range(args.rounds):

@@ -124,7 +124,8 @@ PURE_CORE = ("exvae_dist.core.loop", "exvae_dist.core.step", "exvae_dist.core.ob
              "exvae_dist.core.priors", "exvae_dist.core.group", "exvae_dist.core.models",
              "exvae_dist.core.models.hvae", "exvae_dist.core.models.convhvae",
              "exvae_dist.core.models.likelihoods", "exvae_dist.core.candidates",
-             "exvae_dist.core.keyed", "exvae_dist.core.exact", "exvae_dist.core.cache")
+             "exvae_dist.core.keyed", "exvae_dist.core.exact", "exvae_dist.core.cache",
+             "exvae_dist.core.shared_grads")
 HEAVY = ("ray", "zarr", "mlflow", "faiss", "matplotlib")
 
 

@@ -25,6 +25,7 @@ from ..runs.checkpoint import (BEST, LATEST, first_readable, load_checkpoint,
 from ..core.group import Group
 from ..core.loop import Parts, fit
 from ..core.objective import build_model
+from ..core.shared_grads import average_through_shared_slots, map_shared_slots
 from ..retrieval.store import ExemplarStore
 from ..runs.recorder import make_recorder
 from ..runs.tracking import make_tracker
@@ -102,12 +103,30 @@ def quiet_ray_train_logs() -> None:
 
 def wrap(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn.Module:
     """DDP over a process group of several ranks. A world of one rank trains the model
-    itself: DDP would only copy every gradient through a one-rank all-reduce."""
+    itself: DDP would only copy every gradient through a one-rank all-reduce. CPU ranks that
+    share a machine average through shared memory (core/shared_grads.py)."""
     if not group.active or group.world == 1:
         return model
     if device.type == "cuda":
         return DistributedDataParallel(model, device_ids=[device.index])
-    return DistributedDataParallel(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtypes = {p.dtype for p in params}
+    shared = None
+    if len(dtypes) == 1:  # one buffer dtype for all buckets (always so for our models)
+        shared = map_shared_slots(sum(p.numel() for p in params), group.rank, group.world,
+                                  dtypes.pop())
+    if group.rank == 0:
+        log.info("gradients averaged %s", "through shared memory (one machine)"
+                 if shared is not None else "by gloo's all-reduce")
+    if shared is None:
+        return DistributedDataParallel(model)
+    # All gradients in one bucket: the hook waits for the other ranks once per step, at the
+    # end of backward. (Several buckets would make it wait once each, mid-backward; the hook
+    # is synchronous, so they would overlap nothing.)
+    size_mb = sum(p.numel() * p.element_size() for p in params) / 2**20
+    ddp = DistributedDataParallel(model, bucket_cap_mb=size_mb + 1)
+    ddp.register_comm_hook(shared, average_through_shared_slots)
+    return ddp
 
 
 def build_parts(cfg: config_mod.ExperimentConfig, run: Path, store: ExemplarStore,
