@@ -40,9 +40,9 @@ class SharedSlots:
 
 def map_shared_slots(numel: int, rank: int, world: int, dtype: torch.dtype = torch.float32,
                      folder: Optional[Path] = None) -> Optional[SharedSlots]:
-    """Every rank's view of one new buffer for `numel` gradients of `dtype`, or None on every rank when
-    any rank cannot map it (not one machine, no such folder, or too little room: /dev/shm is
-    64 MB in a default Docker container). A collective: every rank of the group calls it.
+    """Every rank's view of one new buffer for `numel` gradients of `dtype`, or None on every
+    rank when any rank cannot map it (not one machine, no such folder, or too little room:
+    /dev/shm is 64 MB in a default Docker container). A collective: every rank calls it.
 
     The file is unlinked as soon as every rank has mapped it, so nothing is left behind,
     whatever happens to the run later."""
@@ -51,13 +51,18 @@ def map_shared_slots(numel: int, rank: int, world: int, dtype: torch.dtype = tor
     head = -(-8 // width)  # elements that hold the 8-byte token
     size = (head + 2 * world * numel) * width
     token = 0
-    if rank == 0 and folder.is_dir():
-        st = os.statvfs(folder)
-        if st.f_bavail * st.f_frsize >= 2 * size:  # leave room for what else uses it
-            token = secrets.randbits(62) + 1
-            with open(folder / f"exvae-grads-{token:x}", "wb") as f:
-                f.write(token.to_bytes(8, "little"))
-                f.truncate(size)
+    if rank == 0:
+        try:  # any failure here is "no shared buffer", never an exception on one rank only
+            st = os.statvfs(folder)
+            if st.f_bavail * st.f_frsize >= 2 * size:  # leave room for what else uses it
+                token = secrets.randbits(62) + 1
+                with open(folder / f"exvae-grads-{token:x}", "xb") as f:
+                    f.write(token.to_bytes(8, "little"))
+                    f.truncate(size)
+        except OSError:
+            if token:
+                (folder / f"exvae-grads-{token:x}").unlink(missing_ok=True)
+            token = 0
     t = torch.tensor([token], dtype=torch.int64)
     dist.broadcast(t, 0)
     token = int(t.item())
@@ -69,12 +74,12 @@ def map_shared_slots(numel: int, rank: int, world: int, dtype: torch.dtype = tor
                 if int.from_bytes(f.read(8), "little") == token:
                     buffer = torch.from_file(str(path), shared=True,
                                              size=head + 2 * world * numel, dtype=dtype)
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: torch's mmap failed
             buffer = None
     ok = torch.tensor([int(buffer is not None)], dtype=torch.int64)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if rank == 0 and token:
-        path.unlink()  # every rank that could map it has (all_reduce above)
+        path.unlink(missing_ok=True)  # every rank that could map it has (all_reduce above)
     if not ok.item():
         return None
     return SharedSlots(buffer[head:].view(2, world, numel), rank, world)
