@@ -242,6 +242,7 @@ def bench_service(n: int, threads: int) -> dict:
     from exvae_dist.retrieval.service import start_index_shards
     from exvae_dist.retrieval.store import ExemplarStore
     from exvae_dist.train.service_client import ShardedSearch
+    from exvae_dist.train.driver import start_local_ray_without_dashboard
 
     @ray.remote(num_cpus=0)
     class NoOp:
@@ -256,8 +257,7 @@ def bench_service(n: int, threads: int) -> dict:
             out.append(time.perf_counter() - start)
         return np.array(out)
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+    start_local_ray_without_dashboard(2, log_to_driver=False, configure_logging=False)
     med = lambda a: float(np.median(a)) * 1e3  # noqa: E731
     result = {"n": n}
     with tempfile.TemporaryDirectory() as tmp:

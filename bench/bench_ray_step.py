@@ -120,6 +120,7 @@ def main() -> int:
     from exvae_dist.data import load_dataset
     from exvae_dist.retrieval.exemplar_images import ensure_store
     from exvae_dist.retrieval.service import start_index_service
+    from exvae_dist.train.driver import start_local_ray_without_dashboard
 
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench_ray_step_"))
@@ -131,8 +132,7 @@ def main() -> int:
     splits = load_dataset(cfg.data)
     store = ensure_store(root / "store.zarr", splits.train_x, splits.image_shape,
                          cfg.model.z_dim)
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=False)
+    start_local_ray_without_dashboard(2, log_to_driver=False)
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=0, world_size=1)
     handle = start_index_service(str(store.path), cfg.index)
     try:

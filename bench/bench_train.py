@@ -89,7 +89,7 @@ def main() -> int:
     import ray
 
     from exvae_dist.train.local import fit
-    from exvae_dist.train.driver import run
+    from exvae_dist.train.driver import run, start_local_ray_without_dashboard
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     base = [f"train.epochs={args.epochs}", "train.warmup_epochs=100", "train.progress=false",
@@ -99,8 +99,7 @@ def main() -> int:
     skip = set(args.skip.split(",")) - {""}
     results: dict[str, dict] = {}
     t_all = time.perf_counter()
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=False)
+    start_local_ray_without_dashboard(2, log_to_driver=False)
     try:
         rounds: dict[str, list[dict]] = {}
         for r in range(args.rounds):

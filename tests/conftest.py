@@ -32,16 +32,11 @@ def ray_local():
     """One local Ray for the whole session, bound to 127.0.0.1, 2 CPUs."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        # No dashboard here, so no state API: its processes (inheriting this while ray.init
-        # starts them) get one nobody serves. Unpointed, Ray Train's PlacementGroupCleaner
-        # resolves a state API through other Rays on the machine (ray_current_cluster, or a
-        # dashboard on 8265) and removes a run's placement group when their answer lacks the
-        # run's controller (test_local_ray.py); unanswered, it only retries.
-        from exvae_dist.train.driver import state_api_of_started_processes
+        # its processes get a state API address nobody serves: unpointed, Ray Train's
+        # PlacementGroupCleaner would ask other Rays on the machine (test_local_ray.py)
+        from exvae_dist.train.driver import start_local_ray_without_dashboard
 
-        with state_api_of_started_processes("http://127.0.0.1:1"):
-            ray.init(address="local", num_cpus=2, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+        start_local_ray_without_dashboard(2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -105,6 +105,18 @@ def state_api_of_started_processes(url: str):
             os.environ[API_SERVER_ENV] = before
 
 
+def start_local_ray_without_dashboard(num_cpus: int, **kwargs):
+    """A local Ray on 127.0.0.1 without a dashboard, for the tests and benches. Without a
+    dashboard there is no state API, so its processes get an address nobody serves: the
+    PlacementGroupCleaner then only retries, where unpointed it would ask another Ray on the
+    machine and remove this one's placement groups (see connect())."""
+    import ray
+
+    with state_api_of_started_processes("http://127.0.0.1:1"):
+        return ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                        _node_ip_address="127.0.0.1", **kwargs)
+
+
 def index_actor_name(cfg: config_mod.ExperimentConfig) -> str:
     """The index service's actor name (one service per run)."""
     return f"exvae-index-{cfg.run_name()}"
