@@ -1,11 +1,14 @@
 """DDP's gradient average through shared memory, for CPU ranks that share one machine.
 
-gloo sends even an all-reduce between two processes of one machine over loopback TCP. For the
-paper's MLP (4.5 MB of gradients) at 2 workers x 1 CPU that took 7.6 ms a step on the bench
-box; through a buffer both processes map, 3.5 ms (bench/README.md, "Two workers x 1 CPU").
-So when every rank of a gloo group can map the same file in /dev/shm, DDP averages through it,
-as a comm hook: the update stays DDP's. Otherwise (another machine, no /dev/shm, too little
-room in it, NCCL) DDP's own all-reduce runs, unchanged.
+gloo sends even an all-reduce between two processes of one machine over loopback TCP: for the
+paper's MLP (4.5 MB of gradients) at 2 workers x 1 CPU the step ran at 0.79 of one 2-thread
+process with it, at 0.84 through a buffer both processes map (bench/README.md, "Two workers
+x 1 CPU"). So when every rank of a gloo group can map the same file in /dev/shm, DDP averages
+through it, as a comm hook: the update stays DDP's. Otherwise (another machine, no /dev/shm,
+too little room in it, parameters of several dtypes, NCCL) DDP's own all-reduce runs.
+
+Every rank reads all the slots, so the work per rank grows with the world: this is for the
+few CPU workers of one machine, as measured at 2.
 
 Each rank copies a bucket's gradients into its slot, a 1-element gloo all-reduce says that
 all slots are filled, and every rank sums the slots in rank order and divides by the world:
@@ -44,24 +47,29 @@ def map_shared_slots(numel: int, rank: int, world: int, dtype: torch.dtype = tor
     rank when any rank cannot map it (not one machine, no such folder, or too little room:
     /dev/shm is 64 MB in a default Docker container). A collective: every rank calls it.
 
-    The file is unlinked as soon as every rank has mapped it, so nothing is left behind,
-    whatever happens to the run later."""
+    The file is readable by this user only, its pages are reserved up front (a full /dev/shm
+    would otherwise kill a rank with SIGBUS at its first write), and it is unlinked as soon
+    as every rank has mapped it: only a rank killed inside this call leaves it behind."""
     folder = SHM if folder is None else folder
     width = torch.empty(0, dtype=dtype).element_size()
     head = -(-8 // width)  # elements that hold the 8-byte token
     size = (head + 2 * world * numel) * width
     token = 0
     if rank == 0:
+        created = None
         try:  # any failure here is "no shared buffer", never an exception on one rank only
             st = os.statvfs(folder)
             if st.f_bavail * st.f_frsize >= 2 * size:  # leave room for what else uses it
                 token = secrets.randbits(62) + 1
-                with open(folder / f"exvae-grads-{token:x}", "xb") as f:
+                path = folder / f"exvae-grads-{token:x}"
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                created = path
+                with os.fdopen(fd, "wb") as f:
+                    os.posix_fallocate(f.fileno(), 0, size)
                     f.write(token.to_bytes(8, "little"))
-                    f.truncate(size)
         except OSError:
-            if token:
-                (folder / f"exvae-grads-{token:x}").unlink(missing_ok=True)
+            if created is not None:
+                created.unlink(missing_ok=True)
             token = 0
     t = torch.tensor([token], dtype=torch.int64)
     dist.broadcast(t, 0)
