@@ -135,14 +135,15 @@ def _cannot_share(rank: int, world: int, folder: Path) -> list:
     # each rank looks in a folder of its own: as if on two machines
     mine = folder / f"shm{rank}"
     mine.mkdir()
-    apart = map_shared_slots(10, rank, world, folder=mine)
-    missing = map_shared_slots(10, rank, world, folder=folder / "absent")
+    group = Group.current()
+    apart = map_shared_slots(10, group, folder=mine)
+    missing = map_shared_slots(10, group, folder=folder / "absent")
 
     def no_room(*_):
         raise OSError(28, "No space left on device")
 
     os.posix_fallocate = no_room  # reserving the buffer's pages fails on rank 0, halfway
-    full = map_shared_slots(10, rank, world, folder=folder / "shm")
+    full = map_shared_slots(10, group, folder=folder / "shm")
     shared_grads.SHM = folder / "absent"
     ddp = wrap(model(), Group.current(), torch.device("cpu"))
     return [apart is None, missing is None, full is None, sorted(os.listdir(mine)),

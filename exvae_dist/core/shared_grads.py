@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .group import Group
+
 SHM = Path("/dev/shm")
 
 
@@ -41,7 +43,7 @@ class SharedSlots:
     ready: torch.Tensor = field(default_factory=lambda: torch.zeros(1))
 
 
-def map_shared_slots(numel: int, rank: int, world: int, dtype: torch.dtype = torch.float32,
+def map_shared_slots(numel: int, group: Group, dtype: torch.dtype = torch.float32,
                      folder: Optional[Path] = None) -> Optional[SharedSlots]:
     """Every rank's view of one new buffer for `numel` gradients of `dtype`, or None on every
     rank when any rank cannot map it (not one machine, no such folder, or too little room:
@@ -51,6 +53,7 @@ def map_shared_slots(numel: int, rank: int, world: int, dtype: torch.dtype = tor
     would otherwise kill a rank with SIGBUS at its first write), and it is unlinked as soon
     as every rank has mapped it: only a rank killed inside this call leaves it behind."""
     folder = SHM if folder is None else folder
+    rank, world = group.rank, group.world
     width = torch.empty(0, dtype=dtype).element_size()
     head = -(-8 // width)  # elements that hold the 8-byte token
     size = (head + 2 * world * numel) * width
@@ -71,9 +74,7 @@ def map_shared_slots(numel: int, rank: int, world: int, dtype: torch.dtype = tor
             if created is not None:
                 created.unlink(missing_ok=True)
             token = 0
-    t = torch.tensor([token], dtype=torch.int64)
-    dist.broadcast(t, 0)
-    token = int(t.item())
+    token = group.broadcast_int(token)
     path = folder / f"exvae-grads-{token:x}"
     buffer = None
     if token:
@@ -84,11 +85,10 @@ def map_shared_slots(numel: int, rank: int, world: int, dtype: torch.dtype = tor
                                              size=head + 2 * world * numel, dtype=dtype)
         except (OSError, RuntimeError):  # RuntimeError: torch's mmap failed
             buffer = None
-    ok = torch.tensor([int(buffer is not None)], dtype=torch.int64)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    mapped = group.sum([buffer is not None])[0]
     if rank == 0 and token:
-        path.unlink(missing_ok=True)  # every rank that could map it has (all_reduce above)
-    if not ok.item():
+        path.unlink(missing_ok=True)  # every rank that could map it has (the sum above)
+    if mapped < world:
         return None
     return SharedSlots(buffer[head:].view(2, world, numel), rank, world)
 

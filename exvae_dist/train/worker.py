@@ -113,8 +113,7 @@ def wrap(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn
     dtypes = {p.dtype for p in params}
     shared = None
     if len(dtypes) == 1:  # one buffer dtype for all buckets (always so for our models)
-        shared = map_shared_slots(sum(p.numel() for p in params), group.rank, group.world,
-                                  dtypes.pop())
+        shared = map_shared_slots(sum(p.numel() for p in params), group, dtypes.pop())
     if group.rank == 0:
         log.info("gradients averaged %s", "through shared memory (one machine)"
                  if shared is not None else "by gloo's all-reduce")
