@@ -5,6 +5,8 @@ M = N/2, batch 100); each trains `--epochs` epochs and the LAST epoch is reporte
 one pays for start-up and warm caches). Measured in one run, printed as ratios:
 
 1. one-process trainer (2 torch threads) vs Ray, 1 worker with 2 CPUs (2 threads): examples/s
+   and the one-process trainer beside as many idle Ray actors as Ray Train starts (what
+   those processes cost a trainer that wants every core)
 2. Ray, 1 worker (2 CPUs) vs Ray, 2 workers (1 CPU each): examples/s
 3. wall time of one MNIST RAT epoch (train + refresh + validation) for each variant
 4. step time while the index service rebuilds vs not (Ray, IVF-PQ index so that a rebuild
@@ -55,6 +57,11 @@ def last_epoch(run: Path) -> dict:
 # name, Ray workers (0 = the one-process trainer), CPUs per worker, torch threads, overrides
 VARIANTS = [
     ("one_process", 0, 0, 2, []),
+    # the one-process trainer beside idle Ray actors, as many as Ray Train starts for a run
+    # beside its workers (controller, placement-group cleaner, synchronization actor, dataset
+    # manager, autoscaling coordinator, preemption watcher): what those processes alone cost
+    # a trainer that wants every core (each Ray Python process wakes every 10 ms)
+    ("one_process_beside_idle_actors", 0, 0, 2, []),
     ("ray_1w", 1, 2, 2, []),
     ("ray_2w", 2, 1, 1, []),
     ("one_process_1t", 0, 0, 1, []),
@@ -65,6 +72,9 @@ VARIANTS = [
     ("rebuild_1t", 1, 1, 1, ["index.auto_exact_below=0",
                              "prior.refresh_every={refresh_every}"]),
 ]
+
+
+IDLE_ACTORS = 6  # Ray Train's own actors in a run, beside its workers (seen in /proc)
 
 
 def variant(base: list[str], root: Path, name: str, *extra: str):
@@ -91,6 +101,11 @@ def main() -> int:
     from exvae_dist.train.local import fit
     from exvae_dist.train.driver import run, start_local_ray_without_dashboard
 
+    @ray.remote(num_cpus=0)
+    class IdleActor:
+        def pid(self) -> int:
+            return os.getpid()
+
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     base = [f"train.epochs={args.epochs}", "train.warmup_epochs=100", "train.progress=false",
             "tracking.enabled=false", "train.log_every=100"]
@@ -110,10 +125,15 @@ def main() -> int:
                 cfg = variant(base, root, f"{name}_r{r}", f"train.threads={threads}", *extra,
                               *([f"ray.num_workers={ray_workers}", f"ray.cpus_per_worker={cpus}"]
                                 if ray_workers else []))
+                idle = [IdleActor.remote() for _ in range(IDLE_ACTORS
+                                                          if "idle_actors" in name else 0)]
+                ray.get([actor.pid.remote() for actor in idle])  # started before the run
                 if ray_workers:
                     run(cfg)
                 else:
                     fit(cfg)
+                for actor in idle:
+                    ray.kill(actor)
                 rounds.setdefault(name, []).append(last_epoch(cfg.run_path()))
         for name, recs in rounds.items():  # the round with the median examples/s
             recs = sorted(recs, key=lambda rec: rec["examples_per_second"])
@@ -138,7 +158,8 @@ def main() -> int:
               f"{r['train_seconds']:.1f} | {r['epoch_seconds']:.1f} | {r['val_elbo']:.2f} | "
               f"{every} | {r.get('train_thread_cpu_share', float('nan')):.3f} |")
     ratios = {}
-    for a, b in (("ray_1w", "one_process"), ("ray_2w", "ray_1w"),
+    for a, b in (("ray_1w", "one_process"), ("one_process_beside_idle_actors", "one_process"),
+                 ("ray_2w", "ray_1w"),
                  ("ray_1w_1t", "one_process_1t")):
         if a in results and b in results:
             ratios[f"{a} / {b} examples/s"] = (results[a]["examples_per_second"]
