@@ -57,10 +57,11 @@ def last_epoch(run: Path) -> dict:
 # name, Ray workers (0 = the one-process trainer), CPUs per worker, torch threads, overrides
 VARIANTS = [
     ("one_process", 0, 0, 2, []),
-    # the one-process trainer beside idle Ray actors, as many as Ray Train starts for a run
-    # beside its workers (controller, placement-group cleaner, synchronization actor, dataset
-    # manager, autoscaling coordinator, preemption watcher): what those processes alone cost
-    # a trainer that wants every core (each Ray Python process wakes every 10 ms)
+    # the one-process trainer beside idle Ray actors, as many as Ray Train starts for a local
+    # run beside its workers (controller, placement-group cleaner, synchronization actor,
+    # dataset manager, autoscaling coordinator; start_local_ray turns its preemption watcher
+    # off): what those processes alone cost a trainer that wants every core (each Ray Python
+    # process wakes every 10 ms)
     ("one_process_beside_idle_actors", 0, 0, 2, []),
     ("ray_1w", 1, 2, 2, []),
     ("ray_2w", 2, 1, 1, []),
@@ -74,7 +75,7 @@ VARIANTS = [
 ]
 
 
-IDLE_ACTORS = 6  # Ray Train's own actors in a run, beside its workers (seen in /proc)
+IDLE_ACTORS = 5  # Ray Train's own actors in a local run, beside its workers (ps)
 
 
 def variant(base: list[str], root: Path, name: str, *extra: str):

@@ -67,20 +67,9 @@ def connect(cfg: config_mod.ExperimentConfig) -> bool:
         ray.init(address=cfg.ray.address)
         return True
     log.info("no Ray address given: starting a local Ray on 127.0.0.1")
-    # Ray Train's preemption watcher (an actor with max_restarts=-1, announced by a red
-    # core_worker line) watches for draining spot nodes; a local Ray has none
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Train's PlacementGroupCleaner asks the state API every second whether the run's
-    # controller is alive, and finds that API through the cluster the last `ray start` on
-    # this machine made when nothing says otherwise: a `ray start` during a local run
-    # pointed it at a cluster without that controller, and it removed the run's placement
-    # group (tests/test_local_ray.py). The processes ray.init starts inherit this variable:
-    # they ask this Ray's own dashboard. This process does not keep it (`ray job submit
-    # --address` would obey it too).
     port = free_loopback_port()
-    with state_api_of_started_processes(f"http://127.0.0.1:{port}"):
-        context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=True,
-                           dashboard_host="127.0.0.1", dashboard_port=port)
+    context = start_local_ray(f"http://127.0.0.1:{port}", include_dashboard=True,
+                              dashboard_host="127.0.0.1", dashboard_port=port)
     if context.dashboard_url != f"127.0.0.1:{port}":
         # ray.init joined a Ray that was already running here (`ray start` made one), whose
         # processes did not get the variable
@@ -93,7 +82,7 @@ def connect(cfg: config_mod.ExperimentConfig) -> bool:
 def state_api_of_started_processes(url: str):
     """RAY_API_SERVER_ADDRESS=url while the block starts Ray: the processes ray.init starts
     inherit it (Ray Train's PlacementGroupCleaner among them), this one does not keep it
-    (`ray job submit --address` would obey it too). See connect()."""
+    (`ray job submit --address` would obey it too). See start_local_ray()."""
     before = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = url
     try:
@@ -105,16 +94,35 @@ def state_api_of_started_processes(url: str):
             os.environ[API_SERVER_ENV] = before
 
 
+def start_local_ray(state_api_url: str, **init_kwargs):
+    """ray.init of a Ray on 127.0.0.1 whose processes find their state API at state_api_url,
+    with the settings every local Ray gets (connect(), the tests, the benches):
+
+    - Ray Train's preemption watcher (an actor with max_restarts=-1, announced by a red
+      core_worker line) watches for draining spot nodes, and a local Ray has none. It is one
+      more process waking every 10 ms beside a worker that wants every core (bench/README.md,
+      "What the 2-thread Ray worker pays"). Set in this process: Ray Train passes it from
+      the driver to its controller.
+    - Ray Train's PlacementGroupCleaner asks the state API every second whether the run's
+      controller is alive, and finds that API through the cluster the last `ray start` on
+      this machine made when nothing says otherwise: a `ray start` during a local run pointed
+      it at a cluster without that controller, and it removed the run's placement group
+      (tests/test_local_ray.py). The processes ray.init starts inherit state_api_url.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    with state_api_of_started_processes(state_api_url):
+        return ray.init(_node_ip_address="127.0.0.1", **init_kwargs)
+
+
 def start_local_ray_without_dashboard(num_cpus: int, **kwargs):
     """A local Ray on 127.0.0.1 without a dashboard, for the tests and benches. Without a
     dashboard there is no state API, so its processes get an address nobody serves: the
     PlacementGroupCleaner then only retries, where unpointed it would ask another Ray on the
-    machine and remove this one's placement groups (see connect())."""
-    import ray
-
-    with state_api_of_started_processes("http://127.0.0.1:1"):
-        return ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                        _node_ip_address="127.0.0.1", **kwargs)
+    machine and remove this one's placement groups (see start_local_ray())."""
+    return start_local_ray("http://127.0.0.1:1", address="local", num_cpus=num_cpus,
+                           include_dashboard=False, **kwargs)
 
 
 def index_actor_name(cfg: config_mod.ExperimentConfig) -> str:
