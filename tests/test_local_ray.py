@@ -63,3 +63,35 @@ def test_a_ray_start_during_a_local_run_leaves_the_run_alone(tmp_path, data_dir)
         stop_own_ray(ray_tmp)  # both Rays; not `ray stop`, which stops every Ray here
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "Cleaning up placement group" not in log.read_text()
+
+
+def test_every_local_ray_starts_without_preemption_watcher_and_with_its_own_state_api(
+        monkeypatch):
+    """What the processes ray.init starts inherit (Ray reads both variables there): Ray Train's
+    preemption watcher off (a local Ray has no spot nodes, and the watcher is one more process
+    waking every 10 ms beside the worker), and the state API the caller names, which this
+    process does not keep afterwards."""
+    import ray
+
+    from exvae_dist.train import driver
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs=kwargs, env={k: os.environ.get(k) for k in (
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_API_SERVER_ADDRESS")})
+        return "context"
+
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    assert driver.start_local_ray_without_dashboard(3, log_to_driver=False) == "context"
+    assert seen["env"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                           "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}
+    assert seen["kwargs"] == {"_node_ip_address": "127.0.0.1", "address": "local",
+                              "num_cpus": 3, "include_dashboard": False, "log_to_driver": False}
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    # a user who wants the watcher keeps it
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    driver.start_local_ray("http://127.0.0.1:2")
+    assert seen["env"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
